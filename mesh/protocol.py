@@ -1,0 +1,268 @@
+"""The livemesh wire protocol: the one owner of frame layouts and protocol constants.
+
+Two kinds of traffic cross ZeroMQ (docs/PROTOCOL.md says the same for other languages):
+
+Control, DEALER (frontend) -> ROUTER (dispatcher) and back, four frames::
+
+    [MAGIC_V1, msg_type, request_id, body]
+
+    MAGIC_V1    b"LM\\x01": magic and protocol version (an unknown version is rejected)
+    msg_type    b"PUB" publish request, b"ACK" its reply, b"ERR" a rejected request,
+                b"PING"/b"PONG" liveness probe
+    request_id  opaque bytes (1..32), chosen by the requester, echoed in the reply
+    body        msgpack map (see the ``*_body`` helpers below)
+
+Fan-out, XPUB (dispatcher) -> SUB (frontend), two frames::
+
+    [topic, payload]
+
+    topic       b"v/" + video id (UTF-8) + b"\\x00".  ZeroMQ matches subscriptions by byte
+                prefix; the NUL terminator (never part of a video id) makes every topic
+                self-delimiting, so a subscriber of ``a`` never receives ``ab``.
+    payload     msgpack map {"v": 1, "k": kind, "from": dispatcher name, ...}
+                k == "E": "events": [event, ...] (a batch, in sequence order)
+                k == "S": a sync marker, published when a subscription reaches the dispatcher:
+                          it tells the subscriber that everything published after it will
+                          reach it (the cure for ZeroMQ's "slow joiner").
+
+An event is a msgpack map::
+
+    {"id": str, "video": str, "kind": "like"|"comment", "user": str|None,
+     "text": str|None, "ts": float (ms since the Unix epoch, stamped by the accepting
+     frontend), "epoch": int, "seq": int}
+
+``epoch``/``seq`` are assigned by the video's owner dispatcher (0 before that).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+MAGIC_V1 = b"LM\x01"
+PROTOCOL_VERSION = 1
+
+MSG_PUBLISH = b"PUB"
+MSG_ACK = b"ACK"
+MSG_ERROR = b"ERR"
+MSG_PING = b"PING"
+MSG_PONG = b"PONG"
+CONTROL_TYPES = frozenset({MSG_PUBLISH, MSG_ACK, MSG_ERROR, MSG_PING, MSG_PONG})
+
+FANOUT_EVENTS = "E"
+FANOUT_SYNC = "S"
+
+KIND_LIKE = "like"
+KIND_COMMENT = "comment"
+EVENT_KINDS = frozenset({KIND_LIKE, KIND_COMMENT})
+
+TOPIC_PREFIX = b"v/"
+TOPIC_END = b"\x00"
+
+VIDEO_ID_MAX = 64
+VIDEO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+USER_MAX = 64
+MAX_REQUEST_ID = 32
+
+
+def valid_video_id(video: object) -> bool:
+    """Video ids: 1..64 characters of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit."""
+    return isinstance(video, str) and VIDEO_ID_RE.match(video) is not None
+
+
+def topic_for(video: str) -> bytes:
+    if not valid_video_id(video):
+        raise LocalProtocolError(f"invalid video id {video!r}")
+    return TOPIC_PREFIX + video.encode("ascii") + TOPIC_END
+
+
+def video_from_topic(topic: bytes) -> str:
+    if not (topic.startswith(TOPIC_PREFIX) and topic.endswith(TOPIC_END)):
+        raise RemoteProtocolError(f"malformed topic {topic[:80]!r}")
+    try:
+        video = topic[len(TOPIC_PREFIX) : -1].decode("ascii")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError(f"malformed topic {topic[:80]!r}") from None
+    if not valid_video_id(video):
+        raise RemoteProtocolError(f"malformed topic {topic[:80]!r}")
+    return video
+
+
+def new_event_id() -> str:
+    """A mesh-wide unique, roughly time-ordered id: 11 hex digits of ms + 12 random hex."""
+    return f"{int(time.time() * 1000):011x}{os.urandom(6).hex()}"
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes, what: str) -> Any:
+    """Decode msgpack from a peer.  msgpack raises many exception types on garbage (ValueError,
+    TypeError, ExtraData, StackError, ...): every one becomes a RemoteProtocolError here."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # noqa: BLE001 - the boundary: anything a peer sends us
+        raise RemoteProtocolError(f"{what}: undecodable msgpack ({type(exc).__name__}: {exc})") from None
+
+
+# --- events -----------------------------------------------------------------------------
+
+def make_event(video: str, kind: str, user: str | None, text: str | None,
+               event_id: str | None = None, ts: float | None = None) -> dict:
+    if kind not in EVENT_KINDS:
+        raise LocalProtocolError(f"unknown event kind {kind!r}")
+    return {
+        "id": event_id or new_event_id(),
+        "video": video,
+        "kind": kind,
+        "user": user,
+        "text": text,
+        "ts": time.time() * 1000.0 if ts is None else ts,
+        "epoch": 0,
+        "seq": 0,
+    }
+
+
+def check_event(obj: Any) -> dict:
+    """Validate an event received from a peer; returns it or raises RemoteProtocolError."""
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("event is not a map")
+    try:
+        ok = (
+            isinstance(obj["id"], str) and 0 < len(obj["id"]) <= 64
+            and valid_video_id(obj["video"])
+            and obj["kind"] in EVENT_KINDS
+            and (obj["user"] is None or isinstance(obj["user"], str))
+            and (obj["text"] is None or isinstance(obj["text"], str))
+            and isinstance(obj["ts"], (int, float)) and not isinstance(obj["ts"], bool)
+            and type(obj["epoch"]) is int and type(obj["seq"]) is int
+        )
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise RemoteProtocolError(f"malformed event {str(obj)[:200]}")
+    return obj
+
+
+# --- control envelope -------------------------------------------------------------------
+
+@dataclass
+class Control:
+    """One control message (DEALER <-> ROUTER), without the ROUTER's identity frame."""
+
+    msg_type: bytes
+    request_id: bytes
+    body: dict = field(default_factory=dict)
+
+    def to_frames(self) -> list[bytes]:
+        if self.msg_type not in CONTROL_TYPES:
+            raise LocalProtocolError(f"unknown control type {self.msg_type!r}")
+        if not 0 < len(self.request_id) <= MAX_REQUEST_ID:
+            raise LocalProtocolError("request id must be 1..32 bytes")
+        return [MAGIC_V1, self.msg_type, self.request_id, pack(self.body)]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> "Control":
+        if len(frames) != 4:
+            raise RemoteProtocolError(f"control message has {len(frames)} frames, expected 4")
+        magic, msg_type, request_id, body = (bytes(f) for f in frames)
+        if magic != MAGIC_V1:
+            if magic[:2] == MAGIC_V1[:2]:
+                raise RemoteProtocolError(f"unsupported protocol version {magic[2:]!r}")
+            raise RemoteProtocolError(f"bad magic {magic[:8]!r}")
+        if msg_type not in CONTROL_TYPES:
+            raise RemoteProtocolError(f"unknown control type {msg_type[:16]!r}")
+        if not 0 < len(request_id) <= MAX_REQUEST_ID:
+            raise RemoteProtocolError("request id must be 1..32 bytes")
+        decoded = unpack(body, "control body")
+        if not isinstance(decoded, dict):
+            raise RemoteProtocolError("control body is not a map")
+        return cls(msg_type, request_id, decoded)
+
+
+def publish_body(events: list[dict]) -> dict:
+    return {"events": events}
+
+
+def publish_events(msg: Control) -> list[dict]:
+    events = msg.body.get("events")
+    if not isinstance(events, list) or not events:
+        raise RemoteProtocolError("publish body needs a non-empty 'events' list")
+    return [check_event(e) for e in events]
+
+
+def ack_body(results: list[dict]) -> dict:
+    """results: one map per published event, in order: {"id", "epoch", "seq"} or
+    {"id", "error": {"code", "message"}}."""
+    return {"results": results}
+
+
+def ack_results(msg: Control) -> list[dict]:
+    results = msg.body.get("results")
+    if not isinstance(results, list) or not all(isinstance(r, dict) and isinstance(r.get("id"), str)
+                                                for r in results):
+        raise RemoteProtocolError("ack body needs a 'results' list of maps with an id")
+    return results
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"code": code, "message": message}
+
+
+# --- fan-out envelope -------------------------------------------------------------------
+
+@dataclass
+class Fanout:
+    """One fan-out message (XPUB -> SUB)."""
+
+    video: str
+    kind: str
+    sender: str
+    events: list[dict] = field(default_factory=list)
+
+    def to_frames(self) -> list[bytes]:
+        payload: dict[str, Any] = {"v": PROTOCOL_VERSION, "k": self.kind, "from": self.sender}
+        if self.kind == FANOUT_EVENTS:
+            payload["events"] = self.events
+        elif self.kind != FANOUT_SYNC:
+            raise LocalProtocolError(f"unknown fan-out kind {self.kind!r}")
+        return [topic_for(self.video), pack(payload)]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> "Fanout":
+        if len(frames) != 2:
+            raise RemoteProtocolError(f"fan-out message has {len(frames)} frames, expected 2")
+        video = video_from_topic(bytes(frames[0]))
+        payload = unpack(bytes(frames[1]), "fan-out payload")
+        if not isinstance(payload, dict):
+            raise RemoteProtocolError("fan-out payload is not a map")
+        if payload.get("v") != PROTOCOL_VERSION:
+            raise RemoteProtocolError(f"unsupported fan-out version {payload.get('v')!r}")
+        kind, sender = payload.get("k"), payload.get("from")
+        if not isinstance(sender, str):
+            raise RemoteProtocolError("fan-out payload has no sender")
+        if kind == FANOUT_SYNC:
+            return cls(video, kind, sender)
+        if kind != FANOUT_EVENTS:
+            raise RemoteProtocolError(f"unknown fan-out kind {kind!r}")
+        events = payload.get("events")
+        if not isinstance(events, list):
+            raise RemoteProtocolError("fan-out events is not a list")
+        for event in events:
+            check_event(event)
+            if event["video"] != video:
+                raise RemoteProtocolError("event video does not match its topic")
+        return cls(video, kind, sender, events)
+
+
+def sse_id(event: dict) -> str:
+    """The SSE ``id:`` of an event: ``epoch:seq`` of its owner dispatcher."""
+    return f"{event['epoch']}:{event['seq']}"
