@@ -1,0 +1,227 @@
+"""The frontend's HTTP API (Tornado): thin adapters from HTTP to the node's core.
+
+Routes:
+
+* ``GET  /v1/videos/{video}/events``    Server-Sent Events stream of the video
+* ``POST /v1/videos/{video}/likes``     optional JSON body ``{"user": str}``
+* ``POST /v1/videos/{video}/comments``  JSON body ``{"user": str, "text": str}``
+* ``GET  /healthz``
+
+Every error is JSON: ``{"error": {"code": str, "message": str, "retryable": bool}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import unicodedata
+from typing import TYPE_CHECKING
+
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+from mesh import protocol as P
+from mesh.errors import ClientError
+from mesh.sse import encode_retry
+
+if TYPE_CHECKING:
+    from .node import Frontend
+
+log = logging.getLogger("mesh.app")
+
+_conn_ids = itertools.count(1)
+
+
+class JSONHandler(tornado.web.RequestHandler):
+    """Base: errors as JSON, no HTML error pages."""
+
+    def initialize(self, node: "Frontend") -> None:
+        self.node = node
+
+    def send_client_error(self, err: ClientError) -> None:
+        self.clear()
+        self.set_status(err.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(err.to_json()))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ClientError):
+            err = exc
+        elif status_code == 405:
+            err = ClientError(405, "method_not_allowed",
+                              f"{self.request.method} is not allowed on {self.request.path}")
+        elif status_code == 404:
+            err = ClientError(404, "not_found", f"no route for {self.request.path}")
+        elif status_code < 500:
+            err = ClientError(status_code, "bad_request", self._reason)
+        else:
+            err = ClientError(status_code, "internal", "internal error", retryable=True)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(err.to_json()))
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, ClientError):
+            if not self._finished:
+                self.send_client_error(e)
+            return
+        super()._handle_request_exception(e)
+
+
+class NotFoundHandler(JSONHandler):
+    def prepare(self) -> None:
+        raise ClientError(404, "not_found", f"no route for {self.request.path}")
+
+
+def check_video(video: str) -> str:
+    if not P.valid_video_id(video):
+        raise ClientError(400, "invalid_video",
+                          "video id must be 1-64 characters of A-Z a-z 0-9 . _ -, "
+                          "starting with a letter or digit")
+    return video
+
+
+class HealthHandler(JSONHandler):
+    def get(self) -> None:
+        self.write(self.node.health())
+
+
+class EventsHandler(JSONHandler):
+    """One viewer's SSE stream."""
+
+    conn_id = None
+    is_open = False
+    closed = False
+
+    async def get(self, video: str) -> None:
+        check_video(video)
+        node = self.node
+        self.video = video
+        self.conn_id = next(_conn_ids)
+        self.stream = self.request.connection.stream
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.write(encode_retry(node.cfg.frontend.retry_ms))
+        self.done = asyncio.get_running_loop().create_future()
+        node.add_viewer(self)
+        synced = await node.link.wait_synced(video, node.cfg.frontend.sync_timeout)
+        if self.closed:
+            return
+        if not synced:
+            log.warning("viewer %s of %s opened before the owner confirmed the subscription",
+                        self.conn_id, video)
+        self.is_open = True
+        self._flush()
+        await self.done
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` for this viewer (before open, it waits in the handler's buffer)."""
+        if self.closed:
+            return
+        self.write(data)
+        if not self.is_open:
+            return
+        pending = len(self.stream._write_buffer) if hasattr(self.stream, "_write_buffer") else 0
+        if pending > self.node.cfg.frontend.max_buffer_bytes:
+            self.node.stats["slow_viewers_cut"] += 1
+            log.warning("viewer %s of %s is %d bytes behind; disconnecting it",
+                        self.conn_id, self.video, pending)
+            self.stream.close()
+            self.on_connection_close()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        fut = self.flush()
+        fut.add_done_callback(_ignore_closed)
+
+    def on_connection_close(self) -> None:
+        if self.closed or self.conn_id is None:
+            return
+        self.closed = True
+        self.node.remove_viewer(self)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_finish(self) -> None:
+        self.on_connection_close()
+
+
+def _ignore_closed(fut) -> None:
+    exc = fut.exception()
+    if exc is not None and not isinstance(exc, StreamClosedError):
+        log.warning("SSE write failed: %r", exc)
+
+
+class PublishHandler(JSONHandler):
+    kind = ""
+
+    def initialize(self, node: "Frontend", kind: str) -> None:  # type: ignore[override]
+        self.node = node
+        self.kind = kind
+
+    async def post(self, video: str) -> None:
+        check_video(video)
+        body = self.parse_body()
+        user = body.get("user")
+        if user is not None:
+            if not isinstance(user, str) or not 0 < len(user) <= P.USER_MAX or has_control(user):
+                raise ClientError(400, "invalid_user",
+                                  f"user must be a string of 1-{P.USER_MAX} printable characters")
+        text = None
+        if self.kind == P.KIND_COMMENT:
+            text = body.get("text")
+            if not isinstance(text, str):
+                raise ClientError(400, "missing_text", "a comment needs a 'text' string")
+            if not text.strip():
+                raise ClientError(400, "empty_comment", "comment text is empty")
+            limit = self.node.cfg.frontend.max_comment_chars
+            if len(text) > limit:
+                raise ClientError(400, "comment_too_long",
+                                  f"comment text has {len(text)} characters; the limit is {limit}")
+        event = P.make_event(video, self.kind, user, text)
+        result = await self.node.publish(event)
+        self.set_status(202)
+        self.write({"id": event["id"], "video": video, "epoch": result["epoch"], "seq": result["seq"],
+                    "sse_id": f"{result['epoch']}:{result['seq']}"})
+
+    def parse_body(self) -> dict:
+        raw = self.request.body
+        limit = self.node.cfg.frontend.max_body_bytes
+        if len(raw) > limit:
+            raise ClientError(413, "body_too_large", f"body has {len(raw)} bytes; the limit is {limit}")
+        if not raw.strip():
+            if self.kind == P.KIND_LIKE:
+                return {}
+            raise ClientError(400, "missing_body", "a comment needs a JSON body")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ClientError(400, "invalid_encoding", f"body is not UTF-8 (byte {exc.start})") from None
+        try:
+            body = json.loads(text)
+        except RecursionError:
+            raise ClientError(400, "invalid_json", "JSON nested too deeply") from None
+        except ValueError as exc:
+            raise ClientError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ClientError(400, "invalid_body", "body must be a JSON object")
+        return body
+
+
+def has_control(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def routes(node: "Frontend") -> list:
+    video = r"/v1/videos/([^/]+)"
+    return [
+        (video + r"/events", EventsHandler, {"node": node}),
+        (video + r"/likes", PublishHandler, {"node": node, "kind": P.KIND_LIKE}),
+        (video + r"/comments", PublishHandler, {"node": node, "kind": P.KIND_COMMENT}),
+        (r"/healthz", HealthHandler, {"node": node}),
+    ]
+

@@ -1,0 +1,172 @@
+"""The frontend process: wires the HTTP handlers, the mesh link, the local fan-out and the
+KV count sync together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+import tornado.httpserver
+import tornado.web
+import zmq.asyncio
+
+from mesh.config import Config
+from mesh.errors import KVError
+from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
+from mesh.node import announce_ready, make_kv, settle_gc, stop_on_signals
+from mesh.sse import encode_comment
+from mesh.subscriptions import CountSync, SubscriptionTable
+
+from .fanout import Fanout
+from .http import NotFoundHandler, routes
+from .link import MeshLink
+
+log = logging.getLogger("mesh.app")
+
+#: the largest request Tornado reads at all; bodies over ``max_body_bytes`` but under this get
+#: a JSON 413, bigger ones are refused by Tornado's HTTP layer (400, connection closed)
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+class Frontend:
+    def __init__(self, cfg: Config, kv: KV, ctx: zmq.asyncio.Context):
+        self.cfg = cfg
+        self.kv = kv
+        self.ctx = ctx
+        self.name = cfg.node.name
+        self.table = SubscriptionTable()
+        self.fanout = Fanout(self.table, cfg.frontend.fanout_slice)
+        self.counts = CountSync(cfg.frontend.count_flush_interval)
+        self.stats = defaultdict(int)
+        self.link: MeshLink | None = None
+        self.url = ""
+        self.server: tornado.httpserver.HTTPServer | None = None
+        self._kv_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        f = self.cfg.frontend
+        app = tornado.web.Application(routes(self), default_handler_class=NotFoundHandler,
+                                      default_handler_args={"node": self}, compress_response=False)
+        self.server = tornado.httpserver.HTTPServer(
+            app, max_body_size=MAX_REQUEST_BYTES, max_buffer_size=MAX_REQUEST_BYTES,
+            idle_connection_timeout=30.0, body_timeout=10.0, max_header_size=16384)
+        self.server.listen(f.port, address=f.host)
+        port = next(iter(self.server._sockets.values())).getsockname()[1]
+        self.url = f"http://{f.host}:{port}"
+        if not self.name:
+            self.name = f"frontend-{port}"
+        self.link = MeshLink(self.ctx, self.kv, self.name, self.fanout.deliver,
+                             attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout)
+        await self.kv.open()
+        await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
+        await self.link.start()
+        self._tasks = [asyncio.create_task(self._sync_counts()),
+                       asyncio.create_task(self._heartbeats())]
+        log.info("frontend %s serving on %s", self.name, self.url)
+
+    async def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+        for task in self._tasks:
+            task.cancel()
+        if self.link:
+            await self.link.stop()
+        try:
+            await self.kv.deregister()
+        except Exception as exc:  # noqa: BLE001 - shutting down: report, keep closing
+            log.warning("deregister failed: %s", exc)
+        await self.kv.close()
+
+    # --- viewers ------------------------------------------------------------------------
+
+    def add_viewer(self, viewer) -> None:
+        if self.table.add(viewer.conn_id, viewer.video, viewer):
+            self.link.subscribe(viewer.video)
+        self.stats["viewers_opened"] += 1
+        self._count_changed(viewer.video)
+
+    def remove_viewer(self, viewer) -> None:
+        removed = self.table.remove(viewer.conn_id)
+        if removed is None:
+            return
+        video, last = removed
+        if last:
+            self.link.unsubscribe(video)
+        self.stats["viewers_closed"] += 1
+        self._count_changed(video)
+
+    def _count_changed(self, video: str) -> None:
+        self.counts.set(video, self.table.count(video))
+        self._kv_wake.set()
+
+    async def publish(self, event: dict) -> dict:
+        self.stats["publishes"] += 1
+        return await self.link.publish(event)
+
+    def health(self) -> dict:
+        return {"status": "ok" if self.link.peers else "degraded", "role": ROLE_FRONTEND,
+                "name": self.name, "url": self.url, "dispatchers": sorted(self.link.peers),
+                "connections": len(self.table), "videos": len(self.table.by_video),
+                "stats": {**self.stats, **self.link.stats, "deliveries": self.fanout.deliveries}}
+
+    # --- background work ------------------------------------------------------------------
+
+    async def _sync_counts(self) -> None:
+        """Write count changes to the KV: transitions at once, the rest coalesced."""
+        backoff = 0.2
+        generation = self.kv.generation
+        while True:
+            if self.kv.generation != generation:
+                generation = self.kv.generation
+                log.info("KV registration was renewed; writing all %d counts again",
+                         len(self.counts.desired))
+                self.counts.reset()
+            delay = self.counts.due(time.monotonic())
+            if delay is None or delay > 0:
+                self._kv_wake.clear()
+                try:  # wake at least every second to notice a renewed registration
+                    await asyncio.wait_for(self._kv_wake.wait(), min(delay or 1.0, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            changes = self.counts.take(time.monotonic())
+            try:
+                await self.kv.write_counts(self.name, changes)
+                self.counts.done(changes)
+                self.stats["kv_writes"] += 1
+                backoff = 0.2
+            except KVError as exc:
+                self.counts.failed(changes)
+                log.warning("KV write of %d counts failed (%s); retrying in %.1fs",
+                            len(changes), exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _heartbeats(self) -> None:
+        data = encode_comment("hb")
+        while True:
+            await asyncio.sleep(self.cfg.frontend.heartbeat_interval)
+            await self.fanout.broadcast(data)
+
+
+async def run(cfg: Config) -> None:
+    ctx = zmq.asyncio.Context()
+    node = Frontend(cfg, make_kv(cfg), ctx)
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    try:
+        await node.start()
+        settle_gc()
+        announce_ready(role=ROLE_FRONTEND, name=node.name, http=node.url)
+        await stop.wait()
+        log.info("frontend %s stopping", node.name)
+    finally:
+        await node.stop()
+        ctx.term()
+
+
+def main(cfg: Config) -> None:
+    asyncio.run(run(cfg))

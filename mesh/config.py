@@ -1,0 +1,193 @@
+"""Configuration: TOML files under ``config/`` plus environment overrides.
+
+Precedence (later wins): built-in defaults, the TOML file, ``LIVEMESH_<SECTION>_<KEY>``
+environment variables (``LIVEMESH_FRONTEND_PORT=8081`` sets ``[frontend] port``), explicit
+overrides passed by a launcher.  Every value is checked against its declared type and range;
+an unknown section or key, or a bad value, raises ``ConfigError`` naming the key and where it
+came from.  The README's configuration reference lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "LIVEMESH_"
+
+
+def _spec(default, lo=None, hi=None, choices=None, doc=""):
+    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})
+
+
+@dataclass
+class NodeSection:
+    name: str = _spec("", doc="node name, unique in the mesh (default: role-port)")
+    dc: str = _spec("dc1", doc="datacenter name")
+    log_level: str = _spec("info", choices=("debug", "info", "warning", "error"), doc="log level")
+    log_json: bool = _spec(False, doc="log one JSON object per line")
+
+
+@dataclass
+class KVSection:
+    backend: str = _spec("embedded", choices=("memory", "embedded", "consul"),
+                         doc="memory (one process), embedded (SQLite file, one host), consul")
+    path: str = _spec("/tmp/livemesh-kv.db", doc="embedded: SQLite file shared by the host's nodes")
+    liveness_ttl: float = _spec(5.0, lo=1.0, hi=300.0,
+                                doc="embedded: seconds after which a silent node and its counts expire")
+    consul_addr: str = _spec("127.0.0.1:8500", doc="consul: agent HTTP address host:port")
+    consul_scheme: str = _spec("http", choices=("http", "https"), doc="consul: scheme")
+    consul_token: str = _spec("", doc="consul: ACL token")
+    session_ttl: float = _spec(10.0, lo=10.0, hi=86400.0, doc="consul: session TTL seconds")
+    prefix: str = _spec("livemesh", doc="consul: KV key prefix")
+
+
+@dataclass
+class FrontendSection:
+    host: str = _spec("127.0.0.1", doc="HTTP listen address")
+    port: int = _spec(8080, lo=0, hi=65535, doc="HTTP listen port (0: any free port)")
+    heartbeat_interval: float = _spec(15.0, lo=0.05, hi=3600.0, doc="SSE comment heartbeat seconds")
+    retry_ms: int = _spec(2000, lo=0, hi=600000, doc="SSE retry: sent to browsers")
+    publish_timeout: float = _spec(3.0, lo=0.05, hi=60.0, doc="deadline for an owner's ack, seconds")
+    attempt_timeout: float = _spec(1.0, lo=0.01, hi=60.0, doc="one publish attempt before retrying")
+    sync_timeout: float = _spec(2.0, lo=0.01, hi=60.0,
+                                doc="max wait for a new subscription to reach the owner")
+    max_body_bytes: int = _spec(16384, lo=64, hi=1048576, doc="largest publish body")
+    max_comment_chars: int = _spec(2000, lo=1, hi=100000, doc="longest comment text")
+    count_flush_interval: float = _spec(1.0, lo=0.0, hi=3600.0,
+                                        doc="coalescing interval for KV count changes (not 0<->1)")
+    max_buffer_bytes: int = _spec(1048576, lo=1024, hi=1 << 30,
+                                  doc="per-viewer unsent bytes before the viewer is cut")
+    fanout_slice: int = _spec(500, lo=1, hi=1000000, doc="connections written per loop turn")
+
+
+@dataclass
+class DispatcherSection:
+    host: str = _spec("127.0.0.1", doc="address ZeroMQ and HTTP bind to")
+    router_port: int = _spec(0, lo=0, hi=65535, doc="ROUTER port (publish in); 0: any")
+    pub_port: int = _spec(0, lo=0, hi=65535, doc="XPUB port (fan-out out); 0: any")
+    http_port: int = _spec(0, lo=0, hi=65535, doc="HTTP port (health); 0: any")
+    history_size: int = _spec(1000, lo=0, hi=1000000, doc="events kept per video")
+    history_age: float = _spec(300.0, lo=0.0, hi=86400.0, doc="seconds an event stays in history")
+    dedupe_size: int = _spec(100000, lo=0, hi=10000000, doc="recent event ids kept for idempotency")
+    pub_hwm: int = _spec(100000, lo=0, hi=10000000, doc="XPUB send high-water mark per peer")
+
+
+@dataclass
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    kv: KVSection = field(default_factory=KVSection)
+    frontend: FrontendSection = field(default_factory=FrontendSection)
+    dispatcher: DispatcherSection = field(default_factory=DispatcherSection)
+
+    def sections(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any, source: str) -> Any:
+    want = type(f.default)
+    where = f"{key} (from {source})"
+    if want is bool:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if want is int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif want is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+    elif want is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(";") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        value = tuple(value)
+    elif want is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    meta = f.metadata
+    if meta["lo"] is not None and value < meta["lo"]:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {meta['lo']}")
+    if meta["hi"] is not None and value > meta["hi"]:
+        raise ConfigError(f"{where}: {value!r} is above the maximum {meta['hi']}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(meta['choices'])}")
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = cfg.sections()
+    if section not in sections:
+        raise ConfigError(f"{section}.{key} (from {source}): unknown section {section!r}; "
+                          f"known: {', '.join(sections)}")
+    obj = sections[section]
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(f"{section}.{key} (from {source}): unknown key; known keys of "
+                          f"[{section}]: {', '.join(fields)}")
+    setattr(obj, key, _coerce(f"{section}.{key}", fields[key], value, source))
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build a Config from defaults, ``path`` (TOML), ``env`` and ``overrides``
+    (``{"frontend.port": 0}``).  ``env`` defaults to ``os.environ``; ``LIVEMESH_CONFIG`` names
+    the file when ``path`` is None."""
+    env = os.environ if env is None else env
+    cfg = Config()
+    path = path or env.get(ENV_PREFIX + "CONFIG") or None
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section} (from {path}): expected a [{section}] table")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, path)
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section in cfg.sections():
+            _apply(cfg, section, key, value, f"environment {name}")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        _apply(cfg, section, key, value, "command line")
+    return cfg
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(section, key, default, doc) for every key: the source of the README's reference."""
+    rows = []
+    for section, obj in Config().sections().items():
+        for f in dataclasses.fields(obj):
+            rows.append((section, f.name, f.default, f.metadata["doc"]))
+    return rows

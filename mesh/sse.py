@@ -1,0 +1,108 @@
+"""Server-Sent Events: the encoder the frontend uses and a spec-following parser for clients
+(``meshctl``, tests, benchmarks).
+
+Encoding follows the WHATWG HTML "server-sent events" section: fields ``id``, ``event``,
+``data``, ``retry``; an event ends with a blank line; a line starting with ``:`` is a comment.
+Our ``data`` is one JSON object serialised without raw newlines (JSON escapes CR and LF inside
+strings), so multi-line comment text survives as one ``data:`` line and is byte-identical after
+``JSON.parse`` in a browser.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .protocol import sse_id
+
+
+def event_data(event: dict) -> dict:
+    data = {"id": event["id"], "video": event["video"], "kind": event["kind"],
+            "user": event["user"], "ts": event["ts"], "seq": event["seq"]}
+    if event.get("text") is not None:
+        data["text"] = event["text"]
+    return data
+
+
+def encode_event(event: dict) -> bytes:
+    data = json.dumps(event_data(event), ensure_ascii=False, separators=(",", ":"))
+    return f"id: {sse_id(event)}\nevent: {event['kind']}\ndata: {data}\n\n".encode("utf-8")
+
+
+def encode_comment(text: str = "") -> bytes:
+    return f": {text}\n\n".encode("utf-8")
+
+
+def encode_retry(ms: int) -> bytes:
+    return f"retry: {ms}\n\n".encode("ascii")
+
+
+@dataclass
+class SSEEvent:
+    id: str
+    event: str
+    data: str
+
+    def json(self):
+        return json.loads(self.data)
+
+
+class SSEParser:
+    """Incremental parser: feed bytes, get complete events.  Comments are counted, not
+    returned (``comments``); ``retry`` is kept in ``retry``."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+        self._event = ""
+        self.last_id = ""
+        self.retry: int | None = None
+        self.comments = 0
+        self._first = True
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self._buf += chunk
+        out: list[SSEEvent] = []
+        while True:
+            # a line ends at CRLF, LF or CR; a CR at the very end may be the start of CRLF
+            idx_n = self._buf.find(b"\n")
+            idx_r = self._buf.find(b"\r")
+            if idx_n < 0 and (idx_r < 0 or idx_r == len(self._buf) - 1):
+                break
+            if idx_r >= 0 and (idx_n < 0 or idx_r < idx_n):
+                end, skip = idx_r, 2 if self._buf[idx_r + 1:idx_r + 2] == b"\n" else 1
+            else:
+                end, skip = idx_n, 1
+            raw, self._buf = self._buf[:end], self._buf[end + skip:]
+            line = raw.decode("utf-8", errors="replace")
+            if self._first:
+                line = line.removeprefix("\ufeff")
+                self._first = False
+            ev = self._line(line)
+            if ev is not None:
+                out.append(ev)
+        return out
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if line == "":
+            if not self._data:
+                self._event = ""
+                return None
+            ev = SSEEvent(self.last_id, self._event or "message", "\n".join(self._data))
+            self._data, self._event = [], ""
+            return ev
+        if line.startswith(":"):
+            self.comments += 1
+            return None
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\x00" not in value:
+            self.last_id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
+        return None
