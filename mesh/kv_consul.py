@@ -338,11 +338,13 @@ class ConsulKV(KV):
 
     async def _recreate(self, old_session: str | None) -> None:
         self.session_id = await self._create_session()
-        await self._register_service()
+        # Bump before anything else can fail: the counts are gone whatever happens next (a
+        # failed service registration is repaired by the next renewal's TTL-check pass).
         self.generation += 1
         log.warning("consul %s: session %s of %s had expired (its counts are gone); new session "
                     "%s, generation %d: counts must be written again", self.addr, old_session,
                     self.node.name, self.session_id, self.generation)
+        await self._register_service()
 
     async def _stop_keepalive(self) -> None:
         task, self._keepalive = self._keepalive, None
@@ -392,7 +394,7 @@ def _unquote(part: str) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = " ".join(str(exc).split())  # Consul's error bodies are indented JSON
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -1,0 +1,46 @@
+"""Shared fixtures.
+
+* ``async def`` tests run in a fresh event loop (no plugin needed: ``pytest_pyfunc_call``).
+* ``topology``: real dispatcher and frontend processes on free loopback ports sharing an
+  embedded KV in the test's tmp dir; every process is stopped at teardown, even on failure.
+* the global per-test timeout comes from pytest-timeout (``PYTEST_TIMEOUT`` overrides the
+  ``timeout`` in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+
+import pytest
+
+from mesh.topology import Topology
+
+pytest_plugins = ["consul_fixtures"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    if inspect.iscoroutinefunction(pyfuncitem.obj):
+        funcargs = pyfuncitem.funcargs
+        args = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+        asyncio.run(pyfuncitem.obj(**args))
+        return True
+    return None
+
+
+@pytest.fixture
+def kv_path(tmp_path):
+    return str(tmp_path / "kv.db")
+
+
+@pytest.fixture
+def topology(tmp_path, kv_path):
+    """A factory for node processes on one embedded KV: ``topology.dispatcher("d1")``."""
+    topo = Topology(kv={"backend": "embedded", "path": kv_path, "liveness_ttl": "2"},
+                    log_dir=str(tmp_path), extra={"node.log_level": "debug"} if os.environ.get("LIVEMESH_TEST_DEBUG") else {})
+    try:
+        yield topo
+    finally:
+        topo.close()

@@ -1,0 +1,69 @@
+"""Test helpers: HTTP calls, SSE viewers, waiting on conditions with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Awaitable, Callable
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from mesh.sse_client import SSEClient
+
+
+async def http(method: str, url: str, body: Any = None, raw: bytes | None = None,
+               headers: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """``(status, decoded JSON or text)``; never raises for HTTP error statuses."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if data is None and method in ("POST", "PUT"):
+        data = b""
+    req = HTTPRequest(url, method=method, body=data, headers=headers, request_timeout=timeout,
+                      allow_nonstandard_methods=True)
+    resp = await AsyncHTTPClient().fetch(req, raise_error=False)
+    if resp.code == 599 and resp.error is not None and not resp.body:
+        raise resp.error
+    text = resp.body.decode("utf-8", "replace") if resp.body else ""
+    try:
+        return resp.code, json.loads(text)
+    except ValueError:
+        return resp.code, text
+
+
+async def like(front_url: str, video: str, user: str | None = None) -> dict:
+    status, body = await http("POST", f"{front_url}/v1/videos/{video}/likes",
+                              {"user": user} if user else None)
+    assert status == 202, (status, body)
+    return body
+
+
+async def comment(front_url: str, video: str, text: str, user: str = "u1") -> dict:
+    status, body = await http("POST", f"{front_url}/v1/videos/{video}/comments", {"user": user, "text": text})
+    assert status == 202, (status, body)
+    return body
+
+
+async def viewer(front_url: str, video: str, **kw) -> SSEClient:
+    return await SSEClient(f"{front_url}/v1/videos/{video}/events", **kw).connect()
+
+
+async def wait_until(cond: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0,
+                     interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        last = cond()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+async def health(node_url: str) -> dict:
+    status, body = await http("GET", f"{node_url}/healthz")
+    assert status == 200, (status, body)
+    return body

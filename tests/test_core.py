@@ -1,0 +1,269 @@
+"""Unit tests of the sans-IO core: no sockets, no processes."""
+
+from __future__ import annotations
+
+import collections
+
+import msgpack
+import pytest
+
+from mesh import protocol as P
+from mesh.config import load_config
+from mesh.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from mesh.ownership import owner, rank
+from mesh.sequencing import Sequencer
+from mesh.sse import SSEParser, encode_comment, encode_event, encode_retry
+from mesh.subscriptions import CountSync, SubscriptionTable
+
+
+# --- topics ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("a,b", [("a", "ab"), ("video-1", "video-10"), ("x", "x.y"), ("1", "1_")])
+def test_topics_are_prefix_free(a, b):
+    ta, tb = P.topic_for(a), P.topic_for(b)
+    assert not tb.startswith(ta) and not ta.startswith(tb)
+    assert P.video_from_topic(ta) == a and P.video_from_topic(tb) == b
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "-x", ".x", "x/y", "é", "a" * 65, "a\x00"])
+def test_invalid_video_ids_rejected(bad):
+    assert not P.valid_video_id(bad)
+    with pytest.raises(LocalProtocolError):
+        P.topic_for(bad)
+
+
+def test_valid_video_ids():
+    for good in ["a", "A9", "video-10", "x.y_z-1", "a" * 64]:
+        assert P.valid_video_id(good)
+
+
+# --- envelopes ------------------------------------------------------------------------------
+
+def test_control_round_trip():
+    ev = P.make_event("v1", "comment", "ann", "hi\r\nthere 🎉")
+    msg = P.Control(P.MSG_PUBLISH, b"\x00\x01", P.publish_body([ev]))
+    back = P.Control.from_frames(msg.to_frames())
+    assert back.msg_type == P.MSG_PUBLISH and back.request_id == b"\x00\x01"
+    assert P.publish_events(back) == [ev]
+
+
+def test_fanout_round_trip_and_sync():
+    ev = P.make_event("v1", "like", None, None)
+    msg = P.Fanout.from_frames(P.Fanout("v1", P.FANOUT_EVENTS, "d1", [ev]).to_frames())
+    assert (msg.video, msg.kind, msg.sender, msg.events) == ("v1", "E", "d1", [ev])
+    sync = P.Fanout.from_frames(P.Fanout("v1", P.FANOUT_SYNC, "d1").to_frames())
+    assert sync.kind == P.FANOUT_SYNC and sync.events == []
+
+
+GOOD_EVENT = P.make_event("v1", "like", "u", None)
+
+
+@pytest.mark.parametrize("frames,needle", [
+    ([b"LM\x01", b"PUB", b"r"], "3 frames"),
+    ([b"LM\x02", b"PUB", b"r", P.pack({})], "version"),
+    ([b"XX\x01", b"PUB", b"r", P.pack({})], "magic"),
+    ([b"LM\x01", b"NOPE", b"r", P.pack({})], "unknown control type"),
+    ([b"LM\x01", b"PUB", b"", P.pack({})], "request id"),
+    ([b"LM\x01", b"PUB", b"r", b"\xc1\xff\x00garbage"], "undecodable"),
+    ([b"LM\x01", b"PUB", b"r", P.pack([1, 2])], "not a map"),
+])
+def test_malformed_control_frames(frames, needle):
+    with pytest.raises(RemoteProtocolError, match=needle):
+        P.Control.from_frames(frames)
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"events": []}, {"events": "x"}, {"events": [1]},
+    {"events": [{**GOOD_EVENT, "kind": "dislike"}]},
+    {"events": [{**GOOD_EVENT, "video": "a b"}]},
+    {"events": [{**GOOD_EVENT, "seq": "1"}]},
+    {"events": [{k: v for k, v in GOOD_EVENT.items() if k != "ts"}]},
+])
+def test_malformed_publish_bodies(body):
+    with pytest.raises(RemoteProtocolError):
+        P.publish_events(P.Control(P.MSG_PUBLISH, b"r", body))
+
+
+@pytest.mark.parametrize("frames", [
+    [b"v/a\x00"],
+    [b"v/a", P.pack({"v": 1, "k": "S", "from": "d"})],
+    [b"v/a\x00", b"\xff\xfe"],
+    [b"v/a\x00", P.pack({"v": 2, "k": "S", "from": "d"})],
+    [b"v/a\x00", P.pack({"v": 1, "k": "Q", "from": "d"})],
+    [b"v/a\x00", P.pack({"v": 1, "k": "E", "from": "d", "events": [{**GOOD_EVENT, "video": "b"}]})],
+    [b"v/a\x00", msgpack.packb({"v": 1, "k": "E", "from": "d", "events": [[[[[]]]]]})],
+])
+def test_malformed_fanout_frames(frames):
+    with pytest.raises(RemoteProtocolError):
+        P.Fanout.from_frames(frames)
+
+
+def test_unpack_garbage_never_raises_other_errors():
+    import random
+    rnd = random.Random(7)
+    for _ in range(2000):
+        blob = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 40)))
+        try:
+            P.Control.from_frames([P.MAGIC_V1, P.MSG_PUBLISH, b"r", blob])
+        except RemoteProtocolError:
+            pass
+
+
+# --- ownership ------------------------------------------------------------------------------
+
+def test_rendezvous_owner_is_stable_and_spread():
+    ds = ["d1", "d2", "d3"]
+    owners = collections.Counter(owner(f"video-{i}", ds) for i in range(3000))
+    assert set(owners) == set(ds)
+    assert min(owners.values()) > 800  # roughly a third each
+    assert all(owner(f"video-{i}", ds) == owner(f"video-{i}", list(reversed(ds))) for i in range(100))
+
+
+def test_rendezvous_moves_only_the_leaving_dispatchers_videos():
+    ds = ["d1", "d2", "d3", "d4"]
+    before = {f"v{i}": owner(f"v{i}", ds) for i in range(2000)}
+    after = {v: owner(v, ["d1", "d2", "d3"]) for v in before}
+    moved = [v for v in before if before[v] != after[v]]
+    assert moved and all(before[v] == "d4" for v in moved)
+    assert rank("v1", ds)[0] == owner("v1", ds)
+    assert owner("v1", []) is None
+
+
+# --- sequencing -----------------------------------------------------------------------------
+
+def test_sequencer_orders_dedupes_and_remembers():
+    seq = Sequencer(epoch=7, history_size=3)
+    evs = [P.make_event("v", "like", None, None) for _ in range(5)]
+    for i, ev in enumerate(evs, 1):
+        out, new = seq.accept(dict(ev))
+        assert new and (out["epoch"], out["seq"]) == (7, i)
+    again, new = seq.accept(dict(evs[1]))
+    assert not new and again["seq"] == 2 and seq.duplicates == 1
+    other, _ = seq.accept(P.make_event("w", "like", None, None))
+    assert other["seq"] == 1  # per-video numbering
+    assert [e["seq"] for e in seq.since("v", 7, 3)] == [4, 5]
+    assert seq.since("v", 7, 5) == []
+    assert seq.since("v", 7, 1) is None   # history (3 events) no longer reaches seq 2
+    assert seq.since("v", 6, 3) is None   # another epoch
+
+
+def test_sequencer_history_age():
+    seq = Sequencer(epoch=1, history_size=10, history_age=5.0)
+    seq.accept(P.make_event("v", "like", None, None), now=0.0)
+    seq.accept(P.make_event("v", "like", None, None), now=10.0)
+    assert [e["seq"] for e in seq.since("v", 1, 1, now=11.0)] == [2]
+    assert seq.since("v", 1, 0, now=11.0) is None
+
+
+# --- subscriptions --------------------------------------------------------------------------
+
+def test_subscription_table_transitions():
+    t = SubscriptionTable()
+    assert t.add(1, "v") is True
+    assert t.add(2, "v") is False
+    assert t.add(3, "w") is True
+    assert t.count("v") == 2 and len(t) == 3
+    assert t.remove(1) == ("v", False)
+    assert t.remove(2) == ("v", True)
+    assert t.remove(2) is None
+    assert t.counts() == {"w": 1}
+    with pytest.raises(ValueError):
+        t.add(3, "v")
+
+
+def test_count_sync_writes_transitions_at_once_and_coalesces_the_rest():
+    cs = CountSync(interval=1.0)
+    cs.set("v", 1)
+    assert cs.due(0.0) == 0.0
+    first = cs.take(0.0)
+    assert first == {"v": 1}
+    cs.done(first)
+    for n in range(2, 50):      # many changes within the interval: one write later
+        cs.set("v", n)
+    assert cs.due(0.5) == pytest.approx(0.5)
+    assert cs.take(1.0) == {"v": 49}
+    cs.done({"v": 49})
+    cs.set("v", 0)              # last viewer left: urgent
+    assert cs.due(1.1) == 0.0
+    change = cs.take(1.1)
+    assert change == {"v": 0}
+    cs.failed(change)           # write failed: still to do
+    assert cs.due(1.2) == 0.0 and cs.take(1.2) == {"v": 0}
+
+
+def test_count_sync_change_back_is_no_write_and_reset_rewrites():
+    cs = CountSync(interval=1.0)
+    cs.set("v", 2)
+    cs.done(cs.take(0))
+    cs.set("v", 3)
+    cs.set("v", 2)
+    assert cs.due(0.1) is None
+    cs.reset()
+    assert cs.due(0.1) == 0.0 and cs.take(0.1) == {"v": 2}
+
+
+# --- SSE --------------------------------------------------------------------------------------
+
+def test_sse_round_trip_keeps_text_byte_identical():
+    text = "line one\nline two\r\nthird\rfourth 🎉 — ünïcödé \u2028 end"
+    ev = P.make_event("v", "comment", "ann", text)
+    ev["epoch"], ev["seq"] = 5, 9
+    parser = SSEParser()
+    wire = encode_retry(1500) + encode_comment("hb") + encode_event(ev)
+    out = []
+    for i in range(len(wire)):          # byte by byte: split anywhere, even inside UTF-8
+        out += parser.feed(wire[i:i + 1])
+    assert len(out) == 1
+    assert out[0].id == "5:9" and out[0].event == "comment"
+    assert out[0].json()["text"] == text
+    assert parser.retry == 1500 and parser.comments == 1
+
+
+def test_sse_parser_follows_the_spec():
+    p = SSEParser()
+    evs = p.feed(b"\xef\xbb\xbfdata: a\r\ndata:b\r\n\r\nid: 3\nevent: x\ndata\n\n: c\n\ndata: z\r")
+    assert [(e.id, e.event, e.data) for e in evs] == [("", "message", "a\nb"), ("3", "x", "")]
+    assert [e.data for e in p.feed(b"\r\n")] == ["z"] and p.last_id == "3"
+
+
+# --- config -----------------------------------------------------------------------------------
+
+def test_config_layers(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[frontend]\nport = 9000\nheartbeat_interval = 5\n[node]\ndc = "eu"\n')
+    cfg = load_config(str(f), env={"LIVEMESH_FRONTEND_PORT": "9001"}, overrides={"node.name": "x"})
+    assert (cfg.frontend.port, cfg.frontend.heartbeat_interval, cfg.node.dc, cfg.node.name) == (9001, 5.0, "eu", "x")
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"LIVEMESH_FRONTEND_PORT": "eighty"}, "frontend.port"),
+    ({"LIVEMESH_FRONTEND_PORT": "70000"}, "frontend.port"),
+    ({"LIVEMESH_KV_BACKEND": "redis"}, "kv.backend"),
+    ({"LIVEMESH_FRONTEND_NOPE": "1"}, "frontend.nope"),
+    ({"LIVEMESH_NODE_LOG_JSON": "maybe"}, "node.log_json"),
+    ({"LIVEMESH_KV_SESSION_TTL": "5"}, "kv.session_ttl"),
+])
+def test_config_errors_name_the_key(env, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(env=env)
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[frontend\nport=1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(str(bad), env={})
+    unknown = tmp_path / "u.toml"
+    unknown.write_text("[fronted]\nport=1\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config(str(unknown), env={})
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(str(tmp_path / "missing.toml"), env={})
+
+
+def test_example_configs_load():
+    import glob
+    files = glob.glob("config/*.toml")
+    assert files
+    for f in files:
+        load_config(f, env={})
