@@ -258,18 +258,19 @@ def start_consul_agent(tmp_path: Path, datacenter: str = "dc1", persistent: bool
     return ConsulAgent(consul_binary(), Path(tmp_path), datacenter, persistent).start(timeout)
 
 
-def _fail(exc: Exception):
-    # Fail, never skip: under CI=true and locally alike (see the module docstring).
+def _or_fail(start):
+    """``start()``, or FAIL the test (never skip: under CI=true and locally alike)."""
+    try:
+        return start()
+    except ConsulUnavailable as exc:
+        error = str(exc)
     ci = " (CI=true: Consul tests must run)" if os.environ.get("CI") == "true" else ""
-    pytest.fail(f"no Consul agent for this test{ci}: {exc}", pytrace=False)
+    pytest.fail(f"no Consul agent for this test{ci}: {error}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def consul_binary_path() -> str:
-    try:
-        return consul_binary()
-    except ConsulUnavailable as exc:
-        _fail(exc)
+    return _or_fail(consul_binary)
 
 
 @pytest.fixture
@@ -281,10 +282,7 @@ def consul_agent_factory(tmp_path, consul_binary_path):
         agent = ConsulAgent(consul_binary_path, tmp_path / f"consul-{len(agents)}-{datacenter}",
                             datacenter, persistent)
         agents.append(agent)
-        try:
-            return agent.start()
-        except ConsulUnavailable as exc:
-            _fail(exc)
+        return _or_fail(agent.start)
 
     try:
         yield factory
@@ -304,12 +302,7 @@ def shared_consul_agent(tmp_path_factory, consul_binary_path):
     """One ``-dev`` agent for the whole session: use a unique key prefix per test."""
     agent = ConsulAgent(consul_binary_path, tmp_path_factory.mktemp("consul-shared"))
     try:
-        agent.start()
-    except ConsulUnavailable as exc:
-        agent.stop()
-        _fail(exc)
-    try:
-        yield agent
+        yield _or_fail(agent.start)
     finally:
         agent.stop()
 
