@@ -312,3 +312,32 @@ def test_mesh_up_prints_nodes_then_ready_and_stops_everything(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+async def test_dispatcher_joining_and_dying_rebalances_videos(topology):
+    d1 = topology.dispatcher("d1")
+    fast = {"frontend.publish_timeout": "8", "frontend.attempt_timeout": "0.5"}
+    fa, fb = topology.frontend("f1", **fast), topology.frontend("f2", **fast)
+    videos = [f"rb-{i}" for i in range(10)]
+    assert {owner(v, ["d1", "d2"]) for v in videos} == {"d1", "d2"}
+    viewers = {v: await viewer(fb.url, v) for v in videos}
+    d2 = topology.dispatcher("d2")
+    for f in (fa, fb):
+        await wait_until(lambda: _dispatchers_are(f.url, ["d1", "d2"]), what="d2 discovered")
+    epochs = {"d1": (await health(d1.url))["epoch"], "d2": (await health(d2.url))["epoch"]}
+    for v in videos:
+        sent = await like(fa.url, v)
+        got = (await viewers[v].events(1))[0]
+        assert json.loads(got.data)["id"] == sent["id"]
+        assert int(got.id.split(":")[0]) == epochs[owner(v, ["d1", "d2"])]
+    d2.kill()  # SIGKILL: its videos move to d1 once its registration expires
+    for v in videos:
+        sent = await like(fa.url, v)
+        got = (await viewers[v].events(1, timeout=15))[0]
+        assert json.loads(got.data)["id"] == sent["id"]
+        assert int(got.id.split(":")[0]) == epochs["d1"]
+    assert (await health(fa.url))["dispatchers"] == ["d1"]
+
+
+async def _dispatchers_are(url, names):
+    return (await health(url))["dispatchers"] == names
