@@ -341,3 +341,27 @@ async def test_dispatcher_joining_and_dying_rebalances_videos(topology):
 
 async def _dispatchers_are(url, names):
     return (await health(url))["dispatchers"] == names
+
+
+async def test_killed_frontend_counts_vanish_within_the_liveness_bound(topology, kv_path):
+    topology.dispatcher("d1")
+    fa, fb = topology.frontend("f1"), topology.frontend("f2")
+    vs = [await viewer(fa.url, "k"), await viewer(fa.url, "k"), await viewer(fb.url, "k")]
+    kv = EmbeddedKV(kv_path)
+    try:
+        await wait_until(lambda: _count(kv, "k", "f1", 2), what="f1 counted")
+        await wait_until(lambda: _count(kv, "k", "f2", 1), what="f2 counted")
+        fa.kill()
+        t0 = asyncio.get_running_loop().time()
+        await wait_until(lambda: _gone(kv, "k", "f1"), timeout=2.0 + 1.0, what="f1's count gone")
+        assert asyncio.get_running_loop().time() - t0 <= 3.0
+        assert (await kv.read_counts("k")) == {"k": {"f2": 1}}
+        assert "f1" not in [n.name for n in await kv.nodes()]
+    finally:
+        await kv.close()
+        for v in vs:
+            v.close()
+
+
+async def _gone(kv, video, frontend):
+    return frontend not in (await kv.read_counts(video)).get(video, {})
