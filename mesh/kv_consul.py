@@ -29,7 +29,8 @@ nodes after a minute).  :meth:`nodes` reads ``/v1/health/service/livemesh-{role}
 query (``index`` + ``wait``).  For ``role=None`` the per-role queries run at once with the
 same index: Raft indexes are global and monotonic, so a change to any of the services
 returns its query with a larger index; the union is then re-read and its largest index
-returned.
+returned.  The other queries are abandoned and end on their own within ``wait`` (Tornado
+cannot abort a request in flight), so watch one role where one role will do.
 
 Writes: every KV write is a Raft append with an fsync, so :meth:`write_counts` sends one
 ``/v1/txn`` per 64 operations (Consul's limit) and ``kv_writes`` counts those requests
