@@ -25,9 +25,23 @@ def pytest_pyfunc_call(pyfuncitem):
     if inspect.iscoroutinefunction(pyfuncitem.obj):
         funcargs = pyfuncitem.funcargs
         args = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-        asyncio.run(pyfuncitem.obj(**args))
+
+        async def main():
+            try:
+                await pyfuncitem.obj(**args)
+            finally:  # async clean-ups run in the test's own loop
+                for cleanup in reversed(funcargs.get("aclose") or []):
+                    await cleanup()
+
+        asyncio.run(main())
         return True
     return None
+
+
+@pytest.fixture
+def aclose():
+    """Async clean-ups (``async def`` callables) run after an async test, in its loop."""
+    return []
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from mesh.kv import NodeInfo
 from mesh.kv_embedded import EmbeddedKV
 from mesh.kv_memory import MemoryKV, MemoryStore
 
-BACKENDS = ["memory", "embedded", "consul"]
+BACKENDS = ["memory", "embedded", pytest.param("consul", marks=pytest.mark.consul)]
 
 
 @pytest.fixture(params=BACKENDS)
-def make_kv(request, tmp_path):
+def make_kv(request, tmp_path, aclose):
     """A factory of KV handles that share one store (two handles ~ two processes)."""
     made = []
     if request.param == "memory":
@@ -37,14 +37,15 @@ def make_kv(request, tmp_path):
         made.append(kv)
         return kv
 
-    yield make
     async def close_all():
         for kv in made:
             try:
                 await kv.deregister()
             finally:
                 await kv.close()
-    asyncio.run(close_all())
+
+    aclose.append(close_all)
+    return make
 
 
 def _name(base):

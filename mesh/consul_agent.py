@@ -1,0 +1,233 @@
+"""Run a real Consul agent on loopback: for ``mesh-up --kv consul`` and the test fixtures.
+
+The binary comes from ``bin/ensure-consul`` (``$CONSUL_BIN``, ``consul`` on PATH, the user
+cache, or a build of the pinned release from the Go module proxy).  ``ConsulAgent`` starts
+``consul agent -dev`` (in-memory state, leader in well under a second) or, with
+``persistent=True``, ``-server -bootstrap-expect=1`` with a data dir (leader after ~2 s).
+Everything binds to 127.0.0.1; HTTP, serf LAN and server RPC get free ports, DNS, serf WAN,
+gRPC and gRPC-TLS are disabled.  Readiness is a condition polled against a deadline: a leader
+is elected and the agent's own node is registered with a passing ``serfHealth`` (sessions need
+both).  ``restart()`` keeps the ports: with ``-dev`` the agent comes back EMPTY (what clients
+see when an agent loses its state); with ``persistent=True`` KV, sessions and services survive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parent.parent  # a source checkout: bin/ sits beside mesh/
+ENSURE_CONSUL = REPO / "bin" / "ensure-consul"
+ENSURE_TIMEOUT = 30 * 60.0  # a cold build downloads and compiles Consul: minutes
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+START_ATTEMPTS = 3          # a free port can be taken between choosing and binding it
+
+_binary: str | None = None
+_binary_error: str | None = None
+
+
+class ConsulUnavailable(RuntimeError):
+    """No consul binary, or an agent that would not start."""
+
+
+def consul_binary() -> str:
+    """Path of the consul binary from ``bin/ensure-consul``; the outcome, success or failure,
+    is cached for the whole session so a failed build is not retried by every test."""
+    global _binary, _binary_error
+    if _binary is not None:
+        return _binary
+    if _binary_error is not None:
+        raise ConsulUnavailable(_binary_error)
+    try:
+        proc = subprocess.run([str(ENSURE_CONSUL)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=ENSURE_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _binary_error = f"{ENSURE_CONSUL} failed to run: {exc}"
+        raise ConsulUnavailable(_binary_error) from exc
+    path = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0 or not path or not os.access(path, os.X_OK):
+        _binary_error = (f"{ENSURE_CONSUL} exited {proc.returncode} without a usable consul "
+                         f"(stdout {proc.stdout.strip()!r}); stderr:\n{proc.stderr[-4000:]}")
+        raise ConsulUnavailable(_binary_error)
+    _binary = path
+    return path
+
+
+def _free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 (serf listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise ConsulUnavailable("no free loopback port for consul")
+
+
+def _die_with_parent() -> None:
+    """Child side of Popen (Linux): SIGKILL the agent if the test process dies, so a killed
+    pytest leaves no agent behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: fixtures still stop agents; only a SIGKILLed pytest leaks them
+
+
+class ConsulAgent:
+    """One ``consul agent`` process on 127.0.0.1; see the module docstring."""
+
+    def __init__(self, binary: str, workdir: Path, datacenter: str = "dc1",
+                 persistent: bool = False):
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.datacenter = datacenter
+        self.persistent = persistent
+        self.data_dir: Path | None = self.workdir / "data" if persistent else None
+        self.log_path = self.workdir / "consul.log"
+        self.host = "127.0.0.1"
+        self.port = 0            # HTTP
+        self.serf_lan_port = 0
+        self.server_port = 0
+        self.node_name = ""
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_addr}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self) -> list[str]:
+        cmd = [self.binary, "agent"]
+        if self.persistent:
+            cmd += ["-server", "-bootstrap-expect=1", f"-data-dir={self.data_dir}",
+                    # elections in ~1 s instead of ~5 s (production default multiplier 5)
+                    "-hcl", "performance { raft_multiplier = 1 }"]
+        else:
+            cmd += ["-dev"]
+        return cmd + [
+            f"-datacenter={self.datacenter}", f"-node={self.node_name}",
+            "-bind=127.0.0.1", "-client=127.0.0.1", "-advertise=127.0.0.1", "-ui=false",
+            f"-http-port={self.port}", f"-serf-lan-port={self.serf_lan_port}",
+            f"-server-port={self.server_port}", "-serf-wan-port=-1", "-dns-port=-1",
+            "-grpc-port=-1", "-grpc-tls-port=-1",
+            "-hcl", "disable_update_check = true", "-log-level=info",
+        ]
+
+    def start(self, timeout: float = START_TIMEOUT) -> "ConsulAgent":
+        """Start on fresh free ports (retrying when a port was taken meanwhile)."""
+        if self.running:
+            raise ConsulUnavailable(f"consul agent at {self.http_addr} is already running")
+        last: Exception | None = None
+        for _ in range(START_ATTEMPTS):
+            self.port, self.serf_lan_port, self.server_port = (_free_port() for _ in range(3))
+            self.node_name = f"livemesh-test-{self.port}"
+            try:
+                self._launch(timeout)
+                return self
+            except ConsulUnavailable as exc:
+                last = exc
+                self.kill()
+                if "address already in use" not in str(exc):
+                    break
+        raise last
+
+    def restart(self, timeout: float = START_TIMEOUT) -> "ConsulAgent":
+        """Stop and start again on the same ports (and data dir when persistent)."""
+        self.stop()
+        self._launch(timeout)
+        return self
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the agent gets no chance to leave or flush."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def _launch(self, timeout: float) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==> {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         preexec_fn=_die_with_parent if sys.platform == "linux"
+                                         else None)
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while True:
+            if self.proc.poll() is not None:
+                raise ConsulUnavailable(f"consul agent exited with {self.proc.returncode} during "
+                                        f"start-up:\n{self.log_tail()}")
+            try:
+                leader = self.get_json("/v1/status/leader")
+                checks = self.get_json(f"/v1/health/node/{self.node_name}") if leader else []
+                if any(c.get("CheckID") == "serfHealth" and c.get("Status") == "passing"
+                       for c in checks):
+                    return
+                last = f"leader {leader!r}, node checks {checks!r}"
+            except (OSError, ValueError) as exc:
+                last = repr(exc)
+            if time.monotonic() > deadline:
+                raise ConsulUnavailable(f"consul agent at {self.http_addr} not ready within "
+                                        f"{timeout:g} s ({last}):\n{self.log_tail()}")
+            time.sleep(0.05)  # readiness poll interval, not a settle delay
+
+    def get_json(self, path: str, timeout: float = 2.0):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.loads(response.read() or b"null")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> "ConsulAgent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        mode = "persistent" if self.persistent else "dev"
+        return f"<ConsulAgent {mode} {self.datacenter} http={self.http_addr} running={self.running}>"
