@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import defaultdict
 from typing import Callable
 
@@ -34,6 +35,9 @@ from mesh.sockets import make_socket
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
 
+#: seconds the links of a dispatcher that left the registry stay open
+LINK_LINGER = 60.0
+
 
 class Peer:
     """One dispatcher we are connected to."""
@@ -43,6 +47,11 @@ class Peer:
         self.dealer = dealer
         self.queue: list[tuple[dict, asyncio.Future]] = []
         self.task: asyncio.Task | None = None
+        self.retired_at = 0.0
+
+
+def _endpoints(info: NodeInfo) -> tuple[str, str]:
+    return info.router, info.pub
 
 
 class MeshLink:
@@ -56,7 +65,8 @@ class MeshLink:
         self.attempt_timeout = attempt_timeout
         self.publish_timeout = publish_timeout
         self.sub = make_socket(ctx, zmq.SUB)
-        self.peers: dict[str, Peer] = {}
+        self.peers: dict[str, Peer] = {}       # in the registry now: ownership is over these
+        self.retired: dict[str, Peer] = {}     # left the registry, links still open
         self.stats = defaultdict(int)
         self._req_ids = itertools.count(1)
         self._pending: dict[bytes, list[tuple[str, asyncio.Future]]] = {}
@@ -80,8 +90,10 @@ class MeshLink:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for peer in list(self.peers.values()):
-            self._drop_peer(peer.info.name)
+        for peer in [*self.peers.values(), *self.retired.values()]:
+            self._close_link(peer)
+        self.peers.clear()
+        self.retired.clear()
         self.sub.close(linger=0)
 
     # --- discovery --------------------------------------------------------------------------
@@ -103,24 +115,53 @@ class MeshLink:
                 self._first_discovery.set_result(None)
 
     def set_dispatchers(self, nodes: list[NodeInfo]) -> None:
+        """Adopt the registry's dispatcher set.  Ownership follows the set at once; the ZeroMQ
+        links of a dispatcher that left it linger for ``LINK_LINGER`` seconds, so a registry
+        hiccup (a Consul agent restarting, nodes re-registering one by one) costs no events:
+        whatever a still-running dispatcher publishes keeps reaching us."""
+        now = time.monotonic()
         wanted = {n.name: n for n in nodes}
         for name in list(self.peers):
-            if name not in wanted or wanted[name] != self.peers[name].info:
-                self._drop_peer(name)
+            if name not in wanted:
+                peer = self.peers.pop(name)
+                peer.retired_at = now
+                self.retired[name] = peer
+                self._fail_queue(peer, f"dispatcher {name} left the registry")
+                log.info("dispatcher %s left the registry; its links linger %.0fs", name, LINK_LINGER)
+            elif _endpoints(wanted[name]) != _endpoints(self.peers[name].info):
+                self._close_link(self.peers.pop(name))
         for name, info in wanted.items():
-            if name not in self.peers:
-                dealer = make_socket(self.ctx, zmq.DEALER)
-                dealer.connect(info.router)
-                self.sub.connect(info.pub)
-                peer = self.peers[name] = Peer(info, dealer)
-                peer.task = asyncio.create_task(self._serve_dealer(peer))
-                log.info("connected to dispatcher %s (router %s, pub %s)", name, info.router, info.pub)
+            if name in self.peers:
+                self.peers[name].info = info
+                continue
+            old = self.retired.pop(name, None)
+            if old is not None and _endpoints(old.info) == _endpoints(info):
+                old.info = info
+                self.peers[name] = old
+                log.info("dispatcher %s is back in the registry", name)
+                continue
+            if old is not None:
+                self._close_link(old)
+            dealer = make_socket(self.ctx, zmq.DEALER)
+            dealer.connect(info.router)
+            self.sub.connect(info.pub)
+            peer = self.peers[name] = Peer(info, dealer)
+            peer.task = asyncio.create_task(self._serve_dealer(peer))
+            log.info("connected to dispatcher %s (router %s, pub %s)", name, info.router, info.pub)
+        for name, peer in list(self.retired.items()):
+            if now - peer.retired_at > LINK_LINGER:
+                self._close_link(self.retired.pop(name))
         self.peers_changed.set()
         self.peers_changed = asyncio.Event()
         self._wake_sync_waiters()
 
-    def _drop_peer(self, name: str) -> None:
-        peer = self.peers.pop(name)
+    def _fail_queue(self, peer: Peer, why: str) -> None:
+        queue, peer.queue = peer.queue, []
+        for _, fut in queue:
+            if not fut.done():
+                fut.set_exception(ConnectionError(why))
+
+    def _close_link(self, peer: Peer) -> None:
         if peer.task:
             peer.task.cancel()
         try:
@@ -129,11 +170,9 @@ class MeshLink:
             pass
         peer.dealer.close(linger=0)
         for synced in self._synced.values():
-            synced.discard(name)
-        for _, fut in peer.queue:
-            if not fut.done():
-                fut.set_exception(ConnectionError(f"dispatcher {name} left"))
-        log.info("disconnected from dispatcher %s", name)
+            synced.discard(peer.info.name)
+        self._fail_queue(peer, f"dispatcher {peer.info.name} left")
+        log.info("disconnected from dispatcher %s", peer.info.name)
 
     # --- subscriptions ----------------------------------------------------------------------
 

@@ -110,7 +110,8 @@ class Frontend:
         return {"status": "ok" if self.link.peers else "degraded", "role": ROLE_FRONTEND,
                 "name": self.name, "url": self.url, "dispatchers": sorted(self.link.peers),
                 "connections": len(self.table), "videos": len(self.table.by_video),
-                "stats": {**self.stats, **self.link.stats, "deliveries": self.fanout.deliveries}}
+                "stats": {**self.stats, **self.link.stats, "deliveries": self.fanout.deliveries,
+                          "kv_requests": getattr(self.kv, "kv_writes", 0)}}
 
     # --- background work ------------------------------------------------------------------
 
