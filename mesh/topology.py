@@ -164,16 +164,26 @@ class Topology:
 @click.option("--kv", "kv_backend", default="embedded", show_default=True,
               type=click.Choice(["embedded", "consul"]))
 @click.option("--kv-path", default=None, help="embedded KV file (default: a new temporary file)")
-@click.option("--consul-addr", default=None, help="Consul agent host:port (consul KV)")
+@click.option("--consul-addr", default=None,
+              help="Consul agent host:port (--kv consul); without it a dev agent is started")
 @click.option("--log-dir", default=None, help="one log file per node here (default: stderr)")
 def main(dispatchers, frontends, base_port, kv_backend, kv_path, consul_addr, log_dir):
     """Run a local topology: N dispatchers and M frontends on one machine, until Ctrl-C."""
     tmp = tempfile.mkdtemp(prefix="livemesh-")
     kv = {"backend": kv_backend}
+    agent = None
     if kv_backend == "embedded":
         kv["path"] = kv_path or os.path.join(tmp, "kv.db")
     elif consul_addr:
         kv["consul_addr"] = consul_addr
+    else:
+        from .consul_agent import ConsulAgent, ConsulUnavailable, consul_binary
+        try:
+            agent = ConsulAgent(consul_binary(), os.path.join(tmp, "consul")).start()
+        except ConsulUnavailable as exc:
+            raise click.ClickException(f"no --consul-addr and no Consul dev agent: {exc}") from None
+        kv["consul_addr"] = agent.http_addr
+        click.echo(f"consul agent http://{agent.http_addr}")
     topo = Topology(kv=kv, log_dir=log_dir)
     stopping = []
 
@@ -208,3 +218,5 @@ def main(dispatchers, frontends, base_port, kv_backend, kv_path, consul_addr, lo
         pass
     finally:
         topo.close()
+        if agent is not None:
+            agent.stop()

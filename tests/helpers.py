@@ -67,3 +67,30 @@ async def health(node_url: str) -> dict:
     status, body = await http("GET", f"{node_url}/healthz")
     assert status == 200, (status, body)
     return body
+
+
+def read_lines_until(proc, last: str, timeout: float = 60.0) -> list[str]:
+    """Lines of ``proc``'s stdout (a binary pipe) up to and including ``last``, with a
+    deadline.  Reads the file descriptor directly: a buffered reader would hide lines that
+    arrived together from ``select``."""
+    import os
+    import selectors
+    lines: list[str] = []
+    buf = b""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    try:
+        while last not in lines:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {last!r}; got {lines}"
+            if not sel.select(left):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"process exited before {last!r}; got {lines}"
+            buf += chunk
+            *done, buf = buf.split(b"\n")
+            lines += [ln.decode().strip() for ln in done]
+    finally:
+        sel.close()
+    return lines

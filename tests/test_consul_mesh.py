@@ -14,7 +14,7 @@ from mesh.kv_consul import ConsulKV
 from mesh.ownership import owner
 from mesh.topology import Topology
 
-from helpers import health, like, viewer, wait_until
+from helpers import health, like, read_lines_until, viewer, wait_until
 
 pytestmark = [pytest.mark.consul, pytest.mark.topology]
 
@@ -186,3 +186,27 @@ async def _node_names(kv, names):
         return {n.name for n in await kv.nodes() if n.healthy} >= names
     except Exception:  # noqa: BLE001
         return False
+
+
+def test_mesh_up_on_consul_starts_a_dev_agent(tmp_path, consul_binary_path):
+    import os
+    import signal
+    proc = subprocess.Popen([sys.executable, "bin/mesh-up", "--kv", "consul", "--base-port", "0",
+                             "--dispatchers", "1", "--frontends", "1", "--log-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "CONSUL_BIN": consul_binary_path})
+    try:
+        lines = read_lines_until(proc, "ready")
+        assert lines[0].startswith("consul agent http://127.0.0.1:")
+        addr = lines[0].split("//")[1]
+        nodes = json.loads(subprocess.run([sys.executable, "-m", "mesh.cli", "--kv", "consul", "--consul-addr",
+                                           addr, "nodes", "--json"], capture_output=True, text=True,
+                                          check=True).stdout)
+        assert sorted(n["role"] for n in nodes) == ["dispatcher", "frontend"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert subprocess.run(["pgrep", "-f", f"http-port={addr.split(':')[1]}"]).returncode == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -16,7 +16,7 @@ from mesh.kv import NodeInfo, ROLE_DISPATCHER
 from mesh.kv_embedded import EmbeddedKV
 from mesh.ownership import owner
 
-from helpers import comment, health, http, like, viewer, wait_until
+from helpers import comment, health, http, like, read_lines_until, viewer, wait_until
 
 pytestmark = pytest.mark.topology
 
@@ -281,23 +281,14 @@ async def test_meshctl_subs_and_nodes(mesh2, kv_path):
 
 def test_mesh_up_prints_nodes_then_ready_and_stops_everything(tmp_path):
     import os
-    import selectors
     import signal
     import time
     proc = subprocess.Popen([sys.executable, "bin/mesh-up", "--dispatchers", "2", "--frontends", "3",
                              "--base-port", "0", "--kv-path", str(tmp_path / "kv.db"),
                              "--log-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, start_new_session=True)
     try:
-        lines, sel = [], selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 60
-        while "ready" not in lines:
-            assert time.monotonic() < deadline, lines
-            if sel.select(deadline - time.monotonic()):
-                line = proc.stdout.readline()
-                assert line, f"mesh-up exited early: {lines}"
-                lines.append(line.strip())
+        lines = read_lines_until(proc, "ready")
         roles = [ln.split()[0] for ln in lines[:-1]]
         assert roles.count("dispatcher") == 2 and roles.count("frontend") == 3
         front = [ln.split()[2] for ln in lines if ln.startswith("frontend ")]
