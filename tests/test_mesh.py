@@ -210,6 +210,10 @@ async def test_malformed_zmq_frames_are_counted_and_dropped(mesh2, kv_path):
         reply = P.Control.from_frames(await asyncio.wait_for(dealer.recv_multipart(), 5))
         assert reply.msg_type == P.MSG_ERROR and reply.request_id == b"r1"
         await wait_until(lambda: _stat(d1.url, "malformed", 4), what="4 malformed counted")
+        log = open(d1.log_path).read()
+        assert "dropped malformed control message" in log and "expected 4" in log
+        assert "unsupported protocol version" in log and "undecodable msgpack" in log
+        assert "rejected publish" in log
         # a rogue "dispatcher" whose XPUB sends garbage to subscribers: the frontend drops it
         rogue = ctx.socket(zmq.XPUB)
         rogue.setsockopt(zmq.LINGER, 0)
@@ -227,17 +231,15 @@ async def test_malformed_zmq_frames_are_counted_and_dropped(mesh2, kv_path):
                                                                                   "events": [{"bad": 1}]})]):
             await rogue.send_multipart(frames)
         await wait_until(lambda: _stat(fb.url, "malformed", 3), what="frontend counted 3 malformed")
+        assert open(fb.log_path).read().count("dropped malformed fan-out message") >= 3
         await kv.deregister()
         await wait_until(lambda: _has_dispatcher(fb.url, "zz-rogue", present=False), what="rogue gone")
         if v is not None:
             sent = await like(fa.url, "victim")
             assert json.loads((await v.events(1))[0].data)["id"] == sent["id"]
-        rogue.close()
-        rogue_router.close()
-        dealer.close()
     finally:
         await kv.close()
-        ctx.term()
+        ctx.destroy(linger=0)  # closes every socket of the test, even after a failure
 
 
 async def _stat(url, key, n):
