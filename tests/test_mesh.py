@@ -183,8 +183,11 @@ async def test_bad_input_gets_json_errors_and_the_node_keeps_serving(mesh2):
     sent = await like(fa.url, "ok")
     assert json.loads((await v.events(1))[0].data)["id"] == sent["id"]
     # a body larger than Tornado reads at all: refused, the node still serves
-    status, _ = await http("POST", fa.url + "/v1/videos/ok/likes", raw=b"x" * (2 * 1024 * 1024))
-    assert status in (400, 413)
+    try:
+        status, _ = await http("POST", fa.url + "/v1/videos/ok/likes", raw=b"x" * (2 * 1024 * 1024))
+    except OSError:  # the server may close before the client finished sending: fine
+        status = "closed"
+    assert status in (400, 413, "closed")
     assert (await health(fa.url))["status"] == "ok"
 
 
