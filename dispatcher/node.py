@@ -1,4 +1,22 @@
-"""The dispatcher process: thin I/O around ``mesh.sequencing.Sequencer``."""
+"""The dispatcher process: thin I/O around ``mesh.sequencing.Sequencer``.
+
+Publish path, per video (one ``asyncio.Lock`` each, so a video's events keep their order while
+different videos proceed concurrently):
+
+1. A publish for a video another live dispatcher owns (views of the dispatcher set differ
+   for a moment after a change) is forwarded to that owner, once (``fwd``).
+2. A video this dispatcher has no chain for yet starts with a tail fetch from the dispatcher
+   that owned it before (the next in rendezvous order): the chain continues across owners.
+3. New events are sequenced, replicated to the backup (the next dispatcher in rendezvous
+   order) and only then published on XPUB and acknowledged: an acknowledged event is held by
+   two dispatchers.  A backup that misses the replication deadline is skipped (and counted)
+   for ``SUSPECT_FOR`` seconds: availability first, the window documented in the README.
+4. A retried event already known from a replica (its owner died after replicating it) is
+   published again; frontends drop what they already delivered by event id.
+
+On SIGTERM the dispatcher leaves the registry first, then keeps serving ``drain_seconds``:
+publishes that still reach it are forwarded to the new owners, history requests answered.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +32,21 @@ from mesh import protocol as P
 from mesh.config import Config
 from mesh.errors import RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_DISPATCHER
+from mesh.metrics import MetricsHandler, dispatcher_registry
 from mesh.node import announce_ready, make_kv, settle_gc, stop_on_signals
+from mesh.ownership import owner, rank
+from mesh.peers import DispatcherPeers, PeerGone
 from mesh.sequencing import Sequencer
 from mesh.sockets import bind, make_socket
 
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
 
-#: most messages handled per batch before fan-out and acks go out
+#: most messages taken from the ROUTER before their publishes are grouped per video
 DRAIN_MAX = 1000
+REPLICATE_TIMEOUT = 0.25
+FORWARD_TIMEOUT = 0.5
+TAIL_TIMEOUT = 0.3
 
 
 class Dispatcher:
@@ -37,9 +61,17 @@ class Dispatcher:
         self.stats = defaultdict(int)
         self.router: zmq.asyncio.Socket | None = None
         self.xpub: zmq.asyncio.Socket | None = None
+        self.peers: DispatcherPeers | None = None
         self.http_server = None
         self.endpoints: dict[str, str] = {}
+        self.leaving = False
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: list[asyncio.Task] = []
+        self._inflight: set[asyncio.Task] = set()
+
+    def http_routes(self) -> list:
+        return [(r"/healthz", HealthHandler, {"node": self}),
+                (r"/metrics", MetricsHandler, {"registry": dispatcher_registry(self)})]
 
     async def start(self) -> None:
         d = self.cfg.dispatcher
@@ -51,7 +83,7 @@ class Dispatcher:
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         router_ep = bind(self.router, d.host, d.router_port)
         pub_ep = bind(self.xpub, d.host, d.pub_port)
-        app = tornado.web.Application([(r"/healthz", HealthHandler, {"node": self})])
+        app = tornado.web.Application(self.http_routes())
         self.http_server = app.listen(d.http_port, address=d.host, xheaders=False)
         http_port = next(iter(self.http_server._sockets.values())).getsockname()[1]
         if not self.name:
@@ -60,18 +92,33 @@ class Dispatcher:
         self._tasks = [asyncio.create_task(self._serve_router()),
                        asyncio.create_task(self._serve_subscriptions())]
         await self.kv.open()
+        self.peers = DispatcherPeers(self.ctx, self.kv, me=self.name)
+        await self.peers.start()
         await self.kv.register(NodeInfo(self.name, ROLE_DISPATCHER, self.cfg.node.dc,
                                         http=self.endpoints["http"], router=router_ep, pub=pub_ep))
         log.info("dispatcher %s serving: router %s, pub %s, http %s, epoch %d",
                  self.name, router_ep, pub_ep, self.endpoints["http"], self.seq.epoch)
 
+    async def leave(self) -> None:
+        """Graceful exit, step one: leave the registry so the others take the videos over,
+        then keep serving (forwarding, history) for ``drain_seconds``."""
+        self.leaving = True
+        try:
+            await self.kv.deregister()
+        except Exception as exc:  # noqa: BLE001 - shutting down: report, keep going
+            log.warning("deregister failed: %s", exc)
+        await asyncio.sleep(self.cfg.dispatcher.drain_seconds)
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        try:
-            await self.kv.deregister()
-        except Exception as exc:  # noqa: BLE001 - shutting down: report, keep closing
-            log.warning("deregister failed: %s", exc)
+        if self.peers:
+            await self.peers.stop()
+        if not self.leaving:
+            try:
+                await self.kv.deregister()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("deregister failed: %s", exc)
         await self.kv.close()
         if self.http_server:
             self.http_server.stop()
@@ -79,7 +126,17 @@ class Dispatcher:
             if sock is not None:
                 sock.close(linger=0)
 
-    # --- publish path ---------------------------------------------------------------------
+    def live(self) -> list[str]:
+        """The dispatcher set ownership is computed over (without us once we are leaving)."""
+        names = self.peers.names if self.peers else []
+        return names if self.leaving else [*names, self.name]
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    # --- the ROUTER -------------------------------------------------------------------------
 
     async def _serve_router(self) -> None:
         router = self.router
@@ -88,13 +145,13 @@ class Dispatcher:
             while len(batch) < DRAIN_MAX and router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 batch.append(await router.recv_multipart(copy=True))
             try:
-                await self._handle_batch(batch)
+                self._handle_batch(batch)
             except Exception:  # noqa: BLE001 - a bug must not kill the serving loop
-                log.exception("publish batch failed")
+                log.exception("request batch failed")
 
-    async def _handle_batch(self, batch: list[list[bytes]]) -> None:
-        fanout: dict[str, list[dict]] = {}
-        replies: list[list[bytes]] = []
+    def _handle_batch(self, batch: list[list[bytes]]) -> None:
+        groups: dict[tuple[str, bool], list[tuple[dict, asyncio.Future]]] = {}
+        loop = asyncio.get_running_loop()
         for frames in batch:
             peer = frames[0]
             try:
@@ -104,39 +161,161 @@ class Dispatcher:
                 wire_log.warning("dropped malformed control message from %r: %s", peer[:16], exc)
                 continue
             if msg.msg_type == P.MSG_PING:
-                replies.append([peer, *P.Control(P.MSG_PONG, msg.request_id, {"name": self.name}).to_frames()])
-                continue
-            if msg.msg_type != P.MSG_PUBLISH:
-                self.stats["malformed"] += 1
-                wire_log.warning("unexpected %r from %r", msg.msg_type, peer[:16])
-                replies.append([peer, *P.Control(P.MSG_ERROR, msg.request_id,
-                                                 P.error_body("unexpected_type", "not a request")).to_frames()])
-                continue
+                self._reply(peer, P.Control(P.MSG_PONG, msg.request_id, {"name": self.name}))
+            elif msg.msg_type == P.MSG_HISTORY:
+                self._spawn(self._handle_history(peer, msg))
+            elif msg.msg_type == P.MSG_REPLICATE:
+                self._handle_replicate(peer, msg)
+            elif msg.msg_type == P.MSG_PUBLISH:
+                try:
+                    events = P.publish_events(msg)
+                except RemoteProtocolError as exc:
+                    self._reject(peer, msg, "malformed", exc)
+                    continue
+                fwd = bool(msg.body.get("fwd"))
+                futures = []
+                for event in events:
+                    fut = loop.create_future()
+                    futures.append(fut)
+                    groups.setdefault((event["video"], fwd), []).append((event, fut))
+                self._spawn(self._ack_when_done(peer, msg.request_id, futures))
+            else:
+                self._reject(peer, msg, "unexpected_type", RemoteProtocolError(f"{msg.msg_type!r} is not a request"))
+        for (video, fwd), items in groups.items():
+            self._spawn(self._publish_video(video, items, fwd))
+
+    def _reject(self, peer: bytes, msg: P.Control, code: str, exc: Exception) -> None:
+        self.stats["malformed"] += 1
+        wire_log.warning("rejected %s from %r: %s", msg.msg_type.decode(errors="replace"), peer[:16], exc)
+        self._reply(peer, P.Control(P.MSG_ERROR, msg.request_id, P.error_body(code, str(exc))))
+
+    def _reply(self, peer: bytes, msg: P.Control) -> None:
+        try:
+            self.router.send_multipart([peer, *msg.to_frames()], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the requester went away
+            self.stats["unroutable"] += 1
+            wire_log.info("reply to %r not routable: %s", peer[:16], exc)
+
+    async def _ack_when_done(self, peer: bytes, request_id: bytes, futures: list[asyncio.Future]) -> None:
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        out = []
+        for r in results:
+            if isinstance(r, BaseException):
+                log.error("publish failed: %r", r)
+                out.append({"id": "?", "error": {"code": "internal", "message": str(r)}})
+            else:
+                out.append(r)
+        self._reply(peer, P.Control(P.MSG_ACK, request_id, P.ack_body(out)))
+
+    # --- publish ----------------------------------------------------------------------------
+
+    async def _publish_video(self, video: str, items: list[tuple[dict, asyncio.Future]], fwd: bool) -> None:
+        try:
+            async with self._locks[video]:
+                own = owner(video, self.live())
+                if own is not None and own != self.name and not fwd and await self._forward(own, video, items):
+                    return
+                await self._ensure_chain(video)
+                new, again, results = [], [], []
+                for event, _ in items:
+                    stored, is_new = self.seq.accept(event)
+                    if is_new:
+                        new.append(stored)
+                    elif self.seq.is_replica(stored) and stored not in again:
+                        again.append(stored)  # its owner may have died before publishing it
+                    results.append({"id": stored["id"], "epoch": stored["epoch"], "seq": stored["seq"]})
+                if new:
+                    await self._replicate(video, new)
+                if again or new:
+                    await self.xpub.send_multipart(P.Fanout(video, P.FANOUT_EVENTS, self.name,
+                                                            again + new).to_frames())
+                    self.stats["events_in"] += len(new)
+                    self.stats["republished"] += len(again)
+                    self.stats["fanout_msgs"] += 1
+                for (_, fut), result in zip(items, results):
+                    if not fut.done():
+                        fut.set_result(result)
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets an answer
+            log.exception("publishing to %s failed", video)
+            for _, fut in items:
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    async def _forward(self, target: str, video: str, items) -> bool:
+        try:
+            reply = await self.peers.request(target, P.MSG_PUBLISH,
+                                             {"events": [e for e, _ in items], "fwd": True}, FORWARD_TIMEOUT)
+            results = {r["id"]: r for r in P.ack_results(reply)} if reply.msg_type == P.MSG_ACK else {}
+        except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
+            log.warning("forwarding %s to its owner %s failed (%s); sequencing it here", video, target, exc)
+            return False
+        if not all(e["id"] in results and "error" not in results[e["id"]] for e, _ in items):
+            return False
+        self.stats["forwarded"] += len(items)
+        for event, fut in items:
+            if not fut.done():
+                fut.set_result(results[event["id"]])
+        return True
+
+    async def _ensure_chain(self, video: str) -> None:
+        """Before sequencing a video for the first time, fetch its chain from the dispatcher
+        that held it before us, so the chain (and history) continues across owners."""
+        if self.seq.has_log(video):
+            return
+        others = [d for d in rank(video, self.live()) if d != self.name]
+        chain: list[dict] = []
+        if others:
             try:
-                events = P.publish_events(msg)
-            except RemoteProtocolError as exc:
-                self.stats["malformed"] += 1
-                wire_log.warning("rejected publish from %r: %s", peer[:16], exc)
-                replies.append([peer, *P.Control(P.MSG_ERROR, msg.request_id,
-                                                 P.error_body("malformed", str(exc))).to_frames()])
-                continue
-            results = []
-            for event in events:
-                event, is_new = self.seq.accept(event)
-                if is_new:
-                    fanout.setdefault(event["video"], []).append(event)
-                    self.stats["events_in"] += 1
-                results.append({"id": event["id"], "epoch": event["epoch"], "seq": event["seq"]})
-            replies.append([peer, *P.Control(P.MSG_ACK, msg.request_id, P.ack_body(results)).to_frames()])
-        for video, events in fanout.items():
-            await self.xpub.send_multipart(P.Fanout(video, P.FANOUT_EVENTS, self.name, events).to_frames())
-            self.stats["fanout_msgs"] += 1
-        for reply in replies:
-            try:
-                await self.router.send_multipart(reply)
-            except zmq.ZMQError as exc:  # EHOSTUNREACH: the requester went away
-                self.stats["unroutable"] += 1
-                wire_log.info("reply to %r not routable: %s", reply[0][:16], exc)
+                reply = await self.peers.request(others[0], P.MSG_HISTORY,
+                                                 {**P.history_body(video, None), "peer": True}, TAIL_TIMEOUT)
+                chain = P.history_reply(reply) or []
+                self.stats["chains_taken_over"] += bool(chain)
+            except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
+                self.stats["chain_fetch_failures"] += 1
+                log.warning("could not fetch the chain of %s from %s (%s); starting a new one",
+                            video, others[0], exc)
+        self.seq.store(chain)
+        self.seq._log(video)
+
+    async def _replicate(self, video: str, events: list[dict]) -> None:
+        backups = [d for d in rank(video, self.live()) if d != self.name]
+        if not backups:
+            return
+        backup = backups[0]
+        if self.peers.is_suspect(backup):
+            self.stats["replication_skipped"] += len(events)
+            return
+        try:
+            await self.peers.request(backup, P.MSG_REPLICATE, {"events": events}, REPLICATE_TIMEOUT)
+            self.stats["replicated"] += len(events)
+        except (asyncio.TimeoutError, PeerGone) as exc:
+            self.stats["replication_failures"] += len(events)
+            log.warning("replicating %d events of %s to %s failed (%s)", len(events), video, backup, exc)
+
+    def _handle_replicate(self, peer: bytes, msg: P.Control) -> None:
+        try:
+            events = P.publish_events(msg)
+        except RemoteProtocolError as exc:
+            self._reject(peer, msg, "malformed", exc)
+            return
+        stored = self.seq.store(events)
+        self.stats["replicas_stored"] += stored
+        self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, {"stored": stored}))
+
+    async def _handle_history(self, peer: bytes, msg: P.Control) -> None:
+        try:
+            video, after = P.history_request(msg)
+        except RemoteProtocolError as exc:
+            self._reject(peer, msg, "malformed", exc)
+            return
+        if not msg.body.get("peer") and owner(video, self.live()) == self.name:
+            async with self._locks[video]:
+                await self._ensure_chain(video)
+        chain = self.seq.after(video, after)
+        self.stats["history_requests"] += 1
+        body = {"reset": True, "tail": list(self.seq.tail(video) or ()) or None} if chain is None \
+            else {"events": chain}
+        self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, body))
 
     # --- subscriptions ----------------------------------------------------------------------
 
@@ -160,9 +339,12 @@ class HealthHandler(tornado.web.RequestHandler):
         self.node = node
 
     def get(self) -> None:
-        self.write({"status": "ok", "role": ROLE_DISPATCHER, "name": self.node.name,
-                    "epoch": self.node.seq.epoch, "videos": len(self.node.seq.videos),
-                    "stats": dict(self.node.stats), **self.node.endpoints})
+        node = self.node
+        self.write({"status": "leaving" if node.leaving else "ok", "role": ROLE_DISPATCHER,
+                    "name": node.name, "epoch": node.seq.epoch, "videos": len(node.seq.videos),
+                    "dispatchers": node.live(),
+                    "stats": {**node.stats, **(node.peers.stats if node.peers else {})},
+                    **node.endpoints})
 
 
 async def run(cfg: Config) -> None:
@@ -175,10 +357,12 @@ async def run(cfg: Config) -> None:
         settle_gc()
         announce_ready(role=ROLE_DISPATCHER, name=node.name, **node.endpoints)
         await stop.wait()
-        log.info("dispatcher %s stopping", node.name)
+        log.info("dispatcher %s leaving (drain %.1fs)", node.name, cfg.dispatcher.drain_seconds)
+        await node.leave()
     finally:
         await node.stop()
-        ctx.term()
+        ctx.destroy(linger=0)
+        log.info("dispatcher %s stopped", node.name)
 
 
 def main(cfg: Config) -> None:

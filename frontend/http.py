@@ -6,6 +6,7 @@ Routes:
 * ``POST /v1/videos/{video}/likes``     optional JSON body ``{"user": str}``
 * ``POST /v1/videos/{video}/comments``  JSON body ``{"user": str, "text": str}``
 * ``GET  /healthz``
+* ``GET  /``, ``/static/{file}``, ``/metrics``: the page and metrics (``frontend/page.py``)
 
 Every error is JSON: ``{"error": {"code": str, "message": str, "retryable": bool}}``.
 """
@@ -24,7 +25,9 @@ from tornado.iostream import StreamClosedError
 
 from mesh import protocol as P
 from mesh.errors import ClientError
-from mesh.sse import encode_retry
+from mesh.sse import encode_event, encode_reset, encode_retry
+
+from .page import page_routes
 
 if TYPE_CHECKING:
     from .node import Frontend
@@ -89,18 +92,29 @@ class HealthHandler(JSONHandler):
 
 
 class EventsHandler(JSONHandler):
-    """One viewer's SSE stream."""
+    """One viewer's SSE stream.
+
+    A viewer that reconnects with ``Last-Event-ID`` (header, or ``?lastEventId=`` for clients
+    that cannot set headers) first gets the events it missed from the owner's history; live
+    events arriving meanwhile wait in ``_held`` and are passed on after the history, without
+    the ones history already gave.  When history cannot say, the viewer gets ``reset``.
+    """
 
     conn_id = None
     is_open = False
     closed = False
+    catching_up = False
 
     async def get(self, video: str) -> None:
         check_video(video)
         node = self.node
+        last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", None)
+        after = P.parse_sse_id(last_id) if last_id else None
         self.video = video
         self.conn_id = next(_conn_ids)
         self.stream = self.request.connection.stream
+        self.catching_up = bool(last_id)
+        self._held: list[tuple[bytes, list | None]] = []
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
@@ -113,13 +127,43 @@ class EventsHandler(JSONHandler):
         if not synced:
             log.warning("viewer %s of %s opened before the owner confirmed the subscription",
                         self.conn_id, video)
+        if self.catching_up:
+            chain = None
+            if after is not None:
+                chain = await node.link.history(video, after, node.cfg.frontend.gap_timeout)
+            if self.closed:
+                return
+            self._catch_up(chain)
         self.is_open = True
         self._flush()
         await self.done
 
-    def send(self, data: bytes) -> None:
+    def _catch_up(self, chain: list[dict] | None) -> None:
+        node = self.node
+        if chain is None:
+            node.stats["resets_sent"] += 1
+            self.write(encode_reset(self.video, "history"))
+            given: set[str] = set()
+        else:
+            node.stats["events_recovered"] += len(chain)
+            self.write(b"".join(encode_event(e) for e in chain))
+            given = {e["id"] for e in chain}
+        held, self._held = self._held, []
+        self.catching_up = False
+        for data, events in held:
+            if events is None or not given:
+                self.write(data)
+            else:
+                fresh = [e for e in events if e["id"] not in given]
+                if fresh:
+                    self.write(b"".join(encode_event(e) for e in fresh))
+
+    def send(self, data: bytes, events: list | None = None) -> None:
         """Queue ``data`` for this viewer (before open, it waits in the handler's buffer)."""
         if self.closed:
+            return
+        if self.catching_up:
+            self._held.append((data, events))
             return
         self.write(data)
         if not self.is_open:
@@ -133,6 +177,11 @@ class EventsHandler(JSONHandler):
             self.on_connection_close()
             return
         self._flush()
+
+    def end_stream(self) -> None:
+        """Finish the response (graceful shutdown): the browser reconnects after ``retry``."""
+        if not self.closed and self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
     def _flush(self) -> None:
         fut = self.flush()
@@ -223,5 +272,6 @@ def routes(node: "Frontend") -> list:
         (video + r"/likes", PublishHandler, {"node": node, "kind": P.KIND_LIKE}),
         (video + r"/comments", PublishHandler, {"node": node, "kind": P.KIND_COMMENT}),
         (r"/healthz", HealthHandler, {"node": node}),
+        *page_routes(node),  # the page at /, its static files, /metrics
     ]
 

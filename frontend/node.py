@@ -58,14 +58,33 @@ class Frontend:
         self.url = f"http://{f.host}:{port}"
         if not self.name:
             self.name = f"frontend-{port}"
-        self.link = MeshLink(self.ctx, self.kv, self.name, self.fanout.deliver,
-                             attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout)
+        self.link = MeshLink(self.ctx, self.kv, self.name, self.fanout.deliver, self.fanout.reset,
+                             attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout,
+                             gap_timeout=f.gap_timeout)
         await self.kv.open()
         await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
         await self.link.start()
         self._tasks = [asyncio.create_task(self._sync_counts()),
                        asyncio.create_task(self._heartbeats())]
         log.info("frontend %s serving on %s", self.name, self.url)
+
+    async def close_streams(self, timeout: float = 2.0) -> None:
+        """Graceful shutdown, first step: stop accepting, leave the registry (so no new viewer
+        or count points here), then end every SSE response so browsers reconnect elsewhere
+        after ``retry``."""
+        if self.server:
+            self.server.stop()
+        try:
+            await self.kv.deregister()
+        except Exception as exc:  # noqa: BLE001 - shutting down: report, keep closing
+            log.warning("deregister failed: %s", exc)
+        viewers = [v for conns in self.table.by_video.values() for v in conns.values()]
+        for viewer in viewers:
+            viewer.end_stream()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.table) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        log.info("closed %d streams", len(viewers))
 
     async def stop(self) -> None:
         if self.server:
@@ -164,6 +183,7 @@ async def run(cfg: Config) -> None:
         announce_ready(role=ROLE_FRONTEND, name=node.name, http=node.url)
         await stop.wait()
         log.info("frontend %s stopping", node.name)
+        await node.close_streams()
     finally:
         await node.stop()
         ctx.term()

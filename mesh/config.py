@@ -56,6 +56,8 @@ class FrontendSection:
     attempt_timeout: float = _spec(1.0, lo=0.01, hi=60.0, doc="one publish attempt before retrying")
     sync_timeout: float = _spec(2.0, lo=0.01, hi=60.0,
                                 doc="max wait for a new subscription to reach the owner")
+    gap_timeout: float = _spec(1.0, lo=0.01, hi=60.0,
+                               doc="max wait for history to fill a gap or catch a viewer up")
     max_body_bytes: int = _spec(16384, lo=64, hi=1048576, doc="largest publish body")
     max_comment_chars: int = _spec(2000, lo=1, hi=100000, doc="longest comment text")
     count_flush_interval: float = _spec(1.0, lo=0.0, hi=3600.0,
@@ -75,6 +77,8 @@ class DispatcherSection:
     history_age: float = _spec(300.0, lo=0.0, hi=86400.0, doc="seconds an event stays in history")
     dedupe_size: int = _spec(100000, lo=0, hi=10000000, doc="recent event ids kept for idempotency")
     pub_hwm: int = _spec(100000, lo=0, hi=10000000, doc="XPUB send high-water mark per peer")
+    drain_seconds: float = _spec(2.0, lo=0.0, hi=600.0,
+                                 doc="on SIGTERM: seconds to keep forwarding after leaving the registry")
 
 
 @dataclass

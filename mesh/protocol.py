@@ -7,8 +7,9 @@ Control, DEALER (frontend) -> ROUTER (dispatcher) and back, four frames::
     [MAGIC_V1, msg_type, request_id, body]
 
     MAGIC_V1    b"LM\\x01": magic and protocol version (an unknown version is rejected)
-    msg_type    b"PUB" publish request, b"ACK" its reply, b"ERR" a rejected request,
-                b"PING"/b"PONG" liveness probe
+    msg_type    b"PUB" publish request, b"ACK" the reply to any request, b"ERR" a rejected
+                request, b"HIST" history of a video after a position, b"REPL" events
+                replicated from a video's owner to its backup, b"PING"/b"PONG" liveness
     request_id  opaque bytes (1..32), chosen by the requester, echoed in the reply
     body        msgpack map (see the ``*_body`` helpers below)
 
@@ -29,9 +30,10 @@ An event is a msgpack map::
 
     {"id": str, "video": str, "kind": "like"|"comment", "user": str|None,
      "text": str|None, "ts": float (ms since the Unix epoch, stamped by the accepting
-     frontend), "epoch": int, "seq": int}
+     frontend), "epoch": int, "seq": int, "prev": [epoch, seq] | None}
 
-``epoch``/``seq`` are assigned by the video's owner dispatcher (0 before that).
+``epoch``/``seq``/``prev`` are assigned by the video's owner dispatcher (0/0/None before);
+``prev`` is the position of the previous event of the video's chain (mesh.sequencing).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ MSG_ACK = b"ACK"
 MSG_ERROR = b"ERR"
 MSG_PING = b"PING"
 MSG_PONG = b"PONG"
-CONTROL_TYPES = frozenset({MSG_PUBLISH, MSG_ACK, MSG_ERROR, MSG_PING, MSG_PONG})
+MSG_HISTORY = b"HIST"
+MSG_REPLICATE = b"REPL"
+CONTROL_TYPES = frozenset({MSG_PUBLISH, MSG_ACK, MSG_ERROR, MSG_PING, MSG_PONG, MSG_HISTORY,
+                           MSG_REPLICATE})
 
 FANOUT_EVENTS = "E"
 FANOUT_SYNC = "S"
@@ -128,7 +133,23 @@ def make_event(video: str, kind: str, user: str | None, text: str | None,
         "ts": time.time() * 1000.0 if ts is None else ts,
         "epoch": 0,
         "seq": 0,
+        "prev": None,
     }
+
+
+def valid_position(pos: Any, allow_none: bool = False) -> bool:
+    if pos is None:
+        return allow_none
+    return (isinstance(pos, (list, tuple)) and len(pos) == 2
+            and all(type(x) is int and x >= 0 for x in pos))
+
+
+def parse_sse_id(text: str) -> tuple[int, int] | None:
+    """``"epoch:seq"`` -> (epoch, seq); None when malformed."""
+    epoch, sep, seq = text.strip().partition(":")
+    if not sep or not epoch.isdigit() or not seq.isdigit() or len(text) > 40:
+        return None
+    return int(epoch), int(seq)
 
 
 def check_event(obj: Any) -> dict:
@@ -144,6 +165,7 @@ def check_event(obj: Any) -> dict:
             and (obj["text"] is None or isinstance(obj["text"], str))
             and isinstance(obj["ts"], (int, float)) and not isinstance(obj["ts"], bool)
             and type(obj["epoch"]) is int and type(obj["seq"]) is int
+            and valid_position(obj.get("prev"), allow_none=True)
         )
     except (KeyError, TypeError):
         ok = False
@@ -211,6 +233,29 @@ def ack_results(msg: Control) -> list[dict]:
                                                 for r in results):
         raise RemoteProtocolError("ack body needs a 'results' list of maps with an id")
     return results
+
+
+def history_body(video: str, after: tuple[int, int] | None) -> dict:
+    return {"video": video, "after": list(after) if after else None}
+
+
+def history_request(msg: Control) -> tuple[str, tuple[int, int] | None]:
+    video, after = msg.body.get("video"), msg.body.get("after")
+    if not valid_video_id(video) or not valid_position(after, allow_none=True):
+        raise RemoteProtocolError("history request needs a video and an 'after' position or nil")
+    return video, tuple(after) if after else None
+
+
+def history_reply(msg: Control) -> list[dict] | None:
+    """The events of a history reply, or None when the owner answered ``reset``."""
+    if msg.msg_type != MSG_ACK:
+        raise RemoteProtocolError(f"history reply of type {msg.msg_type!r}")
+    if msg.body.get("reset"):
+        return None
+    events = msg.body.get("events")
+    if not isinstance(events, list):
+        raise RemoteProtocolError("history reply without events")
+    return [check_event(e) for e in events]
 
 
 def error_body(code: str, message: str) -> dict:

@@ -1,12 +1,21 @@
-"""Per-video sequencing, history and publish idempotency: the dispatcher's sans-IO core.
+"""Per-video event chains, history, replicas and publish idempotency: the dispatcher's
+sans-IO core.
 
-The owner dispatcher of a video gives each accepted event ``epoch`` (this dispatcher
-incarnation's id: its start time in ms, so a restarted or new owner always has a larger one)
-and ``seq`` (1, 2, 3, ... per video within an epoch).  ``(epoch, seq)`` is the SSE id, so a
-viewer's position in a video is totally ordered.  History keeps the last ``history_size``
-events per video no older than ``history_age`` seconds, for Last-Event-ID recovery and gap
-repair.  Retries of a publish carry the same event id: a bounded LRU of recent ids returns
-the original (epoch, seq) instead of sequencing it twice.
+Theory of operation.  A video's events form one chain: the owner dispatcher gives each
+accepted event ``epoch`` (this dispatcher incarnation's id: its start time in ms),
+``seq`` (1, 2, 3, ... per video within the epoch) and ``prev`` (the ``[epoch, seq]`` of the
+event before it in the video, or None at the start of a chain).  ``epoch:seq`` is the SSE id.
+``prev`` lets a receiver check continuity across owners: when an owner dies, its backup
+(the next dispatcher in rendezvous order, which received every event before it was
+acknowledged) becomes the owner and continues the chain from the last replicated event
+under its own epoch; when a dispatcher joins and takes videos over, it first fetches the
+chain's tail from the previous owner.  A receiver that holds the event ``prev`` names has
+missed nothing; otherwise it asks the owner for the events after its last one
+(:meth:`Sequencer.after`), or tells its viewers to ``reset`` when history no longer reaches.
+
+History keeps the last ``history_size`` events per video, none older than ``history_age``
+seconds; replicas live in the same logs.  Retries of a publish carry the same event id: a
+bounded LRU of recent ids returns the original placement instead of sequencing it twice.
 """
 
 from __future__ import annotations
@@ -15,11 +24,18 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+Position = tuple[int, int]  # (epoch, seq)
+
+
+def position(event: dict) -> Position:
+    return event["epoch"], event["seq"]
+
 
 @dataclass
 class VideoLog:
-    seq: int = 0
-    history: deque = field(default_factory=deque)
+    seq: int = 0                   # last seq this dispatcher assigned in its own epoch
+    tail: Position | None = None   # last event of the chain known here (own or replicated)
+    history: deque = field(default_factory=deque)  # (monotonic time, event), chain order
 
 
 class Sequencer:
@@ -30,46 +46,64 @@ class Sequencer:
         self.history_age = history_age
         self.dedupe_size = dedupe_size
         self.videos: dict[str, VideoLog] = {}
-        self._recent: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._recent: OrderedDict[str, dict] = OrderedDict()
         self.duplicates = 0
 
+    def has_log(self, video: str) -> bool:
+        return video in self.videos
+
     def accept(self, event: dict, now: float | None = None) -> tuple[dict, bool]:
-        """Sequence ``event`` (mutated in place).  Returns ``(event, is_new)``; a retry of an
-        event seen before returns it with its original epoch/seq and ``is_new=False``."""
+        """Place ``event`` (mutated: epoch, seq, prev) at the end of its video's chain.
+        Returns ``(event, is_new)``; a retry of a known event id returns the stored event with
+        its original placement and ``is_new=False``."""
         seen = self._recent.get(event["id"])
         if seen is not None:
             self.duplicates += 1
-            event["epoch"], event["seq"] = seen
-            return event, False
-        log = self.videos.get(event["video"])
-        if log is None:
-            log = self.videos[event["video"]] = VideoLog()
+            return seen, False
+        log = self._log(event["video"])
         log.seq += 1
-        event["epoch"], event["seq"] = self.epoch, log.seq
-        if self.dedupe_size:
-            self._recent[event["id"]] = (self.epoch, log.seq)
-            if len(self._recent) > self.dedupe_size:
-                self._recent.popitem(last=False)
-        if self.history_size:
-            log.history.append((time.monotonic() if now is None else now, event))
-            if len(log.history) > self.history_size:
-                log.history.popleft()
+        event["epoch"], event["seq"], event["prev"] = self.epoch, log.seq, (
+            list(log.tail) if log.tail else None)
+        self._append(log, event, now)
         return event, True
 
-    def since(self, video: str, epoch: int, seq: int, now: float | None = None) -> list[dict] | None:
-        """Events of ``video`` after ``epoch:seq``, or None when they cannot all be given
-        (another epoch, or the history no longer reaches back that far)."""
+    def store(self, events: list[dict], now: float | None = None) -> int:
+        """Store events sequenced elsewhere (a replica from the owner, or a chain tail handed
+        over by the previous owner), skipping known ones.  Returns how many were new."""
+        added = 0
+        for event in events:
+            if event["id"] in self._recent:
+                continue
+            log = self._log(event["video"])
+            self._append(log, event, now)
+            added += 1
+        return added
+
+    def is_replica(self, event: dict) -> bool:
+        return event["epoch"] != self.epoch
+
+    def after(self, video: str, pos: Position | None, now: float | None = None) -> list[dict] | None:
+        """The chain of ``video`` after the event at ``pos`` (``None``: the whole history), or
+        None when history cannot say (``pos`` unknown here or already forgotten)."""
         log = self.videos.get(video)
-        if epoch != self.epoch:
-            return None
         if log is None:
-            return [] if seq == 0 else None
+            return None if pos is not None else []
         self.prune(video, now)
-        if seq >= log.seq:
+        if pos is None:
+            return [e for _, e in log.history]
+        if log.tail == pos:
             return []
-        if not log.history or log.history[0][1]["seq"] > seq + 1:
-            return None
-        return [e for _, e in log.history if e["seq"] > seq]
+        events = [e for _, e in log.history]
+        if events and events[0].get("prev") is not None and tuple(events[0]["prev"]) == pos:
+            return events  # pos itself was pruned, but its successor is the oldest we keep
+        for i, e in enumerate(events):
+            if position(e) == pos:
+                return events[i + 1:]
+        return None
+
+    def tail(self, video: str) -> Position | None:
+        log = self.videos.get(video)
+        return log.tail if log else None
 
     def prune(self, video: str, now: float | None = None) -> None:
         log = self.videos.get(video)
@@ -78,3 +112,20 @@ class Sequencer:
         cutoff = (time.monotonic() if now is None else now) - self.history_age
         while log.history and log.history[0][0] < cutoff:
             log.history.popleft()
+
+    def _log(self, video: str) -> VideoLog:
+        log = self.videos.get(video)
+        if log is None:
+            log = self.videos[video] = VideoLog()
+        return log
+
+    def _append(self, log: VideoLog, event: dict, now: float | None) -> None:
+        log.tail = position(event)
+        if self.dedupe_size:
+            self._recent[event["id"]] = event
+            if len(self._recent) > self.dedupe_size:
+                self._recent.popitem(last=False)
+        if self.history_size:
+            log.history.append((time.monotonic() if now is None else now, event))
+            if len(log.history) > self.history_size:
+                log.history.popleft()

@@ -29,6 +29,13 @@ def encode_event(event: dict) -> bytes:
     return f"id: {sse_id(event)}\nevent: {event['kind']}\ndata: {data}\n\n".encode("utf-8")
 
 
+def encode_reset(video: str, reason: str) -> bytes:
+    """``event: reset`` without an id (the browser keeps its Last-Event-ID): the client may
+    have missed events and should resynchronise whatever it derives from them."""
+    data = json.dumps({"video": video, "reason": reason}, separators=(",", ":"))
+    return f"event: reset\ndata: {data}\n\n".encode("utf-8")
+
+
 def encode_comment(text: str = "") -> bytes:
     return f": {text}\n\n".encode("utf-8")
 

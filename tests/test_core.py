@@ -131,28 +131,86 @@ def test_rendezvous_moves_only_the_leaving_dispatchers_videos():
 
 # --- sequencing -----------------------------------------------------------------------------
 
-def test_sequencer_orders_dedupes_and_remembers():
+def _ev(video="v"):
+    return P.make_event(video, "like", None, None)
+
+
+def test_sequencer_chains_dedupes_and_remembers():
     seq = Sequencer(epoch=7, history_size=3)
-    evs = [P.make_event("v", "like", None, None) for _ in range(5)]
+    evs = [_ev() for _ in range(5)]
+    prev = None
     for i, ev in enumerate(evs, 1):
         out, new = seq.accept(dict(ev))
-        assert new and (out["epoch"], out["seq"]) == (7, i)
+        assert new and (out["epoch"], out["seq"], out["prev"]) == (7, i, prev)
+        prev = [7, i]
     again, new = seq.accept(dict(evs[1]))
     assert not new and again["seq"] == 2 and seq.duplicates == 1
-    other, _ = seq.accept(P.make_event("w", "like", None, None))
-    assert other["seq"] == 1  # per-video numbering
-    assert [e["seq"] for e in seq.since("v", 7, 3)] == [4, 5]
-    assert seq.since("v", 7, 5) == []
-    assert seq.since("v", 7, 1) is None   # history (3 events) no longer reaches seq 2
-    assert seq.since("v", 6, 3) is None   # another epoch
+    other, _ = seq.accept(_ev("w"))
+    assert (other["seq"], other["prev"]) == (1, None)  # per-video chains
+    assert [e["seq"] for e in seq.after("v", (7, 3))] == [4, 5]
+    assert seq.after("v", (7, 5)) == []
+    assert seq.after("v", (7, 1)) is None   # history (3 events) no longer reaches seq 2
+    assert seq.after("v", (6, 3)) is None   # a position this chain never had
+    assert [e["seq"] for e in seq.after("v", None)] == [3, 4, 5]
+    assert seq.after("nothing", None) == [] and seq.after("nothing", (7, 1)) is None
 
 
 def test_sequencer_history_age():
     seq = Sequencer(epoch=1, history_size=10, history_age=5.0)
-    seq.accept(P.make_event("v", "like", None, None), now=0.0)
-    seq.accept(P.make_event("v", "like", None, None), now=10.0)
-    assert [e["seq"] for e in seq.since("v", 1, 1, now=11.0)] == [2]
-    assert seq.since("v", 1, 0, now=11.0) is None
+    seq.accept(_ev(), now=0.0)
+    seq.accept(_ev(), now=10.0)
+    assert [e["seq"] for e in seq.after("v", (1, 1), now=11.0)] == [2]
+    assert [e["seq"] for e in seq.after("v", None, now=11.0)] == [2]
+
+
+def test_chain_continues_across_owners_via_replica():
+    owner1, backup = Sequencer(epoch=10), Sequencer(epoch=20)
+    placed = [owner1.accept(_ev())[0] for _ in range(3)]
+    assert backup.store([dict(e) for e in placed]) == 3
+    assert backup.store([dict(placed[0])]) == 0          # replicas are idempotent
+    assert backup.is_replica(placed[0])
+    nxt, new = backup.accept(_ev())                      # owner1 died: the backup continues
+    assert new and (nxt["epoch"], nxt["seq"], nxt["prev"]) == (20, 1, [10, 3])
+    retry, new = backup.accept(dict(placed[2]))          # a retry of a replicated event
+    assert not new and (retry["epoch"], retry["seq"]) == (10, 3)
+    assert [P.sse_id(e) for e in backup.after("v", (10, 1))] == ["10:2", "10:3", "20:1"]
+
+
+def test_chain_follower_delivers_in_order_and_repairs_gaps():
+    from mesh.ordering import ChainFollower
+    seq = Sequencer(epoch=1)
+    evs = [seq.accept(_ev())[0] for _ in range(6)]
+    f = ChainFollower()
+    out, fetch = f.offer(evs[:2])
+    assert out == evs[:2] and fetch is None
+    out, fetch = f.offer([evs[1]])                       # duplicate: dropped
+    assert out == [] and fetch is None and f.duplicates == 1
+    out, fetch = f.offer([evs[4]])                       # 3 and 4 missing: repair
+    assert out == [] and fetch == (1, 2)
+    out, fetch = f.offer([evs[5]])                       # held while repairing
+    assert out == [] and fetch is None
+    out, reset = f.repaired(seq.after("v", fetch))
+    assert [e["seq"] for e in out] == [3, 4, 5, 6] and not reset
+    assert f.last == (1, 6)
+
+
+def test_chain_follower_resets_when_history_cannot_fill():
+    from mesh.ordering import ChainFollower
+    seq = Sequencer(epoch=1)
+    evs = [seq.accept(_ev())[0] for _ in range(4)]
+    f = ChainFollower()
+    f.offer(evs[:1])
+    _, fetch = f.offer(evs[3:])
+    out, reset = f.repaired(None)
+    assert reset and out == [evs[3]] and f.resets == 1
+    nxt = seq.accept(_ev())[0]
+    assert f.offer([nxt]) == ([nxt], None)               # continues from there
+
+
+def test_sse_id_parsing():
+    assert P.parse_sse_id("12:34") == (12, 34)
+    for bad in ["", "12", "a:b", "1:2:3", "-1:2", "9" * 50 + ":1"]:
+        assert P.parse_sse_id(bad) is None
 
 
 # --- subscriptions --------------------------------------------------------------------------

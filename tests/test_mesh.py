@@ -216,7 +216,7 @@ async def test_malformed_zmq_frames_are_counted_and_dropped(mesh2, kv_path):
         log = open(d1.log_path).read()
         assert "dropped malformed control message" in log and "expected 4" in log
         assert "unsupported protocol version" in log and "undecodable msgpack" in log
-        assert "rejected publish" in log
+        assert "rejected PUB" in log
         # a rogue "dispatcher" whose XPUB sends garbage to subscribers: the frontend drops it
         rogue = ctx.socket(zmq.XPUB)
         rogue.setsockopt(zmq.LINGER, 0)
