@@ -247,7 +247,8 @@ class Dispatcher:
                                              {"events": [e for e, _ in items], "fwd": True}, FORWARD_TIMEOUT)
             results = {r["id"]: r for r in P.ack_results(reply)} if reply.msg_type == P.MSG_ACK else {}
         except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
-            log.warning("forwarding %s to its owner %s failed (%s); sequencing it here", video, target, exc)
+            log.warning("forwarding %s to its owner %s failed (%s); sequencing it here", video, target,
+                        exc or type(exc).__name__)
             return False
         if not all(e["id"] in results and "error" not in results[e["id"]] for e, _ in items):
             return False
@@ -290,7 +291,8 @@ class Dispatcher:
             self.stats["replicated"] += len(events)
         except (asyncio.TimeoutError, PeerGone) as exc:
             self.stats["replication_failures"] += len(events)
-            log.warning("replicating %d events of %s to %s failed (%s)", len(events), video, backup, exc)
+            log.warning("replicating %d events of %s to %s failed (%s)", len(events), video, backup,
+                        exc or type(exc).__name__)
 
     def _handle_replicate(self, peer: bytes, msg: P.Control) -> None:
         try:

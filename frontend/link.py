@@ -200,7 +200,7 @@ class MeshLink:
                                                        P.history_body(video, after), left)
                 return P.history_reply(reply)
             except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
-                log.warning("history of %s from %s failed: %s", video, order[0], exc)
+                log.warning("history of %s from %s failed: %s", video, order[0], exc or type(exc).__name__)
                 if loop.time() >= deadline:
                     return None
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))

@@ -94,3 +94,36 @@ def read_lines_until(proc, last: str, timeout: float = 60.0) -> list[str]:
     finally:
         sel.close()
     return lines
+
+
+class Collector:
+    """Reads an SSE stream in the background into ``events`` (so its socket never fills)."""
+
+    def __init__(self, client: SSEClient):
+        self.client = client
+        self.events: list = []
+        self.closed = False
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                ev = await self.client.next_event(timeout=3600)
+                ev.received = time.time() * 1000.0
+                self.events.append(ev)
+        except (EOFError, asyncio.CancelledError, ConnectionError):
+            self.closed = True
+
+    def of_kind(self, *kinds: str) -> list:
+        return [e for e in self.events if e.event in kinds]
+
+    def ids(self, kind: str = "like") -> list[str]:
+        return [json.loads(e.data)["id"] for e in self.of_kind(kind)]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        self.client.close()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass

@@ -1,0 +1,220 @@
+"""Delivery under faults (multi-process fault injection): dispatcher SIGKILL and restart while
+publishing, frontend SIGKILL with Last-Event-ID recovery, a stalled viewer, exhausted history,
+SIGTERM on each role."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from mesh.kv_embedded import EmbeddedKV
+from mesh.ownership import owner
+
+from helpers import Collector, comment, health, http, like, viewer, wait_until
+
+pytestmark = pytest.mark.topology
+
+PATIENT = {"frontend.publish_timeout": "10", "frontend.attempt_timeout": "0.5"}
+
+
+async def test_chaos_dispatcher_kills_lose_no_acknowledged_event(topology):
+    """Publish steadily while dispatchers are SIGKILLed and restarted: every acknowledged event
+    reaches every viewer that stayed connected, in order, exactly once."""
+    topology.dispatcher("d1")
+    topology.dispatcher("d2")
+    fa, fb = topology.frontend("f1", **PATIENT), topology.frontend("f2", **PATIENT)
+    videos = ["chaos-a", "chaos-b", "chaos-c", "chaos-d"]
+    assert {owner(v, ["d1", "d2"]) for v in videos} == {"d1", "d2"}
+    viewers = {v: [Collector(await viewer(fa.url, v)), Collector(await viewer(fb.url, v))] for v in videos}
+    acked: dict[str, list[str]] = {v: [] for v in videos}
+    failed = 0
+    stop_at = time.monotonic() + 14.0
+
+    async def publisher(video: str) -> None:
+        nonlocal failed
+        n = 0
+        while time.monotonic() < stop_at and n < 2000:
+            n += 1
+            status, body = await http("POST", f"{fa.url}/v1/videos/{video}/likes", {"user": f"n{n}"})
+            if status == 202:
+                acked[video].append(body["id"])
+            else:
+                failed += 1
+            await asyncio.sleep(0.01)
+
+    async def chaos() -> None:
+        victims = ["d1", "d2", "d1"]
+        for name in victims:
+            await asyncio.sleep(2.5)
+            node = next(n for n in topology.nodes if n.name == name and n.alive())
+            node.kill()
+            await asyncio.sleep(1.0)
+            topology.dispatcher(name)  # back under the same name, on new ports
+
+    await asyncio.gather(chaos(), *(publisher(v) for v in videos))
+    total = sum(len(a) for a in acked.values())
+    assert total > 200, (total, failed)
+    resets = 0
+    for v in videos:
+        for c in viewers[v]:
+            want = acked[v]
+            await wait_until(lambda: set(want) <= set(c.ids()), timeout=15,
+                             what=f"every acknowledged event of {v} at a viewer")
+            got = [i for i in c.ids() if i in set(want)]
+            assert got == want, f"{v}: order differs"
+            assert len(c.ids()) == len(set(c.ids())), f"{v}: duplicates"
+            resets += len(c.of_kind("reset"))
+            await c.close()
+    print(f"chaos: {total} acknowledged, {failed} not acknowledged, {resets} resets")
+
+
+async def test_frontend_sigkill_viewer_recovers_with_last_event_id(topology):
+    topology.dispatcher("d1")
+    topology.dispatcher("d2")
+    fa, fb = topology.frontend("f1"), topology.frontend("f2")
+    v = await viewer(fa.url, "recover")
+    first = [(await like(fb.url, "recover"))["id"] for _ in range(5)]
+    got = await v.events(5)
+    assert [json.loads(e.data)["id"] for e in got] == first
+    last_id = got[-1].id
+    fa.kill()
+    missed = [(await like(fb.url, "recover"))["id"] for _ in range(7)]
+    v2 = await viewer(fb.url, "recover", last_event_id=last_id)
+    later = [(await like(fb.url, "recover"))["id"] for _ in range(3)]
+    got2 = await v2.events(10)
+    assert [json.loads(e.data)["id"] for e in got2] == missed + later
+    assert await v2.no_event(0.3) is None
+    assert (await health(fb.url))["stats"]["events_recovered"] == 7
+
+
+async def test_history_exhausted_or_unknown_id_gets_reset(topology):
+    topology.dispatcher("d1", **{"dispatcher.history_size": "5"})
+    f = topology.frontend("f1")
+    v = await viewer(f.url, "short")
+    await like(f.url, "short")
+    old_id = (await v.events(1))[0].id
+    for _ in range(8):
+        await like(f.url, "short")
+    await v.events(8)
+    for last in (old_id, "123:4", "garbage"):
+        r = await viewer(f.url, "short", last_event_id=last)
+        first = await r.next_event()
+        assert first.event == "reset" and json.loads(first.data) == {"video": "short", "reason": "history"}
+        sent = await like(f.url, "short")
+        nxt = await r.events(1, kinds={"like"})
+        assert json.loads(nxt[0].data)["id"] == sent["id"]
+        r.close()
+    recent = await viewer(f.url, "short", last_event_id=v.parser.last_id)
+    assert await recent.no_event(0.3, kinds={"reset"}) is None
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_stalled_viewer_is_cut_and_does_not_slow_the_others(topology):
+    topology.dispatcher("d1")
+    limits = {"frontend.max_buffer_bytes": "262144", "frontend.max_comment_chars": "60000",
+              "frontend.max_body_bytes": "262144"}
+    f = topology.frontend("f1", **limits)
+    fast = Collector(await viewer(f.url, "big"))
+    host, port = f.url.removeprefix("http://").split(":")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect((host, int(port)))
+    stalled.sendall(f"GET /v1/videos/big/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await wait_until(lambda: _connections_are(f.url, 2), what="stalled viewer connected")
+    rss_before = _rss_kb(f.proc.pid)
+    text = "x" * 50000
+    latencies_before = await _publish_and_measure(f.url, fast, 5, "small")
+    n = 0
+    while n < 400:  # ~20 MB: far past kernel buffers and the 256 KB bound
+        await asyncio.gather(*(comment(f.url, "big", text) for _ in range(10)))
+        n += 10
+        if (await health(f.url))["stats"].get("slow_viewers_cut"):
+            break
+    await wait_until(lambda: _connections_are(f.url, 1), what="stalled viewer cut")
+    assert (await health(f.url))["stats"]["slow_viewers_cut"] == 1
+    latencies_during = await _publish_and_measure(f.url, fast, 5, "small")
+    assert sorted(latencies_during)[2] < max(5 * sorted(latencies_before)[2], 100.0), \
+        (latencies_before, latencies_during)
+    await wait_until(lambda: len(fast.of_kind("comment")) >= n + 10, what="fast viewer got everything")
+    growth_mb = (_rss_kb(f.proc.pid) - rss_before) / 1024
+    assert growth_mb < 40, f"frontend grew {growth_mb:.1f} MB"
+    stalled.close()
+    await fast.close()
+
+
+async def _publish_and_measure(url, collector, n, text):
+    out = []
+    for _ in range(n):
+        count = len(collector.events)
+        sent = await comment(url, "big", text)
+        await wait_until(lambda: any(json.loads(e.data)["id"] == sent["id"] for e in collector.events[count:]),
+                         what="own comment back")
+        ev = next(e for e in collector.events[count:] if json.loads(e.data)["id"] == sent["id"])
+        out.append(ev.received - json.loads(ev.data)["ts"])
+    return out
+
+
+async def _connections_are(url, n):
+    return (await health(url))["connections"] == n
+
+
+async def test_sigterm_frontend_closes_streams_and_clears_kv(topology, kv_path):
+    topology.dispatcher("d1")
+    fa, fb = topology.frontend("f1"), topology.frontend("f2")
+    v = await viewer(fa.url, "term")
+    sent = await like(fb.url, "term")
+    last = (await v.events(1))[0]
+    assert json.loads(last.data)["id"] == sent["id"]
+    kv = EmbeddedKV(kv_path)
+    try:
+        await wait_until(lambda: _counted(kv, "term", "f1"), what="counted")
+        t0 = time.monotonic()
+        fa.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(EOFError):
+            await v.next_event(timeout=5)          # the stream ends: the browser reconnects
+        assert time.monotonic() - t0 < 3
+        assert fa.proc.wait(10) == 0
+        assert "f1" not in (await kv.read_counts("term")).get("term", {})  # gone at once, no TTL wait
+        missed = (await like(fb.url, "term"))["id"]
+        v2 = await viewer(fb.url, "term", last_event_id=last.id)
+        assert json.loads((await v2.events(1))[0].data)["id"] == missed
+    finally:
+        await kv.close()
+
+
+async def _counted(kv, video, frontend):
+    return frontend in (await kv.read_counts(video)).get(video, {})
+
+
+async def test_sigterm_dispatcher_hands_its_videos_over(topology):
+    topology.dispatcher("d1", **{"dispatcher.drain_seconds": "2"})
+    d2 = topology.dispatcher("d2", **{"dispatcher.drain_seconds": "2"})
+    fa, fb = topology.frontend("f1", **PATIENT), topology.frontend("f2", **PATIENT)
+    videos = [f"hand-{i}" for i in range(8)]
+    moved = [v for v in videos if owner(v, ["d1", "d2"]) == "d2"]
+    assert moved
+    cols = {v: Collector(await viewer(fb.url, v)) for v in videos}
+    acked = {v: [(await like(fa.url, v))["id"] for _ in range(3)] for v in videos}
+    d2.proc.send_signal(signal.SIGTERM)
+    for _ in range(3):
+        for v in videos:
+            acked[v].append((await like(fa.url, v))["id"])
+    assert d2.proc.wait(15) == 0
+    for v in videos:
+        await wait_until(lambda: cols[v].ids() == acked[v], what=f"{v} complete and in order")
+        assert not cols[v].of_kind("reset"), "the backup continued the chain"
+        await cols[v].close()
+    assert (await health(fa.url))["dispatchers"] == ["d1"]
