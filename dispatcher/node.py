@@ -47,6 +47,8 @@ DRAIN_MAX = 1000
 REPLICATE_TIMEOUT = 0.25
 FORWARD_TIMEOUT = 0.5
 TAIL_TIMEOUT = 0.3
+TAIL_INTERVAL = 1.0   # seconds between tail announcements of an active video
+TAIL_ACTIVE = 30.0    # a video is announced this long after its last publish
 
 
 class Dispatcher:
@@ -68,6 +70,7 @@ class Dispatcher:
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: list[asyncio.Task] = []
         self._inflight: set[asyncio.Task] = set()
+        self._active: dict[str, float] = {}  # video -> loop time of its last publish here
 
     def http_routes(self) -> list:
         return [(r"/healthz", HealthHandler, {"node": self}),
@@ -90,7 +93,8 @@ class Dispatcher:
             self.name = f"dispatcher-{router_ep.rsplit(':', 1)[1]}"
         self.endpoints = {"router": router_ep, "pub": pub_ep, "http": f"http://{d.host}:{http_port}"}
         self._tasks = [asyncio.create_task(self._serve_router()),
-                       asyncio.create_task(self._serve_subscriptions())]
+                       asyncio.create_task(self._serve_subscriptions()),
+                       asyncio.create_task(self._announce_tails())]
         await self.kv.open()
         self.peers = DispatcherPeers(self.ctx, self.kv, me=self.name)
         await self.peers.start()
@@ -227,6 +231,7 @@ class Dispatcher:
                 if new:
                     await self._replicate(video, new)
                 if again or new:
+                    self._active[video] = asyncio.get_running_loop().time()
                     await self.xpub.send_multipart(P.Fanout(video, P.FANOUT_EVENTS, self.name,
                                                             again + new).to_frames())
                     self.stats["events_in"] += len(new)
@@ -318,6 +323,22 @@ class Dispatcher:
         body = {"reset": True, "tail": list(self.seq.tail(video) or ()) or None} if chain is None \
             else {"events": chain}
         self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, body))
+
+    async def _announce_tails(self) -> None:
+        """Every TAIL_INTERVAL, the tail of each video published here in the last
+        TAIL_ACTIVE seconds: subscribers that lost a video's last event repair it now."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TAIL_INTERVAL)
+            cutoff = loop.time() - TAIL_ACTIVE
+            for video, at in list(self._active.items()):
+                if at < cutoff:
+                    del self._active[video]
+                    continue
+                tail = self.seq.tail(video)
+                if tail is not None:
+                    await self.xpub.send_multipart(
+                        P.Fanout(video, P.FANOUT_TAIL, self.name, tail=tail).to_frames())
 
     # --- subscriptions ----------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ class MeshLink:
                  on_events: Callable[[str, list[dict]], None],
                  on_reset: Callable[[str, str], None] | None = None,
                  attempt_timeout: float = 1.0, publish_timeout: float = 3.0,
-                 gap_timeout: float = 1.0):
+                 gap_timeout: float = 1.0, drop_every: int = 0):
         self.ctx = ctx
         self.name = name
         self.on_events = on_events
@@ -54,6 +54,8 @@ class MeshLink:
         self.attempt_timeout = attempt_timeout
         self.publish_timeout = publish_timeout
         self.gap_timeout = gap_timeout
+        self.drop_every = drop_every  # fault injection: pretend PUB/SUB lost every Nth message
+        self._received = 0
         self.sub = make_socket(ctx, zmq.SUB)
         self.dispatchers = DispatcherPeers(ctx, kv, on_connect=self._sub_connect,
                                            on_disconnect=self._sub_disconnect)
@@ -157,6 +159,17 @@ class MeshLink:
             follower = self.followers.get(msg.video)
             if follower is None:
                 continue  # late message for a video we just left
+            if msg.kind == P.FANOUT_TAIL:
+                if msg.sender == owner(msg.video, self.peers):
+                    fetch_after = follower.check_tail(msg.tail)
+                    if fetch_after is not None:
+                        self.stats["gaps"] += 1
+                        self._spawn(self._repair(msg.video, follower, fetch_after))
+                continue
+            self._received += 1
+            if self.drop_every and self._received % self.drop_every == 0:
+                self.stats["fault_dropped"] += 1
+                continue
             self.stats["events_in"] += len(msg.events)
             ready, fetch_after = follower.offer(msg.events)
             self._deliver(msg.video, ready)

@@ -60,7 +60,7 @@ class Frontend:
             self.name = f"frontend-{port}"
         self.link = MeshLink(self.ctx, self.kv, self.name, self.fanout.deliver, self.fanout.reset,
                              attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout,
-                             gap_timeout=f.gap_timeout)
+                             gap_timeout=f.gap_timeout, drop_every=f.fault_drop_every)
         await self.kv.open()
         await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
         await self.link.start()

@@ -26,6 +26,7 @@ class ChainFollower:
         self.repairing = False
         self.held: list[dict] = []
         self._recent: OrderedDict[str, None] = OrderedDict()
+        self._positions: OrderedDict[Position, None] = OrderedDict()
         self.gaps = 0
         self.resets = 0
         self.duplicates = 0
@@ -36,8 +37,20 @@ class ChainFollower:
     def _mark(self, event: dict) -> None:
         self.last = position(event)
         self._recent[event["id"]] = None
+        self._positions[self.last] = None
         if len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
+            self._positions.popitem(last=False)
+
+    def check_tail(self, tail: Position) -> Position | None:
+        """The owner announced its chain's tail (sent for recently active videos, so the loss
+        of a video's last event is noticed without waiting for the next one).  Returns the
+        position to fetch after when we are missing events, else None."""
+        if self.repairing or self.last is None or tail in self._positions:
+            return None
+        self.gaps += 1
+        self.repairing = True
+        return self.last
 
     def offer(self, events: list[dict]) -> tuple[list[dict], Position | None]:
         """Events to deliver now, and the position to fetch after when a repair starts."""

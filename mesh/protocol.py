@@ -25,6 +25,9 @@ Fan-out, XPUB (dispatcher) -> SUB (frontend), two frames::
                 k == "S": a sync marker, published when a subscription reaches the dispatcher:
                           it tells the subscriber that everything published after it will
                           reach it (the cure for ZeroMQ's "slow joiner").
+                k == "T": "tail": [epoch, seq], the owner's last event of a recently active
+                          video, repeated every second, so that a subscriber that lost a
+                          video's last event notices without waiting for the next one.
 
 An event is a msgpack map::
 
@@ -63,6 +66,7 @@ CONTROL_TYPES = frozenset({MSG_PUBLISH, MSG_ACK, MSG_ERROR, MSG_PING, MSG_PONG, 
 
 FANOUT_EVENTS = "E"
 FANOUT_SYNC = "S"
+FANOUT_TAIL = "T"
 
 KIND_LIKE = "like"
 KIND_COMMENT = "comment"
@@ -272,11 +276,14 @@ class Fanout:
     kind: str
     sender: str
     events: list[dict] = field(default_factory=list)
+    tail: tuple[int, int] | None = None
 
     def to_frames(self) -> list[bytes]:
         payload: dict[str, Any] = {"v": PROTOCOL_VERSION, "k": self.kind, "from": self.sender}
         if self.kind == FANOUT_EVENTS:
             payload["events"] = self.events
+        elif self.kind == FANOUT_TAIL:
+            payload["tail"] = list(self.tail)
         elif self.kind != FANOUT_SYNC:
             raise LocalProtocolError(f"unknown fan-out kind {self.kind!r}")
         return [topic_for(self.video), pack(payload)]
@@ -296,6 +303,10 @@ class Fanout:
             raise RemoteProtocolError("fan-out payload has no sender")
         if kind == FANOUT_SYNC:
             return cls(video, kind, sender)
+        if kind == FANOUT_TAIL:
+            if not valid_position(payload.get("tail")):
+                raise RemoteProtocolError("tail announcement without a valid position")
+            return cls(video, kind, sender, tail=tuple(payload["tail"]))
         if kind != FANOUT_EVENTS:
             raise RemoteProtocolError(f"unknown fan-out kind {kind!r}")
         events = payload.get("events")

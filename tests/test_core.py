@@ -325,3 +325,20 @@ def test_example_configs_load():
     assert files
     for f in files:
         load_config(f, env={})
+
+
+def test_tail_announcement_reveals_a_lost_last_event():
+    from mesh.ordering import ChainFollower
+    seq = Sequencer(epoch=1)
+    evs = [seq.accept(_ev())[0] for _ in range(3)]
+    f = ChainFollower()
+    f.offer(evs[:2])                                     # the last event was lost on the wire
+    assert f.check_tail((1, 2)) is None                  # a tail we have: nothing to do
+    assert f.check_tail((1, 3)) == (1, 2)
+    assert f.check_tail((1, 3)) is None                  # already repairing
+    out, reset = f.repaired(seq.after("v", (1, 2)))
+    assert out == [evs[2]] and not reset
+    msg = P.Fanout.from_frames(P.Fanout("v", P.FANOUT_TAIL, "d1", tail=(1, 3)).to_frames())
+    assert (msg.kind, msg.tail) == ("T", (1, 3))
+    with pytest.raises(RemoteProtocolError):
+        P.Fanout.from_frames([P.topic_for("v"), P.pack({"v": 1, "k": "T", "from": "d", "tail": [1]})])
