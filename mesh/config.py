@@ -197,3 +197,21 @@ def describe() -> list[tuple[str, str, Any, str]]:
         for f in dataclasses.fields(obj):
             rows.append((section, f.name, f.default, f.metadata["doc"]))
     return rows
+
+
+def markdown_table() -> str:
+    """The README's configuration table (``python -m mesh.config``)."""
+    lines = ["| key | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for section, key, default, doc in describe():
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        elif isinstance(default, str):
+            shown = f'"{default}"'
+        else:
+            shown = repr(default)
+        lines.append(f"| `{section}.{key}` | `{ENV_PREFIX}{section.upper()}_{key.upper()}` | `{shown}` | {doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -342,3 +342,10 @@ def test_tail_announcement_reveals_a_lost_last_event():
     assert (msg.kind, msg.tail) == ("T", (1, 3))
     with pytest.raises(RemoteProtocolError):
         P.Fanout.from_frames([P.topic_for("v"), P.pack({"v": 1, "k": "T", "from": "d", "tail": [1]})])
+
+
+def test_readme_lists_every_config_key():
+    from mesh.config import describe
+    readme = open("README.md").read()
+    missing = [f"{s}.{k}" for s, k, _, _ in describe() if f"`{s}.{k}`" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}: run python -m mesh.config"
