@@ -36,6 +36,7 @@ from mesh.metrics import MetricsHandler, dispatcher_registry
 from mesh.node import announce_ready, make_kv, settle_gc, stop_on_signals
 from mesh.ownership import owner, rank
 from mesh.peers import DispatcherPeers, PeerGone
+from mesh.presence import PresenceBoard
 from mesh.sequencing import Sequencer
 from mesh.sockets import bind, make_socket
 
@@ -49,6 +50,7 @@ FORWARD_TIMEOUT = 0.5
 TAIL_TIMEOUT = 0.3
 TAIL_INTERVAL = 1.0   # seconds between tail announcements of an active video
 TAIL_ACTIVE = 30.0    # a video is announced this long after its last publish
+PRESENCE_TICK = 0.1   # seconds between presence board ticks (leaves, counts, expiry)
 
 
 class Dispatcher:
@@ -71,6 +73,9 @@ class Dispatcher:
         self._tasks: list[asyncio.Task] = []
         self._inflight: set[asyncio.Task] = set()
         self._active: dict[str, float] = {}  # video -> loop time of its last publish here
+        pr = cfg.presence
+        self.presence = PresenceBoard(grace=pr.grace, expiry=pr.expiry,
+                                      count_interval=pr.count_interval, broadcast_max=pr.broadcast_max)
 
     def http_routes(self) -> list:
         return [(r"/healthz", HealthHandler, {"node": self}),
@@ -94,7 +99,8 @@ class Dispatcher:
         self.endpoints = {"router": router_ep, "pub": pub_ep, "http": f"http://{d.host}:{http_port}"}
         self._tasks = [asyncio.create_task(self._serve_router()),
                        asyncio.create_task(self._serve_subscriptions()),
-                       asyncio.create_task(self._announce_tails())]
+                       asyncio.create_task(self._announce_tails()),
+                       asyncio.create_task(self._presence_ticks())]
         await self.kv.open()
         self.peers = DispatcherPeers(self.ctx, self.kv, me=self.name)
         await self.peers.start()
@@ -170,6 +176,10 @@ class Dispatcher:
                 self._spawn(self._handle_history(peer, msg))
             elif msg.msg_type == P.MSG_REPLICATE:
                 self._handle_replicate(peer, msg)
+            elif msg.msg_type == P.MSG_PRESENCE:
+                self._handle_presence(peer, msg)
+            elif msg.msg_type == P.MSG_PRESENCE_QUERY:
+                self._handle_presence_query(peer, msg)
             elif msg.msg_type == P.MSG_PUBLISH:
                 try:
                     events = P.publish_events(msg)
@@ -323,6 +333,47 @@ class Dispatcher:
         body = {"reset": True, "tail": list(self.seq.tail(video) or ()) or None} if chain is None \
             else {"events": chain}
         self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, body))
+
+    # --- presence ---------------------------------------------------------------------------
+
+    def _handle_presence(self, peer: bytes, msg: P.Control) -> None:
+        try:
+            frontend, updates = P.presence_updates(msg)
+        except RemoteProtocolError as exc:
+            self._reject(peer, msg, "malformed", exc)
+            return
+        now = asyncio.get_running_loop().time()
+        self.stats["presence_updates"] += len(updates)
+        for upd in updates:
+            events = self.presence.update(frontend, upd, now)
+            if events:
+                self._publish_presence(upd["video"], events)
+        self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, {}))
+
+    def _handle_presence_query(self, peer: bytes, msg: P.Control) -> None:
+        video = msg.body.get("video")
+        offset, limit = msg.body.get("offset", 0), msg.body.get("limit", 100)
+        if not P.valid_video_id(video) or type(offset) is not int or type(limit) is not int \
+                or offset < 0 or not 0 < limit <= 1000:
+            self._reject(peer, msg, "malformed", RemoteProtocolError("presence query needs video, offset, limit"))
+            return
+        self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, self.presence.page(video, offset, limit)))
+
+    def _publish_presence(self, video: str, events: list[dict]) -> None:
+        self.stats["presence_msgs"] += 1
+        try:
+            self.xpub.send_multipart(P.Fanout(video, P.FANOUT_PRESENCE, self.name, presence=events).to_frames(),
+                                     flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.stats["presence_dropped"] += 1
+            wire_log.warning("presence of %s not sent: %s", video, exc)
+
+    async def _presence_ticks(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PRESENCE_TICK)
+            for video, events in self.presence.tick(loop.time()).items():
+                self._publish_presence(video, events)
 
     async def _announce_tails(self) -> None:
         """Every TAIL_INTERVAL, the tail of each video published here in the last

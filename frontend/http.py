@@ -110,6 +110,7 @@ class EventsHandler(JSONHandler):
         node = self.node
         last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", None)
         after = P.parse_sse_id(last_id) if last_id else None
+        self.user = viewer_identity(self)
         self.video = video
         self.conn_id = next(_conn_ids)
         self.stream = self.request.connection.stream
@@ -261,6 +262,33 @@ class PublishHandler(JSONHandler):
         return body
 
 
+def viewer_identity(handler: tornado.web.RequestHandler) -> str | None:
+    """Who a viewer is, for presence: the ``user`` query parameter (anonymous without)."""
+    user = handler.get_query_argument("user", None)
+    if user is None or user == "":
+        return None
+    if len(user) > P.USER_MAX or has_control(user):
+        raise ClientError(400, "invalid_user", f"user must be 1-{P.USER_MAX} printable characters")
+    return user
+
+
+class PresenceHandler(JSONHandler):
+    """``GET /v1/videos/{video}/presence?offset=0&limit=100``: the owner's merged presence."""
+
+    async def get(self, video: str) -> None:
+        check_video(video)
+        try:
+            offset = int(self.get_query_argument("offset", "0"))
+            limit = int(self.get_query_argument("limit", "100"))
+        except ValueError:
+            raise ClientError(400, "invalid_paging", "offset and limit must be integers") from None
+        if offset < 0 or not 0 < limit <= 1000:
+            raise ClientError(400, "invalid_paging", "offset >= 0 and 1 <= limit <= 1000")
+        page = await self.node.link.presence_page(video, offset, limit, self.node.cfg.frontend.gap_timeout)
+        self.write({"video": video, "count": page["count"], "users": page["users"],
+                    "total_users": page["total_users"], "offset": offset, "limit": limit})
+
+
 def has_control(text: str) -> bool:
     return any(unicodedata.category(ch) == "Cc" for ch in text)
 
@@ -271,6 +299,7 @@ def routes(node: "Frontend") -> list:
         (video + r"/events", EventsHandler, {"node": node}),
         (video + r"/likes", PublishHandler, {"node": node, "kind": P.KIND_LIKE}),
         (video + r"/comments", PublishHandler, {"node": node, "kind": P.KIND_COMMENT}),
+        (video + r"/presence", PresenceHandler, {"node": node}),
         (r"/healthz", HealthHandler, {"node": node}),
         *page_routes(node),  # the page at /, its static files, /metrics
     ]

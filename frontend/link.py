@@ -45,12 +45,14 @@ class MeshLink:
     def __init__(self, ctx: zmq.asyncio.Context, kv: KV, name: str,
                  on_events: Callable[[str, list[dict]], None],
                  on_reset: Callable[[str, str], None] | None = None,
+                 on_presence: Callable[[str, list[dict]], None] | None = None,
                  attempt_timeout: float = 1.0, publish_timeout: float = 3.0,
                  gap_timeout: float = 1.0, drop_every: int = 0):
         self.ctx = ctx
         self.name = name
         self.on_events = on_events
         self.on_reset = on_reset or (lambda video, reason: None)
+        self.on_presence = on_presence or (lambda video, events: None)
         self.attempt_timeout = attempt_timeout
         self.publish_timeout = publish_timeout
         self.gap_timeout = gap_timeout
@@ -159,6 +161,10 @@ class MeshLink:
             follower = self.followers.get(msg.video)
             if follower is None:
                 continue  # late message for a video we just left
+            if msg.kind == P.FANOUT_PRESENCE:
+                if msg.sender == owner(msg.video, self.peers):  # a former owner's board is stale
+                    self.on_presence(msg.video, msg.presence)
+                continue
             if msg.kind == P.FANOUT_TAIL:
                 if msg.sender == owner(msg.video, self.peers):
                     fetch_after = follower.check_tail(msg.tail)
@@ -217,6 +223,41 @@ class MeshLink:
                 if loop.time() >= deadline:
                     return None
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+
+    # --- presence ---------------------------------------------------------------------------
+
+    async def send_presence(self, updates: list[dict], timeout: float) -> None:
+        """Each update to its video's owner, one request per owner."""
+        by_owner: dict[str, list[dict]] = {}
+        for upd in updates:
+            own = owner(upd["video"], self.peers)
+            if own is not None:
+                by_owner.setdefault(own, []).append(upd)
+        for own, batch in by_owner.items():
+            self.stats["presence_msgs"] += 1
+            self._spawn(self._send_presence(own, batch, timeout))
+
+    async def _send_presence(self, target: str, batch: list[dict], timeout: float) -> None:
+        try:
+            await self.dispatchers.request(target, P.MSG_PRESENCE,
+                                           {"frontend": self.name, "updates": batch}, timeout)
+        except (asyncio.TimeoutError, PeerGone) as exc:
+            self.stats["presence_failures"] += 1
+            log.info("presence update to %s failed (%s); the next snapshot repairs it",
+                     target, exc or type(exc).__name__)
+
+    async def presence_page(self, video: str, offset: int, limit: int, timeout: float) -> dict:
+        order = rank(video, self.peers)
+        if not order:
+            raise ClientError(503, "no_dispatcher", "no dispatcher known", retryable=True)
+        try:
+            reply = await self.dispatchers.request(order[0], P.MSG_PRESENCE_QUERY,
+                                                   {"video": video, "offset": offset, "limit": limit}, timeout)
+        except (asyncio.TimeoutError, PeerGone):
+            raise ClientError(503, "no_dispatcher", "the video's owner did not answer", retryable=True) from None
+        if reply.msg_type != P.MSG_ACK:
+            raise ClientError(503, "presence_unavailable", str(reply.body.get("message", "?")), retryable=True)
+        return reply.body
 
     # --- publish ----------------------------------------------------------------------------
 

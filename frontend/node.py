@@ -17,6 +17,7 @@ from mesh.errors import KVError
 from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
 from mesh.node import announce_ready, make_kv, settle_gc, stop_on_signals
 from mesh.sse import encode_comment
+from mesh.presence import LocalPresence
 from mesh.subscriptions import CountSync, SubscriptionTable
 
 from .fanout import Fanout
@@ -39,6 +40,7 @@ class Frontend:
         self.table = SubscriptionTable()
         self.fanout = Fanout(self.table, cfg.frontend.fanout_slice)
         self.counts = CountSync(cfg.frontend.count_flush_interval)
+        self.presence = LocalPresence()
         self.stats = defaultdict(int)
         self.link: MeshLink | None = None
         self.url = ""
@@ -59,13 +61,15 @@ class Frontend:
         if not self.name:
             self.name = f"frontend-{port}"
         self.link = MeshLink(self.ctx, self.kv, self.name, self.fanout.deliver, self.fanout.reset,
+                             on_presence=self.fanout.presence,
                              attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout,
                              gap_timeout=f.gap_timeout, drop_every=f.fault_drop_every)
         await self.kv.open()
         await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
         await self.link.start()
         self._tasks = [asyncio.create_task(self._sync_counts()),
-                       asyncio.create_task(self._heartbeats())]
+                       asyncio.create_task(self._heartbeats()),
+                       asyncio.create_task(self._sync_presence())]
         log.info("frontend %s serving on %s", self.name, self.url)
 
     async def close_streams(self, timeout: float = 2.0) -> None:
@@ -105,6 +109,7 @@ class Frontend:
         if self.table.add(viewer.conn_id, viewer.video, viewer):
             self.link.subscribe(viewer.video)
         self.stats["viewers_opened"] += 1
+        self.presence.add(viewer.video, getattr(viewer, "user", None))
         self._count_changed(viewer.video)
 
     def remove_viewer(self, viewer) -> None:
@@ -112,6 +117,7 @@ class Frontend:
         if removed is None:
             return
         video, last = removed
+        self.presence.remove(video, getattr(viewer, "user", None))
         if last:
             self.link.unsubscribe(video)
         self.stats["viewers_closed"] += 1
@@ -164,6 +170,22 @@ class Frontend:
                             len(changes), exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _sync_presence(self) -> None:
+        """Presence deltas to each video's owner every ``presence.flush`` seconds, full
+        snapshots every ``presence.refresh`` (they rebuild a new owner's state and heal any
+        lost delta).  Sending fails quietly: the next snapshot repairs it."""
+        pr = self.cfg.presence
+        loop = asyncio.get_running_loop()
+        next_full = loop.time() + pr.refresh
+        while True:
+            await asyncio.sleep(pr.flush)
+            updates = self.presence.take()
+            if loop.time() >= next_full:
+                updates.update(self.presence.snapshot())
+                next_full = loop.time() + pr.refresh
+            if updates:
+                await self.link.send_presence(list(updates.values()), timeout=pr.refresh)
 
     async def _heartbeats(self) -> None:
         data = encode_comment("hb")

@@ -84,11 +84,25 @@ class DispatcherSection:
 
 
 @dataclass
+class PresenceSection:
+    flush: float = _spec(0.25, lo=0.01, hi=60.0, doc="frontend: seconds between presence deltas to owners")
+    refresh: float = _spec(2.0, lo=0.1, hi=600.0, doc="frontend: seconds between full presence snapshots")
+    expiry: float = _spec(6.0, lo=0.3, hi=3600.0,
+                          doc="dispatcher: a frontend silent this long is dropped (it died)")
+    grace: float = _spec(5.0, lo=0.0, hi=3600.0,
+                         doc="dispatcher: a user gone from every frontend this long gets 'leave'")
+    count_interval: float = _spec(1.0, lo=0.0, hi=3600.0, doc="dispatcher: at most one 'count' per interval")
+    broadcast_max: int = _spec(1000, lo=0, hi=100000000,
+                               doc="above this many viewers, per-user join/leave is not broadcast")
+
+
+@dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     kv: KVSection = field(default_factory=KVSection)
     frontend: FrontendSection = field(default_factory=FrontendSection)
     dispatcher: DispatcherSection = field(default_factory=DispatcherSection)
+    presence: PresenceSection = field(default_factory=PresenceSection)
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -28,6 +28,8 @@ Fan-out, XPUB (dispatcher) -> SUB (frontend), two frames::
                 k == "T": "tail": [epoch, seq], the owner's last event of a recently active
                           video, repeated every second, so that a subscriber that lost a
                           video's last event notices without waiting for the next one.
+                k == "P": "presence": [{"kind": "count", "count": int} |
+                          {"kind": "join"|"leave", "user": str}, ...] (mesh.presence)
 
 An event is a msgpack map::
 
@@ -61,12 +63,16 @@ MSG_PING = b"PING"
 MSG_PONG = b"PONG"
 MSG_HISTORY = b"HIST"
 MSG_REPLICATE = b"REPL"
+MSG_PRESENCE = b"PRES"
+MSG_PRESENCE_QUERY = b"PRSQ"
 CONTROL_TYPES = frozenset({MSG_PUBLISH, MSG_ACK, MSG_ERROR, MSG_PING, MSG_PONG, MSG_HISTORY,
-                           MSG_REPLICATE})
+                           MSG_REPLICATE, MSG_PRESENCE, MSG_PRESENCE_QUERY})
 
 FANOUT_EVENTS = "E"
 FANOUT_SYNC = "S"
 FANOUT_TAIL = "T"
+FANOUT_PRESENCE = "P"
+PRESENCE_KINDS = frozenset({"count", "join", "leave"})
 
 KIND_LIKE = "like"
 KIND_COMMENT = "comment"
@@ -239,6 +245,32 @@ def ack_results(msg: Control) -> list[dict]:
     return results
 
 
+def check_presence(items: Any) -> list[dict]:
+    if not isinstance(items, list):
+        raise RemoteProtocolError("presence is not a list")
+    for item in items:
+        ok = isinstance(item, dict) and item.get("kind") in PRESENCE_KINDS and (
+            (item["kind"] == "count" and type(item.get("count")) is int)
+            or (item["kind"] != "count" and isinstance(item.get("user"), str)))
+        if not ok:
+            raise RemoteProtocolError(f"malformed presence item {str(item)[:120]}")
+    return items
+
+
+def presence_updates(msg: Control) -> tuple[str, list[dict]]:
+    """The sending frontend and its per-video updates of a PRES message."""
+    frontend, updates = msg.body.get("frontend"), msg.body.get("updates")
+    if not isinstance(frontend, str) or not isinstance(updates, list):
+        raise RemoteProtocolError("presence update needs 'frontend' and 'updates'")
+    for u in updates:
+        ok = (isinstance(u, dict) and valid_video_id(u.get("video"))
+              and type(u.get("anon", 0)) is int
+              and all(isinstance(x, str) for k in ("joined", "left", "users") for x in u.get(k, ())))
+        if not ok:
+            raise RemoteProtocolError(f"malformed presence update {str(u)[:120]}")
+    return frontend, updates
+
+
 def history_body(video: str, after: tuple[int, int] | None) -> dict:
     return {"video": video, "after": list(after) if after else None}
 
@@ -277,11 +309,14 @@ class Fanout:
     sender: str
     events: list[dict] = field(default_factory=list)
     tail: tuple[int, int] | None = None
+    presence: list[dict] = field(default_factory=list)
 
     def to_frames(self) -> list[bytes]:
         payload: dict[str, Any] = {"v": PROTOCOL_VERSION, "k": self.kind, "from": self.sender}
         if self.kind == FANOUT_EVENTS:
             payload["events"] = self.events
+        elif self.kind == FANOUT_PRESENCE:
+            payload["presence"] = self.presence
         elif self.kind == FANOUT_TAIL:
             payload["tail"] = list(self.tail)
         elif self.kind != FANOUT_SYNC:
@@ -303,6 +338,8 @@ class Fanout:
             raise RemoteProtocolError("fan-out payload has no sender")
         if kind == FANOUT_SYNC:
             return cls(video, kind, sender)
+        if kind == FANOUT_PRESENCE:
+            return cls(video, kind, sender, presence=check_presence(payload.get("presence")))
         if kind == FANOUT_TAIL:
             if not valid_position(payload.get("tail")):
                 raise RemoteProtocolError("tail announcement without a valid position")

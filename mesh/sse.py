@@ -36,6 +36,17 @@ def encode_reset(video: str, reason: str) -> bytes:
     return f"event: reset\ndata: {data}\n\n".encode("utf-8")
 
 
+def encode_presence(video: str, events: list[dict]) -> bytes:
+    """Presence events as SSE without ids (they are state, not part of the replayable chain):
+    ``count`` (data ``{"video", "count"}``), ``join`` / ``leave`` (data ``{"video", "user"}``)."""
+    out = []
+    for ev in events:
+        data = {"video": video, "count": ev["count"]} if ev["kind"] == "count" else \
+            {"video": video, "user": ev["user"]}
+        out.append(f"event: {ev['kind']}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n")
+    return "".join(out).encode("utf-8")
+
+
 def encode_comment(text: str = "") -> bytes:
     return f": {text}\n\n".encode("utf-8")
 

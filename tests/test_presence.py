@@ -1,0 +1,188 @@
+"""Presence: unit tests of the sans-IO core, then multi-process tests on a live mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from mesh.presence import LocalPresence, PresenceBoard
+
+from helpers import Collector, health, http, wait_until
+
+
+# --- sans-IO ----------------------------------------------------------------------------------
+
+def test_local_presence_deltas_tabs_and_snapshots():
+    lp = LocalPresence()
+    lp.add("v", "ann")
+    lp.add("v", "ann")          # a second tab: no second join
+    lp.add("v", None)
+    assert lp.take() == {"v": {"video": "v", "anon": 1, "joined": ["ann"], "left": []}}
+    lp.remove("v", "ann")
+    assert lp.take()["v"]["left"] == []          # one tab still open
+    lp.remove("v", "ann")
+    lp.add("v", "ann")          # closed and reopened before the update went out: nothing
+    assert lp.take()["v"] == {"video": "v", "anon": 1, "joined": [], "left": []}
+    assert lp.snapshot() == {"v": {"video": "v", "anon": 1, "users": ["ann"], "full": True}}
+    lp.remove("v", "ann")
+    lp.remove("v", None)
+    assert lp.take()["v"]["left"] == ["ann"] and lp.snapshot() == {}
+
+
+def upd(video="v", anon=0, joined=(), left=()):
+    return {"video": video, "anon": anon, "joined": list(joined), "left": list(left)}
+
+
+def test_board_counts_union_and_debounces_leave():
+    b = PresenceBoard(grace=5.0, expiry=100.0, count_interval=1.0, broadcast_max=100)
+    assert b.update("f1", upd(anon=2, joined=["ann"]), now=0.0) == [{"kind": "join", "user": "ann"}]
+    assert b.update("f2", upd(joined=["ann", "bob"]), now=0.0) == [{"kind": "join", "user": "bob"}]
+    assert b.count("v") == 4                     # ann once + bob + 2 anonymous
+    assert b.tick(0.1) == {"v": [{"kind": "count", "count": 4}]}
+    assert b.tick(0.2) == {}                     # unchanged: no count
+    b.update("f1", upd(anon=2, left=["ann"]), now=0.3)
+    b.update("f2", upd(left=["ann"]), now=0.3)   # ann gone everywhere: leaving
+    b.update("f2", upd(joined=["ann"]), now=2.0)  # reload within grace: no join, no leave
+    assert b.tick(9.0) == {}                     # count back at 4 (was 3 only between ticks)
+    b.update("f2", upd(left=["ann"]), now=9.1)
+    assert b.tick(9.2) == {"v": [{"kind": "count", "count": 3}]}
+    assert b.tick(14.0) == {}
+    assert b.tick(14.2) == {"v": [{"kind": "leave", "user": "ann"}]}  # exactly one, after grace
+
+
+def test_board_expires_dead_frontends_and_limits_counts():
+    b = PresenceBoard(grace=5.0, expiry=3.0, count_interval=1.0, broadcast_max=100)
+    b.update("f1", upd(anon=1, joined=["ann"]), now=0.0)
+    b.update("f2", {"video": "v", "anon": 0, "users": ["bob"], "full": True}, now=0.0)
+    assert b.tick(0.0) == {"v": [{"kind": "count", "count": 3}]}
+    b.update("f2", {"video": "v", "anon": 0, "users": ["bob"], "full": True}, now=2.5)
+    out = b.tick(3.5)                            # f1 silent past expiry: it died
+    assert out == {"v": [{"kind": "leave", "user": "ann"}, {"kind": "count", "count": 1}]}
+    b.update("f2", {"video": "v", "anon": 5, "users": ["bob", "cy"], "full": True}, now=3.6)
+    assert b.tick(3.7) == {}                     # count interval not yet over
+    assert b.tick(4.6) == {"v": [{"kind": "count", "count": 7}]}
+    assert b.page("v", 1, 10) == {"video": "v", "count": 7, "users": ["cy"], "total_users": 2, "offset": 1}
+
+
+def test_board_above_threshold_counts_but_no_joins():
+    b = PresenceBoard(grace=0.0, expiry=10.0, count_interval=0.0, broadcast_max=3)
+    b.update("f1", upd(anon=3), now=0.0)
+    assert b.update("f1", upd(anon=3, joined=["ann"]), now=0.1) == []  # 4 viewers > 3
+    b.update("f1", upd(anon=3, left=["ann"]), now=0.2)
+    assert b.tick(0.3) == {"v": [{"kind": "count", "count": 3}]}  # no leave either, only the count
+
+
+# --- live mesh --------------------------------------------------------------------------------
+
+FAST = {"presence.flush": "0.05", "presence.refresh": "0.5", "presence.expiry": "1.5",
+        "presence.grace": "1.0", "presence.count_interval": "0.2"}
+
+
+def _counts(c: Collector) -> list[int]:
+    return [json.loads(e.data)["count"] for e in c.of_kind("count")]
+
+
+def _users(c: Collector, kind: str) -> list[str]:
+    return [json.loads(e.data)["user"] for e in c.of_kind(kind)]
+
+
+@pytest.fixture
+def presence_mesh(topology):
+    topology.extra.update(FAST)
+    topology.dispatcher("d1")
+    topology.dispatcher("d2")
+    return topology.frontend("f1"), topology.frontend("f2")
+
+
+async def _open(url, path):
+    from mesh.sse_client import SSEClient
+    return await SSEClient(f"{url}/v1/videos/{path}").connect()
+
+
+@pytest.mark.topology
+async def test_counts_add_up_across_frontends_and_tabs_count_once(presence_mesh):
+    fa, fb = presence_mesh
+    watcher = Collector(await _open(fa.url, "pv/events"))
+    others = [Collector(await _open(fa.url, "pv/events?user=ann")),
+              Collector(await _open(fb.url, "pv/events?user=ann")),   # ann's second tab, elsewhere
+              Collector(await _open(fb.url, "pv/events?user=bob")),
+              Collector(await _open(fb.url, "pv/events"))]
+    # watcher + anon + ann (once) + bob = 4
+    await wait_until(lambda: _counts(watcher)[-1:] == [4], what="count 4 at a viewer of f1")
+    await wait_until(lambda: _counts(others[2])[-1:] == [4], what="count 4 at a viewer of f2")
+    assert sorted(set(_users(watcher, "join"))) == ["ann", "bob"] and _users(watcher, "join").count("ann") == 1
+    status, page = await http("GET", f"{fb.url}/v1/videos/pv/presence?limit=1")
+    assert status == 200 and page["count"] == 4 and page["users"] == ["ann"] and page["total_users"] == 2
+    status, page2 = await http("GET", f"{fa.url}/v1/videos/pv/presence?offset=1&limit=1")
+    assert page2["users"] == ["bob"]
+    await others[3].close()
+    await wait_until(lambda: _counts(watcher)[-1:] == [3], what="count drops to 3")
+    for c in [watcher, *others[:3]]:
+        await c.close()
+
+
+@pytest.mark.topology
+async def test_reload_within_grace_is_silent_and_a_real_leave_is_announced_once(presence_mesh):
+    fa, fb = presence_mesh
+    watcher = Collector(await _open(fa.url, "rl/events"))
+    ann = Collector(await _open(fb.url, "rl/events?user=ann"))
+    await wait_until(lambda: "ann" in _users(watcher, "join"), what="ann joined")
+    await ann.close()
+    ann = Collector(await _open(fa.url, "rl/events?user=ann"))   # reload, onto the other frontend
+    t0 = time.monotonic()
+    await wait_until(lambda: time.monotonic() - t0 > 2.0 and _counts(watcher)[-1:] == [2],
+                     what="past the grace period")
+    assert _users(watcher, "leave") == [] and _users(watcher, "join") == ["ann"]
+    await ann.close()
+    await wait_until(lambda: _users(watcher, "leave") == ["ann"], what="exactly one leave after grace")
+    await wait_until(lambda: _counts(watcher)[-1:] == [1], what="count 1")
+    assert _users(watcher, "leave") == ["ann"]
+    await watcher.close()
+
+
+@pytest.mark.topology
+async def test_killed_frontend_viewers_leave_within_the_bound(presence_mesh):
+    fa, fb = presence_mesh
+    watcher = Collector(await _open(fa.url, "kf/events"))
+    doomed = [Collector(await _open(fb.url, f"kf/events?user=u{i}")) for i in range(3)]
+    await wait_until(lambda: _counts(watcher)[-1:] == [4], what="count 4")
+    fb.kill()
+    t0 = time.monotonic()
+    await wait_until(lambda: _counts(watcher)[-1:] == [1], timeout=10, what="count back to 1")
+    took = time.monotonic() - t0
+    assert took < 1.5 + 1.0 + 1.0, took          # expiry + grace bound (+ scheduling)
+    assert sorted(_users(watcher, "leave")) == ["u0", "u1", "u2"]
+    for c in [watcher, *doomed]:
+        await c.close()
+
+
+@pytest.mark.topology
+async def test_above_threshold_joins_are_not_broadcast_but_counts_are(topology):
+    topology.extra.update({**FAST, "presence.broadcast_max": "3"})
+    topology.dispatcher("d1")
+    f = topology.frontend("f1")
+    watcher = Collector(await _open(f.url, "big/events"))
+    crowd = [Collector(await _open(f.url, "big/events")) for _ in range(3)]
+    await wait_until(lambda: _counts(watcher)[-1:] == [4], what="count 4")
+    late = Collector(await _open(f.url, "big/events?user=zed"))
+    await wait_until(lambda: _counts(watcher)[-1:] == [5], what="count 5")
+    status, page = await http("GET", f"{f.url}/v1/videos/big/presence")
+    assert page["users"] == ["zed"]              # still in presence, just not broadcast
+    assert _users(watcher, "join") == []
+    for c in [watcher, late, *crowd]:
+        await c.close()
+
+
+@pytest.mark.topology
+async def test_presence_bad_input(presence_mesh):
+    fa, _ = presence_mesh
+    for path, code in [("/v1/videos/a%20b/presence", "invalid_video"),
+                       ("/v1/videos/ok/presence?limit=0", "invalid_paging"),
+                       ("/v1/videos/ok/presence?offset=x", "invalid_paging"),
+                       ("/v1/videos/ok/events?user=" + "x" * 65, "invalid_user")]:
+        status, body = await http("GET", fa.url + path)
+        assert status == 400 and body["error"]["code"] == code, path
+    assert (await health(fa.url))["status"] == "ok"
