@@ -31,5 +31,16 @@ def configure(level: str = "info", as_json: bool = False, node: str = "") -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # nothing else reaches stderr unformatted: Python warnings and an uncaught exception become
+    # log records too, so a JSON log stays one JSON object per line
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
     # Tornado's access log is one line per request: keep it out of info-level output
     logging.getLogger("tornado.access").setLevel(max(logging.WARNING, root.level))
+
+
+def _log_uncaught(exc_type, exc, tb) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        logging.getLogger("mesh.app").warning("interrupted; exiting")
+        return
+    logging.getLogger("mesh.app").critical("uncaught exception; exiting", exc_info=(exc_type, exc, tb))

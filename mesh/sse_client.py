@@ -23,7 +23,7 @@ class SSEError(Exception):
 
 class SSEClient:
     def __init__(self, url: str, last_event_id: str | None = None, headers: dict | None = None,
-                 local_addr: tuple[str, int] | None = None):
+                 local_addr: tuple[str, int] | None = None, only: set[str] | None = None):
         self.url = url
         self.last_event_id = last_event_id
         self.extra_headers = headers or {}
@@ -37,6 +37,8 @@ class SSEClient:
         self._chunked = False
         self._chunk_left = 0
         self.eof = False
+        self.only = only    # event types to return; others (e.g. presence) are skipped
+        self.skipped = 0
 
     async def connect(self, timeout: float = 10.0) -> "SSEClient":
         await asyncio.wait_for(self._connect(), timeout)
@@ -114,7 +116,11 @@ class SSEClient:
                 except (asyncio.IncompleteReadError, ConnectionError) as exc:
                     self.eof = True
                     raise EOFError(f"{self.url}: stream closed ({exc})") from None
-                self._pending.extend(self.parser.feed(chunk))
+                for ev in self.parser.feed(chunk):
+                    if self.only is None or ev.event in self.only:
+                        self._pending.append(ev)
+                    else:
+                        self.skipped += 1
             return self._pending.pop(0)
         return await asyncio.wait_for(read(), timeout)
 

@@ -43,7 +43,12 @@ async def comment(front_url: str, video: str, text: str, user: str = "u1") -> di
     return body
 
 
+#: what ``viewer`` returns by default: the chain's events, not presence state
+CHAIN_KINDS = {"like", "comment", "reset"}
+
+
 async def viewer(front_url: str, video: str, **kw) -> SSEClient:
+    kw.setdefault("only", CHAIN_KINDS)
     return await SSEClient(f"{front_url}/v1/videos/{video}/events", **kw).connect()
 
 

@@ -1,0 +1,47 @@
+"""The frontend's human-facing routes: the live-video page and the operator's ``/metrics``.
+
+* ``GET /``                 the page (``static/index.html``): watch a video, like, comment
+* ``GET /static/{file}``    its script and style sheet, served from the installed package
+* ``GET /metrics``          Prometheus text format (``mesh.metrics``)
+
+The page is plain HTML, CSS and JavaScript (no build step, nothing from a CDN): it holds one
+``EventSource`` to this frontend's ``/v1/videos/{video}/events`` and publishes through the same
+origin's API, so it works on whichever frontend served it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import tornado.web
+
+from mesh.metrics import MetricsHandler, frontend_registry
+
+if TYPE_CHECKING:
+    from .node import Frontend
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+class PageFileHandler(tornado.web.StaticFileHandler):
+    """Static files with a short cache lifetime: a redeployed frontend's page is picked up on
+    reload (Tornado still answers conditional requests with 304)."""
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        if path.endswith(".html"):
+            # the page talks only to its own origin; inline script and style are not needed
+            self.set_header("Content-Security-Policy",
+                            "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                            "script-src 'self'; connect-src 'self'")
+
+
+def page_routes(node: "Frontend") -> list:
+    static = {"path": STATIC_DIR}
+    return [
+        (r"/()", PageFileHandler, {**static, "default_filename": "index.html"}),
+        (r"/static/(.+)", PageFileHandler, static),
+        (r"/metrics", MetricsHandler, {"registry": frontend_registry(node)}),
+    ]
