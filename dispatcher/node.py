@@ -30,6 +30,7 @@ import zmq.asyncio
 
 from mesh import protocol as P
 from mesh.config import Config
+from mesh.curve import secure_links
 from mesh.errors import RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_DISPATCHER
 from mesh.metrics import MetricsHandler, dispatcher_registry
@@ -83,9 +84,10 @@ class Dispatcher:
 
     async def start(self) -> None:
         d = self.cfg.dispatcher
-        self.router = make_socket(self.ctx, zmq.ROUTER)
+        self.curve, self.zap = secure_links(self.ctx, self.cfg, self.stats)  # before any bind
+        self.router = make_socket(self.ctx, zmq.ROUTER, curve=self.curve, curve_server=True)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.xpub = make_socket(self.ctx, zmq.XPUB, sndhwm=d.pub_hwm)
+        self.xpub = make_socket(self.ctx, zmq.XPUB, sndhwm=d.pub_hwm, curve=self.curve, curve_server=True)
         # every subscribe reaches us (not only a topic's first), so each new subscriber gets
         # its own sync marker
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -102,7 +104,7 @@ class Dispatcher:
                        asyncio.create_task(self._announce_tails()),
                        asyncio.create_task(self._presence_ticks())]
         await self.kv.open()
-        self.peers = DispatcherPeers(self.ctx, self.kv, me=self.name)
+        self.peers = DispatcherPeers(self.ctx, self.kv, me=self.name, curve=self.curve)
         await self.peers.start()
         await self.kv.register(NodeInfo(self.name, ROLE_DISPATCHER, self.cfg.node.dc,
                                         http=self.endpoints["http"], router=router_ep, pub=pub_ep))
@@ -135,6 +137,8 @@ class Dispatcher:
         for sock in (self.router, self.xpub):
             if sock is not None:
                 sock.close(linger=0)
+        if getattr(self, "zap", None) is not None:
+            self.zap.stop()
 
     def live(self) -> list[str]:
         """The dispatcher set ownership is computed over (without us once we are leaving)."""

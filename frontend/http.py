@@ -28,6 +28,7 @@ from mesh.errors import ClientError
 from mesh.sse import encode_event, encode_reset, encode_retry
 
 from .page import page_routes
+from .security import check_comment_text, check_json_depth
 
 if TYPE_CHECKING:
     from .node import Frontend
@@ -42,6 +43,14 @@ class JSONHandler(tornado.web.RequestHandler):
 
     def initialize(self, node: "Frontend") -> None:
         self.node = node
+
+    def flush(self, include_footers: bool = False):
+        if not self._headers_written:  # CORS, Retry-After, WWW-Authenticate: frontend/security.py
+            self.node.security.before_headers(self)
+        return super().flush(include_footers)
+
+    def options(self, *args) -> None:
+        self.node.security.preflight(self)  # CORS preflight
 
     def send_client_error(self, err: ClientError) -> None:
         self.clear()
@@ -107,6 +116,7 @@ class EventsHandler(JSONHandler):
 
     async def get(self, video: str) -> None:
         check_video(video)
+        self.node.security.admit_viewer(self, video)  # limits, private videos: sets auth_user
         node = self.node
         last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", None)
         after = P.parse_sse_id(last_id) if last_id else None
@@ -215,8 +225,9 @@ class PublishHandler(JSONHandler):
 
     async def post(self, video: str) -> None:
         check_video(video)
+        auth_user = self.node.security.check_publish(self, video, self.kind)  # origin, limits, JWT
         body = self.parse_body()
-        user = body.get("user")
+        user = body.get("user") if auth_user is None else auth_user  # the token's sub wins
         if user is not None:
             if not isinstance(user, str) or not 0 < len(user) <= P.USER_MAX or has_control(user):
                 raise ClientError(400, "invalid_user",
@@ -232,6 +243,7 @@ class PublishHandler(JSONHandler):
             if len(text) > limit:
                 raise ClientError(400, "comment_too_long",
                                   f"comment text has {len(text)} characters; the limit is {limit}")
+            check_comment_text(text)
         event = P.make_event(video, self.kind, user, text)
         result = await self.node.publish(event)
         self.set_status(202)
@@ -251,6 +263,7 @@ class PublishHandler(JSONHandler):
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ClientError(400, "invalid_encoding", f"body is not UTF-8 (byte {exc.start})") from None
+        check_json_depth(text, self.node.cfg.security.max_json_depth)
         try:
             body = json.loads(text)
         except RecursionError:
@@ -262,8 +275,14 @@ class PublishHandler(JSONHandler):
         return body
 
 
-def viewer_identity(handler: tornado.web.RequestHandler) -> str | None:
-    """Who a viewer is, for presence: the ``user`` query parameter (anonymous without)."""
+def viewer_identity(handler: "EventsHandler") -> str | None:
+    """Who a viewer is, for presence: the verified ``sub`` of its token when it sent one;
+    with ``security.auth = "off"`` the ``user`` query parameter (anonymous without).  With
+    JWT auth on, a self-declared ``?user=`` is not trusted: such a viewer is anonymous."""
+    if getattr(handler, "auth_user", None):
+        return handler.auth_user
+    if handler.node.cfg.security.auth != "off":
+        return None
     user = handler.get_query_argument("user", None)
     if user is None or user == "":
         return None
@@ -290,7 +309,7 @@ class PresenceHandler(JSONHandler):
 
 
 def has_control(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" for ch in text)
+    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)  # Cs: unpaired surrogates
 
 
 def routes(node: "Frontend") -> list:

@@ -35,6 +35,7 @@ from mesh.kv import KV, NodeInfo
 from mesh.ordering import ChainFollower
 from mesh.ownership import owner, rank
 from mesh.peers import DispatcherPeers, PeerGone
+from mesh.curve import connect as curve_connect
 from mesh.sockets import make_socket
 
 log = logging.getLogger("mesh.app")
@@ -47,7 +48,7 @@ class MeshLink:
                  on_reset: Callable[[str, str], None] | None = None,
                  on_presence: Callable[[str, list[dict]], None] | None = None,
                  attempt_timeout: float = 1.0, publish_timeout: float = 3.0,
-                 gap_timeout: float = 1.0, drop_every: int = 0):
+                 gap_timeout: float = 1.0, drop_every: int = 0, curve=None):
         self.ctx = ctx
         self.name = name
         self.on_events = on_events
@@ -58,9 +59,10 @@ class MeshLink:
         self.gap_timeout = gap_timeout
         self.drop_every = drop_every  # fault injection: pretend PUB/SUB lost every Nth message
         self._received = 0
-        self.sub = make_socket(ctx, zmq.SUB)
+        self.curve = curve  # mesh.curve.CurveKeys (None: plaintext links)
+        self.sub = make_socket(ctx, zmq.SUB, curve=curve)
         self.dispatchers = DispatcherPeers(ctx, kv, on_connect=self._sub_connect,
-                                           on_disconnect=self._sub_disconnect)
+                                           on_disconnect=self._sub_disconnect, curve=curve)
         self.stats = defaultdict(int)
         self.followers: dict[str, ChainFollower] = {}
         self._synced: dict[str, set[str]] = {}
@@ -91,7 +93,7 @@ class MeshLink:
         task.add_done_callback(self._inflight.discard)
 
     def _sub_connect(self, info: NodeInfo) -> None:
-        self.sub.connect(info.pub)
+        curve_connect(self.sub, info.pub, info.name, self.curve)
         self._wake_sync_waiters()
 
     def _sub_disconnect(self, info: NodeInfo) -> None:

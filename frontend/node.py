@@ -13,6 +13,7 @@ import tornado.web
 import zmq.asyncio
 
 from mesh.config import Config
+from mesh.curve import from_config as curve_from_config
 from mesh.errors import KVError
 from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
 from mesh.node import announce_ready, make_kv, settle_gc, stop_on_signals
@@ -23,6 +24,7 @@ from mesh.subscriptions import CountSync, SubscriptionTable
 from .fanout import Fanout
 from .http import NotFoundHandler, routes
 from .link import MeshLink
+from .security import FrontendSecurity
 
 log = logging.getLogger("mesh.app")
 
@@ -55,7 +57,8 @@ class Frontend:
         self.server = tornado.httpserver.HTTPServer(
             app, max_body_size=MAX_REQUEST_BYTES, max_buffer_size=MAX_REQUEST_BYTES,
             idle_connection_timeout=30.0, body_timeout=10.0, max_header_size=16384)
-        self.server.listen(f.port, address=f.host)
+        self.security = FrontendSecurity(self.cfg, self)  # auth, limits, CORS, accept loop
+        self.security.listen(self.server, f.port, f.host)
         port = next(iter(self.server._sockets.values())).getsockname()[1]
         self.url = f"http://{f.host}:{port}"
         if not self.name:
@@ -63,7 +66,8 @@ class Frontend:
         self.link = MeshLink(self.ctx, self.kv, self.name, self.fanout.deliver, self.fanout.reset,
                              on_presence=self.fanout.presence,
                              attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout,
-                             gap_timeout=f.gap_timeout, drop_every=f.fault_drop_every)
+                             gap_timeout=f.gap_timeout, drop_every=f.fault_drop_every,
+                             curve=curve_from_config(self.cfg))
         await self.kv.open()
         await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
         await self.link.start()

@@ -3,7 +3,9 @@
     meshctl [--config FILE] [--kv embedded|consul] [--kv-path F] [--consul-addr H:P] COMMAND
 
     subs [VIDEO] [--json]   subscription counts per video and frontend, with totals
-    nodes [--json]          registered nodes: role, name, address, health
+    nodes [--json]          registered nodes: role, name, address, health, connections
+    tail VIDEO [--frontend URL] [--json] [--count N] [--timeout S]
+                            a video's events live, one line each
 """
 
 from __future__ import annotations
@@ -11,12 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
+import unicodedata
 
 import click
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+from . import protocol as P
 from .config import load_config
 from .errors import ConfigError, KVError
+from .kv import KV, NodeInfo, ROLE_FRONTEND
 from .node import make_kv
+from .sse_client import SSEClient, SSEError
+
+#: seconds to wait for one node's /healthz
+PROBE_TIMEOUT = 1.5
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -91,21 +102,246 @@ def subs(ctx, video, as_json):
     click.echo(f"total viewers: {sum(sum(f.values()) for f in counts.values())} in {len(counts)} videos")
 
 
+async def probe(node: NodeInfo, timeout: float = PROBE_TIMEOUT) -> dict | None:
+    """The node's ``/healthz`` JSON, or None when it does not answer in time."""
+    if not node.http:
+        return None
+    try:  # an unreachable node answers 599 with no body (raise_error=False)
+        resp = await AsyncHTTPClient().fetch(f"{node.http}/healthz", connect_timeout=timeout,
+                                             request_timeout=timeout, raise_error=False)
+        body = json.loads(resp.body or b"null")
+    except (OSError, ValueError, asyncio.TimeoutError, HTTPClientError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+async def probe_all(kv: KV, role: str | None = None) -> list[tuple[NodeInfo, dict | None]]:
+    """Registered nodes with their ``/healthz`` answers, probed concurrently."""
+    found = await kv.nodes(role)
+    healths = await asyncio.gather(*(probe(n) for n in found))
+    return list(zip(found, healths))
+
+
+def _status(health: dict | None) -> str:
+    return "unreachable" if health is None else str(health.get("status", "?"))
+
+
+def _connections(health: dict | None) -> int | None:
+    value = (health or {}).get("connections")
+    return value if isinstance(value, int) else None
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def nodes(ctx, as_json):
-    """Registered nodes: role, name, datacenter, endpoints, health."""
-    found = _run(ctx, lambda kv: kv.nodes())
+    """Registered nodes: role, name, datacenter, endpoints, registry health, the node's own
+    /healthz status and (frontends) its open viewer connections."""
+    found = _run(ctx, probe_all)
     if as_json:
-        click.echo(json.dumps([n.to_dict() for n in found], indent=2))
+        click.echo(json.dumps([{**n.to_dict(), "status": _status(h), "connections": _connections(h)}
+                               for n, h in found], indent=2))
         return
     if not found:
         click.echo("no nodes registered")
         return
     rows = [[n.role, n.name, n.dc, n.http, " ".join(x for x in (n.router, n.pub) if x) or "-",
-             "passing" if n.healthy else "critical"] for n in found]
-    click.echo(_table(["ROLE", "NAME", "DC", "HTTP", "ZMQ", "HEALTH"], rows))
+             "passing" if n.healthy else "critical", _status(h),
+             "-" if _connections(h) is None else _connections(h)] for n, h in found]
+    click.echo(_table(["ROLE", "NAME", "DC", "HTTP", "ZMQ", "HEALTH", "STATUS", "CONNECTIONS"], rows))
+
+
+# --- tail ---------------------------------------------------------------------------------
+
+#: control characters and line/paragraph separators, shown escaped: one line per event, and
+#: no comment can move the operator's cursor or recolour their terminal
+_ESCAPES = {ord("\\"): "\\\\", ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
+def escape_text(text: str) -> str:
+    out = []
+    for ch in text:
+        if ord(ch) in _ESCAPES:
+            out.append(_ESCAPES[ord(ch)])
+        elif unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def format_event(name: str, data: str) -> str:
+    """``HH:MM:SS.mmmZ  kind     user  text`` (UTC, from the event's ``ts``)."""
+    try:
+        ev = json.loads(data)
+    except ValueError:
+        ev = None
+    if not isinstance(ev, dict):
+        return f"{_clock(None)}  {name:<7}  {escape_text(data)}"
+    parts = [_clock(ev.get("ts")), f"{name:<7}", escape_text(str(ev.get("user") or "-"))]
+    if ev.get("text") is not None:
+        parts.append(escape_text(str(ev["text"])))
+    elif name not in (P.KIND_LIKE, P.KIND_COMMENT):  # count, reset, ...: show the payload
+        parts.append(escape_text(json.dumps({k: v for k, v in ev.items() if k != "ts"},
+                                            ensure_ascii=False, sort_keys=True)))
+    return "  ".join(parts)
+
+
+def json_line(name: str, data: str) -> str:
+    """A like's or comment's data as it came; other events' data gain ``"kind": name``."""
+    if name in P.EVENT_KINDS:
+        return data
+    try:
+        ev = json.loads(data)
+    except ValueError:
+        ev = data
+    if not isinstance(ev, dict):
+        ev = {"data": ev}
+    return json.dumps({"kind": name, **ev}, ensure_ascii=False, separators=(",", ":"))
+
+
+def _clock(ts_ms) -> str:
+    t = ts_ms / 1000.0 if isinstance(ts_ms, (int, float)) else time.time()
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+async def pick_frontend(kv: KV) -> str:
+    """A frontend from the registry whose /healthz says ok (else any that answers)."""
+    found = [(n, h) for n, h in await probe_all(kv, ROLE_FRONTEND) if h is not None and n.http]
+    for node, health in found:
+        if node.healthy and health.get("status") == "ok":
+            return node.http
+    if found:
+        return found[0][0].http
+    raise click.ClickException("no reachable frontend in the registry (use --frontend URL)")
+
+
+async def tail_events(base: str, video: str, as_json: bool, count: int | None,
+                      timeout: float | None) -> int:
+    """Print the video's events until ``count`` likes and comments or ``timeout``;
+    reconnects (with Last-Event-ID) when the stream ends.  Returns the exit status.  Other
+    events (presence ``count``/``join``/``leave``, ``reset``) are printed but not counted: they
+    are state, not part of the video's chain."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout if timeout else None
+    url = f"{base.rstrip('/')}/v1/videos/{video}/events"
+    seen, last_id, opened = 0, None, False
+
+    def left() -> float:
+        return 3600.0 * 24 if deadline is None else max(0.0, deadline - loop.time())
+
+    while left() > 0:
+        client = SSEClient(url, last_event_id=last_id)
+        try:
+            await client.connect(timeout=min(10.0, left()))
+        except SSEError as exc:
+            raise click.ClickException(f"{url}: HTTP {exc.status}: {_error_text(exc.body)}") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            if not opened:
+                raise click.ClickException(f"cannot open {url}: {exc or 'timed out'}") from None
+            click.echo(f"tail: reconnect failed ({exc or 'timed out'}); retrying", err=True)
+            await asyncio.sleep(min(2.0, left()))
+            continue
+        opened = True
+        click.echo(f"tail: watching {video} on {base} (Ctrl-C to stop)", err=True)
+        try:
+            while True:
+                ev = await client.next_event(left())
+                last_id = ev.id or last_id
+                click.echo(json_line(ev.event, ev.data) if as_json else format_event(ev.event, ev.data))
+                if ev.event in P.EVENT_KINDS:
+                    seen += 1
+                    if count is not None and seen >= count:
+                        return 0
+        except asyncio.TimeoutError:
+            break
+        except EOFError:
+            retry = (client.parser.retry or 2000) / 1000.0
+            click.echo(f"tail: stream closed; reconnecting in {retry:.1f}s", err=True)
+            await asyncio.sleep(min(retry, left()))
+        finally:
+            client.close()
+    if count is not None:
+        click.echo(f"tail: timed out after {timeout}s with {seen} of {count} events", err=True)
+        return 1
+    return 0
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        err = json.loads(body)["error"]
+        return f"{err['code']}: {err['message']}"
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace")[:200] or "no body"
+
+
+@main.command()
+@click.argument("video")
+@click.option("--frontend", "frontend_url", default=None, metavar="URL",
+              help="frontend base URL (default: a healthy frontend from the registry)")
+@click.option("--json", "as_json", is_flag=True, help="print each event's raw JSON data")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="exit after N likes and comments")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="exit after S seconds (status 1 if --count events did not come)")
+@click.pass_context
+def tail(ctx, video, frontend_url, as_json, count, timeout):
+    """Watch VIDEO's events live: one line per event (time, kind, user, text)."""
+    if not P.valid_video_id(video):
+        raise click.BadParameter("1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter "
+                                 "or digit", param_hint="VIDEO")
+    base = frontend_url or _run(ctx, pick_frontend)
+    try:
+        status = asyncio.run(tail_events(base, video, as_json, count, timeout))
+    except KeyboardInterrupt:
+        status = 130
+    ctx.exit(status)
+
+
+@main.command()
+@click.argument("video")
+@click.option("--frontend", "frontend_url", default=None, metavar="URL",
+              help="frontend base URL (default: a healthy frontend from the registry)")
+@click.option("--limit", type=click.IntRange(1, 1000), default=1000, show_default=True,
+              help="users per page fetched")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def presence(ctx, video, frontend_url, limit, as_json):
+    """Who watches VIDEO: the viewer count over all frontends and the identified users."""
+    if not P.valid_video_id(video):
+        raise click.BadParameter("1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter "
+                                 "or digit", param_hint="VIDEO")
+    base = (frontend_url or _run(ctx, pick_frontend)).rstrip("/")
+
+    async def fetch_all() -> dict:
+        client = AsyncHTTPClient()
+        users, offset, page = [], 0, {}
+        while True:
+            resp = await client.fetch(f"{base}/v1/videos/{video}/presence?offset={offset}&limit={limit}",
+                                      raise_error=False, request_timeout=10)
+            if resp.code != 200:
+                raise click.ClickException(f"{base}: HTTP {resp.code}: {_error_text(resp.body or b'')}")
+            page = json.loads(resp.body)
+            users += page["users"]
+            offset += len(page["users"])
+            if not page["users"] or offset >= page["total_users"]:
+                return {"video": video, "count": page["count"], "users": users}
+
+    try:
+        out = asyncio.run(fetch_all())
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {base}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"{video}: {out['count']} watching, {len(out['users'])} identified")
+    for user in out["users"]:
+        click.echo(f"  {user}")
+
+
+from .curve import keys_command  # noqa: E402 - ``meshctl keys NAME --dir DIR`` (CURVE keypairs)
+
+main.add_command(keys_command)
 
 
 if __name__ == "__main__":

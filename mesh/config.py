@@ -97,12 +97,46 @@ class PresenceSection:
 
 
 @dataclass
+class SecuritySection:
+    auth: str = _spec("off", choices=("off", "jwt"),
+                      doc="publish authentication: off (anyone may publish; logged loudly at start) or jwt")
+    jwt_secret: str = _spec("", doc="HS256 secret (at least 32 bytes); prefer the environment variable")
+    jwt_public_key: str = _spec("", doc="PEM file of the RS256 (RSA) or ES256 (EC P-256) public key")
+    jwt_audience: str = _spec("livemesh", doc="required `aud` of tokens; subscribe tokens: this + `-subscribe`")
+    jwt_issuer: str = _spec("", doc="required `iss` of tokens (empty: not checked)")
+    jwt_leeway: float = _spec(5.0, lo=0.0, hi=300.0, doc="seconds of clock skew allowed on `exp`")
+    subscribe_token_ttl: float = _spec(300.0, lo=1.0, hi=86400.0,
+                                       doc="longest life (`exp - iat`) of a `?access_token=` subscribe token")
+    private_videos: tuple = _spec((), doc="video id glob patterns that need a token to watch (`;`-separated in env)")
+    like_rate: float = _spec(5.0, lo=0.0, hi=1e6, doc="likes per second per user per video (token users; 0: off)")
+    like_burst: int = _spec(20, lo=1, hi=1000000, doc="like burst per user per video")
+    comment_rate: float = _spec(0.5, lo=0.0, hi=1e6, doc="comments per second per user per video (0: off)")
+    comment_burst: int = _spec(5, lo=1, hi=1000000, doc="comment burst per user per video")
+    ip_rate: float = _spec(100.0, lo=0.0, hi=1e6, doc="publishes per second per client IP (0: off)")
+    ip_burst: int = _spec(1000, lo=1, hi=1000000, doc="publish burst per client IP")
+    max_json_depth: int = _spec(4, lo=1, hi=64, doc="deepest nesting of a publish body")
+    cors_origins: tuple = _spec((), doc="origins allowed to call the API from a browser (`*`: any, never with credentials)")
+    cors_credentials: bool = _spec(False, doc="send Access-Control-Allow-Credentials to listed origins")
+    max_viewers: int = _spec(19000, lo=1, hi=10000000, doc="SSE connections per frontend (503 beyond)")
+    max_viewers_per_ip: int = _spec(1000, lo=1, hi=10000000,
+                                     doc="SSE connections per client IP (429 beyond; NATs put many viewers behind one)")
+    header_timeout: float = _spec(10.0, lo=0.1, hi=3600.0,
+                                  doc="seconds to receive a request's headers (slowloris) or the next request (idle)")
+    fd_reserve: int = _spec(100, lo=0, hi=100000,
+                            doc="file descriptors kept free: TCP connections past the open-file limit minus this get a 503")
+    curve: bool = _spec(False, doc="CURVE-encrypt and authenticate ZeroMQ links (false: plaintext, logged loudly)")
+    curve_secret_key: str = _spec("", doc="this node's `NAME.key_secret` (`meshctl keys`)")
+    curve_public_keys: str = _spec("", doc="directory of allowed public keys `NAME.key` (clients and servers)")
+
+
+@dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     kv: KVSection = field(default_factory=KVSection)
     frontend: FrontendSection = field(default_factory=FrontendSection)
     dispatcher: DispatcherSection = field(default_factory=DispatcherSection)
     presence: PresenceSection = field(default_factory=PresenceSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

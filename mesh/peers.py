@@ -27,6 +27,7 @@ import zmq.asyncio
 from . import protocol as P
 from .errors import KVError, RemoteProtocolError
 from .kv import KV, NodeInfo, ROLE_DISPATCHER
+from .curve import CurveError, connect as curve_connect
 from .sockets import make_socket
 
 log = logging.getLogger("mesh.app")
@@ -62,12 +63,13 @@ def _endpoints(info: NodeInfo) -> tuple[str, str]:
 class DispatcherPeers:
     def __init__(self, ctx: zmq.asyncio.Context, kv: KV, me: str | None = None,
                  on_connect: Callable[[NodeInfo], None] | None = None,
-                 on_disconnect: Callable[[NodeInfo], None] | None = None):
+                 on_disconnect: Callable[[NodeInfo], None] | None = None, curve=None):
         self.ctx = ctx
         self.kv = kv
         self.me = me  # a dispatcher's own name: never linked to itself
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
+        self.curve = curve  # mesh.curve.CurveKeys: links are CURVE clients; None: plaintext
         self.peers: dict[str, Peer] = {}
         self.retired: dict[str, Peer] = {}
         self.stats = defaultdict(int)
@@ -137,8 +139,13 @@ class DispatcherPeers:
                 continue
             if old is not None:
                 self._close(old)
-            dealer = make_socket(self.ctx, zmq.DEALER)
-            dealer.connect(info.router)
+            dealer = make_socket(self.ctx, zmq.DEALER, curve=self.curve)
+            try:
+                curve_connect(dealer, info.router, name, self.curve)
+            except CurveError as exc:
+                dealer.close(linger=0)
+                log.error("not linking to dispatcher %s: %s", name, exc)
+                continue
             peer = self.peers[name] = Peer(info, dealer)
             peer.task = asyncio.create_task(self._serve(peer))
             if self.on_connect:
@@ -171,7 +178,9 @@ class DispatcherPeers:
         fut = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
         try:
-            peer.dealer.send_multipart(P.Control(msg_type, req_id, body).to_frames(), flags=zmq.NOBLOCK)
+            # awaited: a NOBLOCK send that fails (no pipe yet, e.g. a CURVE handshake that never
+            # completes) fails its future, which nobody would otherwise read
+            await peer.dealer.send_multipart(P.Control(msg_type, req_id, body).to_frames(), flags=zmq.NOBLOCK)
             self.stats["requests"] += 1
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:

@@ -11,8 +11,12 @@ MAX_MSG_SIZE = 4 * 1024 * 1024
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, sndhwm: int = 100000, rcvhwm: int = 100000,
-                identity: bytes | None = None) -> zmq.Socket:
+                identity: bytes | None = None, curve=None, curve_server: bool = False) -> zmq.Socket:
+    """``curve``: this node's ``mesh.curve.CurveKeys`` (None: plaintext); ``curve_server``
+    for the sockets a dispatcher binds (clients set the server key per connection)."""
     sock = ctx.socket(kind)
+    if curve is not None:
+        curve.configure(sock, server=curve_server)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)

@@ -186,3 +186,21 @@ async def test_presence_bad_input(presence_mesh):
         status, body = await http("GET", fa.url + path)
         assert status == 400 and body["error"]["code"] == code, path
     assert (await health(fa.url))["status"] == "ok"
+
+
+@pytest.mark.topology
+async def test_meshctl_presence(presence_mesh, kv_path):
+    import subprocess
+    import sys
+    fa, fb = presence_mesh
+    vs = [Collector(await _open(fa.url, "mp/events?user=ann")), Collector(await _open(fb.url, "mp/events?user=bob")),
+          Collector(await _open(fb.url, "mp/events"))]
+    await wait_until(lambda: _counts(vs[0])[-1:] == [3], what="count 3")
+    cli = [sys.executable, "-m", "mesh.cli", "--kv-path", kv_path, "presence", "mp"]
+    out = json.loads(subprocess.run(cli + ["--json", "--limit", "1"], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out == {"video": "mp", "count": 3, "users": ["ann", "bob"]}   # two pages of one
+    text = subprocess.run(cli + ["--frontend", fb.url], capture_output=True, text=True, check=True).stdout
+    assert "mp: 3 watching, 2 identified" in text and "  bob" in text
+    for c in vs:
+        await c.close()

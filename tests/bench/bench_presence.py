@@ -35,7 +35,8 @@ async def health(url: str) -> dict:
 
 async def main_async(args) -> None:
     tmp = tempfile.mkdtemp(prefix="livemesh-bench-")
-    topo = Topology(kv={"backend": "embedded", "path": os.path.join(tmp, "kv.db")}, log_dir=tmp)
+    topo = Topology(kv={"backend": "embedded", "path": os.path.join(tmp, "kv.db")}, log_dir=tmp,
+                    extra={"security.max_viewers_per_ip": "20000"})  # all viewers come from 127.0.0.1
     clients: list[SSEClient] = []
     try:
         d = topo.dispatcher("d1")

@@ -1,0 +1,416 @@
+"""The frontend's guards: who may publish and watch, how fast, from which origins, and how many
+connections a frontend takes before it sheds them.
+
+Theory of operation.  The HTTP handlers (``frontend/http.py``) call in at a few points; the
+decisions are in the sans-IO cores (``mesh.auth``, ``mesh.ratelimit``):
+
+* ``check_publish`` (every POST): browser origin, per-IP token bucket, JWT (``Authorization:
+  Bearer``), per-user-per-video token bucket; returns the verified user (or None when
+  ``security.auth = off``).  The IP limit comes before the token so a flood of bad tokens costs
+  no signature checks.
+* ``admit_viewer`` (every SSE GET): per-IP and per-frontend viewer limits, then the video's
+  subscribe policy (private videos need a token: ``Authorization`` header, or a short-lived
+  subscribe token in ``?access_token=``, which is redacted from the request URI at once so no
+  log line can carry it).
+* ``before_headers`` (every response): CORS headers, plus the ``Retry-After`` /
+  ``WWW-Authenticate`` of the error being sent (``clear()`` in the error path wipes headers set
+  earlier, so they are stashed on the handler and applied when the headers go out).
+* ``listen``: Tornado's own accept loop logs every failed ``accept()``: at the open-file limit
+  (EMFILE) the listening socket stays readable, so it spins at 100 % CPU writing a log line per
+  turn.  Ours (1) sheds connections past ``open-file limit - fd_reserve`` with a canned 503 before
+  that happens, and (2) at EMFILE uses the reserve-descriptor trick of libuv and nginx: close a
+  spare descriptor kept for this, accept the waiting connection, answer 503, close it, take the
+  spare back -- the backlog drains, the client gets a clean answer instead of a hang, and the
+  loop stays quiet.  Both log at most one line per ``SHED_LOG_INTERVAL``.  Viewer streams stop
+  well below that (``max_viewers`` is clamped under the connection limit), so ``/healthz`` keeps
+  answering when the frontend is full.
+* Slowloris: Tornado applies one deadline to a request's whole header block and uses the same
+  deadline for an idle keep-alive connection (``HTTP1ConnectionParameters.header_timeout``,
+  which ``HTTPServer`` derives from ``idle_connection_timeout``); ``listen`` sets it to
+  ``security.header_timeout``.  A started SSE response has no deadline: it is not idle.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import re
+import resource
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from tornado.ioloop import IOLoop
+
+from mesh.auth import ACTION_SUBSCRIBE, Grant, SubscribePolicy, TokenVerifier
+from mesh.errors import ClientError, ConfigError
+from mesh.ratelimit import PublishLimits
+
+if TYPE_CHECKING:
+    from .node import Frontend
+
+log = logging.getLogger("mesh.app")
+
+#: at most one log line per this many seconds about shed connections
+SHED_LOG_INTERVAL = 10.0
+#: seconds accepting pauses when even the reserve descriptor cannot be had
+ACCEPT_PAUSE = 0.1
+#: connections accepted per readable event (Tornado's ``_DEFAULT_BACKLOG`` heuristic)
+ACCEPT_BATCH = 128
+#: connections under the connection limit kept for health checks and publishes when full
+VIEWER_HEADROOM = 20
+#: a viewer-table sweep (closed streams of idle IPs) at most this often
+SWEEP_INTERVAL = 10.0
+
+_SHED_BODY = (b'{"error": {"code": "overloaded", "message": "frontend is at its connection limit; '
+              b'retry", "retryable": true}}\n')
+SHED_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(_SHED_BODY), _SHED_BODY))
+
+# control characters (Unicode Cc) other than \t \n \r, and unpaired surrogates (JSON's \ud800
+# escapes make them; they cannot be encoded as UTF-8 for the wire)
+_BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+_TOKEN_PARAM = re.compile(r"(?<=[?&]access_token=)[^&#]*")
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays/objects in ``text`` (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def check_json_depth(text: str, limit: int) -> None:
+    depth = json_depth(text)
+    if depth > limit:
+        # the code stays invalid_json (the API's contract for "nested too deeply"); the
+        # message names the limit
+        raise ClientError(400, "invalid_json", f"JSON nested too deeply: {depth} levels; the limit "
+                          f"is {limit} (security.max_json_depth)")
+
+
+def check_comment_text(text: str) -> None:
+    bad = _BAD_TEXT.search(text)
+    if bad:
+        ch = bad.group()
+        what = "an unpaired surrogate" if "\ud800" <= ch <= "\udfff" else "control character"
+        raise ClientError(400, "invalid_text", f"comment text contains {what} U+{ord(ch):04X} at "
+                          f"position {bad.start()}; only \\n \\r \\t are allowed")
+
+
+def bearer_token(handler: tornado.web.RequestHandler) -> str | None:
+    value = handler.request.headers.get("Authorization", "")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def open_file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class FrontendSecurity:
+    def __init__(self, cfg, node: "Frontend"):
+        self.cfg = cfg
+        sec = self.sec = cfg.security
+        self.node = node
+        self.stats = node.stats
+        self.verifier: TokenVerifier | None = None
+        if sec.auth == "jwt":
+            pem = None
+            if sec.jwt_public_key:
+                try:
+                    with open(sec.jwt_public_key, "rb") as fh:
+                        pem = fh.read()
+                except OSError as exc:
+                    raise ConfigError(f"security.jwt_public_key: {sec.jwt_public_key}: {exc.strerror}") from None
+            self.verifier = TokenVerifier(sec.jwt_secret, pem, audience=sec.jwt_audience,
+                                          issuer=sec.jwt_issuer, leeway=sec.jwt_leeway,
+                                          subscribe_ttl=sec.subscribe_token_ttl)
+            log.info("publishing needs a JWT (%s)", ", ".join(self.verifier.algorithms))
+        else:
+            log.warning("publishing is UNAUTHENTICATED (security.auth = off): anyone who reaches "
+                        "this frontend may like and comment under any name; set security.auth = jwt "
+                        "outside local development")
+        self.policy = SubscribePolicy(sec.private_videos)
+        if self.policy.patterns and self.verifier is None:
+            raise ConfigError("security.private_videos needs security.auth = jwt")
+        self.limits = PublishLimits(sec.like_rate, sec.like_burst, sec.comment_rate, sec.comment_burst,
+                                    sec.ip_rate, sec.ip_burst)
+        self.origins = frozenset(o for o in sec.cors_origins if o != "*")
+        self.any_origin = "*" in sec.cors_origins
+        nofile = open_file_limit()
+        unlimited = nofile == resource.RLIM_INFINITY or nofile <= sec.fd_reserve
+        self.max_connections = nofile - sec.fd_reserve if sec.fd_reserve and not unlimited else None
+        self.max_viewers = sec.max_viewers
+        if self.max_connections is not None and self.max_viewers > self.max_connections - VIEWER_HEADROOM:
+            self.max_viewers = max(1, self.max_connections - VIEWER_HEADROOM)
+            log.warning("security.max_viewers %d lowered to %d: the open-file limit is %d "
+                        "(fd_reserve %d)", sec.max_viewers, self.max_viewers, nofile, sec.fd_reserve)
+        self._by_ip: dict[str, list] = {}
+        self._swept = 0.0
+        self._reserve_fd: int | None = None
+        self._shed_since_log = 0
+        self._shed_logged_at = -1e9
+        self._server: tornado.httpserver.HTTPServer | None = None
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def check_publish(self, handler: tornado.web.RequestHandler, video: str, kind: str) -> str | None:
+        """Origin, rate limits and token of one publish; the verified user (None: auth off)."""
+        self._check_origin(handler)
+        now = time.monotonic()
+        wait = self.limits.check_ip(handler.request.remote_ip or "?", now)
+        if wait:
+            self._rate_limited(handler, wait, f"too many publishes from your address (limit "
+                               f"{self.sec.ip_rate:g}/s, burst {self.sec.ip_burst})")
+        if self.verifier is None:
+            return None
+        grant = self._authorize(handler, bearer_token(handler), video, kind, False)
+        wait = self.limits.check_user(grant.user, video, kind, now)
+        if wait:
+            rate, burst = ((self.sec.like_rate, self.sec.like_burst) if kind == "like"
+                           else (self.sec.comment_rate, self.sec.comment_burst))
+            self._rate_limited(handler, wait, f"too many {kind}s by {grant.user} on {video} "
+                               f"(limit {rate:g}/s, burst {burst})")
+        return grant.user
+
+    def _authorize(self, handler, token, video: str, action: str, subscribe_token: bool) -> Grant:
+        try:
+            return self.verifier.authorize(token, video, action, subscribe_token)
+        except ClientError as err:
+            self.stats[f"auth_{err.status}"] += 1
+            if err.status == 401:
+                hint = 'Bearer realm="livemesh"' if err.code == "missing_token" else \
+                    'Bearer realm="livemesh", error="invalid_token"'
+                handler._security_headers = {"WWW-Authenticate": hint}
+            raise
+
+    def _rate_limited(self, handler, wait: float, message: str) -> None:
+        self.stats["rate_limited"] += 1
+        retry_after = max(1, math.ceil(wait))
+        handler._security_headers = {"Retry-After": str(retry_after)}
+        raise ClientError(429, "rate_limited", f"{message}; retry after {retry_after} s", retryable=True)
+
+    # --- viewers ----------------------------------------------------------------------------
+
+    def admit_viewer(self, handler: tornado.web.RequestHandler, video: str) -> None:
+        """Connection limits and subscribe policy of a new SSE stream (raises ClientError).
+        Sets ``handler.auth_user`` (the verified user, or None)."""
+        request = handler.request
+        query_token = handler.get_query_argument("access_token", None)
+        if query_token is not None:  # never let the token reach a log line
+            request.uri = _TOKEN_PARAM.sub("REDACTED", request.uri)
+            request.query = _TOKEN_PARAM.sub("REDACTED", "?" + request.query)[1:]
+        handler.auth_user = None
+        ip = request.remote_ip or "?"
+        now = time.monotonic()
+        if now - self._swept >= SWEEP_INTERVAL:
+            self._sweep(now)
+        mine = self._by_ip.get(ip)
+        if mine:
+            mine[:] = [h for h in mine if _streaming(h)]
+        if mine and len(mine) >= self.sec.max_viewers_per_ip:
+            self.stats["viewers_refused_ip"] += 1
+            handler._security_headers = {"Retry-After": "10"}
+            raise ClientError(429, "too_many_streams", f"your address has {len(mine)} open streams; "
+                              f"the limit is {self.sec.max_viewers_per_ip}", retryable=True)
+        if len(self.node.table) >= self.max_viewers:
+            self.stats["viewers_refused_full"] += 1
+            handler._security_headers = {"Retry-After": "5"}
+            raise ClientError(503, "frontend_full", f"this frontend serves its maximum of "
+                              f"{self.max_viewers} streams; try another", retryable=True)
+        header_token = bearer_token(handler)
+        if self.policy.is_private(video) or ((header_token or query_token) and self.verifier):
+            if header_token:
+                grant = self._authorize(handler, header_token, video, ACTION_SUBSCRIBE, False)
+            else:
+                grant = self._authorize(handler, query_token, video, ACTION_SUBSCRIBE, True)
+            handler.auth_user = grant.user
+        self._by_ip.setdefault(ip, []).append(handler)
+
+    def _sweep(self, now: float) -> None:
+        self._swept = now
+        for ip in list(self._by_ip):
+            alive = [h for h in self._by_ip[ip] if _streaming(h)]
+            if alive:
+                self._by_ip[ip] = alive
+            else:
+                del self._by_ip[ip]
+
+    # --- CORS -------------------------------------------------------------------------------
+
+    def _allowed_origin(self, handler) -> str | None:
+        """The Access-Control-Allow-Origin value for this request (None: no CORS headers)."""
+        origin = handler.request.headers.get("Origin")
+        if origin is None:
+            return None
+        if origin in self.origins:
+            return origin
+        if self.any_origin and "Cookie" not in handler.request.headers:
+            return "*"  # never for a credentialed request
+        return None
+
+    def _same_origin(self, handler) -> bool:
+        request = handler.request
+        return request.headers.get("Origin") == f"{request.protocol}://{request.host}"
+
+    def _check_origin(self, handler) -> None:
+        if "Origin" not in handler.request.headers or self._same_origin(handler):
+            return  # not a browser, or the frontend's own page
+        if self._allowed_origin(handler) is None:
+            self.stats["origin_refused"] += 1
+            raise ClientError(403, "origin_not_allowed",
+                              f"origin {handler.request.headers['Origin'][:100]!r} may not call this API")
+
+    def before_headers(self, handler: tornado.web.RequestHandler) -> None:
+        for name, value in getattr(handler, "_security_headers", {}).items():
+            handler.set_header(name, value)
+        allowed = self._allowed_origin(handler)
+        if allowed is None:
+            return
+        handler.set_header("Access-Control-Allow-Origin", allowed)
+        if allowed != "*":
+            handler.add_header("Vary", "Origin")
+            if self.sec.cors_credentials:
+                handler.set_header("Access-Control-Allow-Credentials", "true")
+        handler.set_header("Access-Control-Expose-Headers", "Retry-After, WWW-Authenticate")
+
+    def preflight(self, handler: tornado.web.RequestHandler) -> None:
+        """``OPTIONS``: the CORS preflight of a browser about to publish."""
+        if "Origin" in handler.request.headers and not self._same_origin(handler):
+            self._check_origin(handler)
+        handler.set_status(204)
+        handler.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        handler.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID")
+        handler.set_header("Access-Control-Max-Age", "600")
+        handler.set_header("Allow", "GET, POST, OPTIONS")
+        handler.finish()
+
+    # --- accepting connections ----------------------------------------------------------------
+
+    def listen(self, server: tornado.httpserver.HTTPServer, port: int, host: str) -> None:
+        """``server.listen(port, host)`` with our accept loop and header deadline."""
+        server.conn_params.header_timeout = self.sec.header_timeout
+        self._server = server
+        self._reserve_fd = _open_reserve()
+        for sock in tornado.netutil.bind_sockets(port, address=host):
+            server._sockets[sock.fileno()] = sock
+            server._handlers[sock.fileno()] = self._add_accept_handler(sock, server._handle_connection)
+
+    def _add_accept_handler(self, sock: socket.socket, callback):
+        loop = IOLoop.current()
+        state = {"removed": False, "registered": True}
+
+        def resume() -> None:
+            if not state["removed"] and not state["registered"]:
+                loop.add_handler(sock, on_readable, IOLoop.READ)
+                state["registered"] = True
+
+        def on_readable(fd, events) -> None:
+            for _ in range(ACCEPT_BATCH):
+                if state["removed"]:
+                    return
+                try:
+                    conn, address = sock.accept()
+                except BlockingIOError:
+                    return
+                except ConnectionAbortedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        raise
+                    if not self._shed_with_reserve(sock):
+                        loop.remove_handler(sock)  # the socket stays readable: do not spin
+                        state["registered"] = False
+                        loop.call_later(ACCEPT_PAUSE, resume)
+                    return
+                if self.max_connections is not None and \
+                        len(self._server._connections) >= self.max_connections:
+                    self._shed(conn, "the connection limit")
+                    continue
+                callback(conn, address)
+
+        def remove() -> None:
+            if state["registered"]:
+                loop.remove_handler(sock)
+            state["removed"] = True
+            if self._reserve_fd is not None:
+                os.close(self._reserve_fd)
+                self._reserve_fd = None
+
+        loop.add_handler(sock, on_readable, IOLoop.READ)
+        return remove
+
+    def _shed_with_reserve(self, sock: socket.socket) -> bool:
+        """At EMFILE: free the reserve descriptor, accept and shed what waits, take it back.
+        False when no reserve could be had (accepting must pause)."""
+        if self._reserve_fd is None:
+            self._reserve_fd = _open_reserve()
+            self._count_shed("the open-file limit", 0)
+            return False
+        os.close(self._reserve_fd)
+        self._reserve_fd = None
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, ConnectionAbortedError):
+                    break
+                except OSError:
+                    break  # the freed descriptor went elsewhere meanwhile
+                self._shed(conn, "the open-file limit")
+        finally:
+            self._reserve_fd = _open_reserve()
+        return self._reserve_fd is not None
+
+    def _shed(self, conn: socket.socket, why: str) -> None:
+        try:
+            conn.setblocking(False)
+            conn.send(SHED_RESPONSE)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client is gone already: nothing to tell it
+        finally:
+            conn.close()
+        self._count_shed(why, 1)
+
+    def _count_shed(self, why: str, n: int) -> None:
+        self.stats["connections_shed"] += n
+        self._shed_since_log += n
+        now = time.monotonic()
+        if now - self._shed_logged_at >= SHED_LOG_INTERVAL:
+            log.warning("at %s (%d open connections, open-file limit %d): shed %d new connections "
+                        "in the last %.0f s with 503", why, len(self._server._connections),
+                        open_file_limit(), self._shed_since_log, SHED_LOG_INTERVAL)
+            self._shed_logged_at = now
+            self._shed_since_log = 0
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _streaming(handler) -> bool:
+    """An SSE handler whose response is still going (closed streams drop out lazily)."""
+    if handler._finished or getattr(handler, "closed", False):
+        return False
+    stream = getattr(handler.request.connection, "stream", None)
+    return stream is not None and not stream.closed()

@@ -1,0 +1,195 @@
+"""ZeroMQ CURVE on the node links: encryption and mutual authentication.
+
+Theory of operation (the zguide's "Ironhouse" pattern).  Every node has its own keypair, made by
+``meshctl keys NAME --dir DIR`` (``DIR/NAME.key`` public, ``DIR/NAME.key_secret`` secret, mode
+0600).  A deployment gives each node its own secret file (``security.curve_secret_key``) and the
+same directory of allowed public keys (``security.curve_public_keys``, ``*.key``).
+
+* Every dispatcher binds ROUTER and XPUB as CURVE servers and runs a ZAP authenticator
+  (pyzmq's ``zmq.auth.asyncio.AsyncioAuthenticator``) that admits a client only when its public
+  key is a file in the public-key directory.  A client whose key is not there fails the
+  handshake: it gets no messages at all (no fan-out, no replies) and its messages are never
+  read.  The directory is read again when it changes, so adding or removing a node's key needs
+  no restart (established connections stay up until they reconnect).
+* Frontends (SUB, DEALERs) and dispatchers (DEALERs to each other) are CURVE clients.  A client
+  must know the server's public key before it connects: it is ``<dispatcher name>.key`` in the
+  same directory, so a client connects only to dispatchers whose key it holds (a registry entry
+  pointing somewhere else gets nowhere).  ``CURVE_SERVERKEY`` is copied into each connection
+  when ``connect`` is called, so one SUB socket talks to many dispatchers, each with its key.
+
+Plaintext is only what you configure (``security.curve = false``, the local-dev default); the
+nodes say so in a warning at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import click
+import zmq
+import zmq.asyncio
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from .errors import ConfigError, MeshError
+
+log = logging.getLogger("mesh.wire")
+
+ZAP_DOMAIN = b"livemesh"
+#: seconds between two warnings about the same refused key
+DENY_LOG_INTERVAL = 60.0
+
+
+class CurveError(MeshError):
+    """A CURVE key is missing or unreadable."""
+
+
+class CurveKeys:
+    """This node's keypair and the directory of allowed public keys."""
+
+    def __init__(self, secret_key_file: str, public_keys_dir: str):
+        if not secret_key_file or not public_keys_dir:
+            raise ConfigError("security.curve = true needs security.curve_secret_key and "
+                              "security.curve_public_keys")
+        try:
+            public, secret = zmq.auth.load_certificate(secret_key_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"security.curve_secret_key: cannot load {secret_key_file}: {exc}") from None
+        if not secret:
+            raise ConfigError(f"security.curve_secret_key: {secret_key_file} holds no secret key")
+        if not os.path.isdir(public_keys_dir):
+            raise ConfigError(f"security.curve_public_keys: {public_keys_dir} is not a directory")
+        self.public = public
+        self.secret = secret
+        self.public_dir = public_keys_dir
+
+    def configure(self, sock: zmq.Socket, server: bool) -> None:
+        """Set the CURVE options of a new socket (before bind/connect)."""
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
+        if server:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+
+    def server_key(self, name: str) -> bytes:
+        """The public key of the node called ``name`` (``<dir>/<name>.key``)."""
+        path = os.path.join(self.public_dir, f"{name}.key")
+        if os.path.basename(path) != f"{name}.key" or name.startswith("."):
+            raise CurveError(f"no usable key file name for node {name!r}")
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as exc:
+            raise CurveError(f"no public key for {name} ({path}: {exc})") from None
+        return public
+
+
+def connect(sock: zmq.Socket, endpoint: str, peer: str, curve: CurveKeys | None) -> None:
+    """``sock.connect(endpoint)``, as a CURVE client of node ``peer`` when ``curve`` is set.
+    Raises CurveError when we hold no key for ``peer`` (then nothing is connected)."""
+    if curve is not None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key(peer))
+    sock.connect(endpoint)
+
+
+class KeyDirectory:
+    """The ZAP credentials provider: allowed client keys are the ``*.key`` files of a
+    directory, read again when the directory changes (checked at most once a second)."""
+
+    def __init__(self, path: str, stats: dict | None = None, clock=time.monotonic):
+        self.path = path
+        self.stats = stats if stats is not None else {}
+        self.clock = clock
+        self.allowed: set[bytes] = set()
+        self._mtime = None
+        self._checked = -1e9
+        self._warned: dict[bytes, float] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError as exc:
+            log.error("CURVE public key directory %s unreadable (%s); keeping %d keys",
+                      self.path, exc, len(self.allowed))
+            return
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        self.allowed = set(zmq.auth.load_certificates(self.path))
+        log.info("CURVE: %d allowed public keys from %s", len(self.allowed), self.path)
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        now = self.clock()
+        if now - self._checked >= 1.0:
+            self._checked = now
+            self._reload()
+        if z85_key in self.allowed:
+            return True
+        self.stats["curve_refused"] = self.stats.get("curve_refused", 0) + 1
+        if now - self._warned.get(z85_key, -1e9) >= DENY_LOG_INTERVAL:
+            if len(self._warned) > 1000:
+                self._warned.clear()
+            self._warned[z85_key] = now
+            log.warning("CURVE: refused a peer with unknown public key %s", z85_key.decode(errors="replace"))
+        return False
+
+
+def start_authenticator(ctx: zmq.asyncio.Context, keys: CurveKeys, stats: dict) -> AsyncioAuthenticator:
+    """Run the ZAP handler on ``ctx``; must happen before any CURVE server socket binds
+    (without a ZAP handler libzmq would admit every client that knows the server key)."""
+    auth = AsyncioAuthenticator(ctx, log=logging.getLogger("mesh.wire.zap"))
+    auth.start()
+    auth.configure_curve_callback(domain=ZAP_DOMAIN.decode(),  # the domain our servers set
+                                  credentials_provider=KeyDirectory(keys.public_dir, stats))
+    return auth
+
+
+def from_config(cfg) -> CurveKeys | None:
+    """This node's CURVE keys, or None when the links are plaintext (said loudly)."""
+    sec = cfg.security
+    if not sec.curve:
+        log.warning("node links are PLAINTEXT (security.curve = false): anyone who can reach the "
+                    "dispatchers' ZeroMQ ports can read every event and publish; use CURVE "
+                    "(meshctl keys) outside local development")
+        return None
+    keys = CurveKeys(sec.curve_secret_key, sec.curve_public_keys)
+    log.info("node links use CURVE (public key %s, allowed keys in %s)", keys.public.decode(),
+             keys.public_dir)
+    return keys
+
+
+@click.command(name="keys")
+@click.argument("name")
+@click.option("--dir", "key_dir", required=True, type=click.Path(file_okay=False),
+              help="directory for NAME.key (public) and NAME.key_secret (secret, mode 0600)")
+@click.option("--force", is_flag=True, help="replace an existing keypair")
+def keys_command(name: str, key_dir: str, force: bool) -> None:
+    """Make a CURVE keypair for node NAME (its node.name) in DIR.
+
+    Give NAME.key_secret to that node only (security.curve_secret_key) and put every node's
+    NAME.key into the directory all nodes read (security.curve_public_keys)."""
+    if not name or "/" in name or name.startswith("."):
+        raise click.BadParameter("a node name without '/' and not starting with '.'", param_hint="NAME")
+    os.makedirs(key_dir, exist_ok=True)
+    public_file = os.path.join(key_dir, f"{name}.key")
+    secret_file = public_file + "_secret"
+    if not force and (os.path.exists(public_file) or os.path.exists(secret_file)):
+        raise click.ClickException(f"{public_file} exists (--force replaces it)")
+    old_umask = os.umask(0o077)
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(key_dir, name)
+    finally:
+        os.umask(old_umask)
+    os.chmod(secret_file, 0o600)
+    os.chmod(public_file, 0o644)
+    click.echo(f"public {public_file}")
+    click.echo(f"secret {secret_file}")
+
+
+def secure_links(ctx: zmq.asyncio.Context, cfg, stats: dict) -> tuple[CurveKeys | None, AsyncioAuthenticator | None]:
+    """A dispatcher's CURVE set-up: its keys and a running authenticator (both None when the
+    links are plaintext)."""
+    keys = from_config(cfg)
+    return keys, (start_authenticator(ctx, keys, stats) if keys is not None else None)

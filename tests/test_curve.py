@@ -1,0 +1,140 @@
+"""CURVE on the node links: keys from ``meshctl keys``; nodes with allowed keys form the mesh,
+a peer with no key or an unknown key gets nothing and cannot publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import zmq
+import zmq.asyncio
+import zmq.auth
+
+from mesh import protocol as P
+from mesh.sockets import make_socket
+
+from helpers import health, http, like, viewer, wait_until
+
+pytestmark = pytest.mark.topology
+
+
+def make_keys(key_dir: str, *names: str) -> None:
+    for name in names:
+        out = subprocess.run([sys.executable, "-m", "mesh.cli", "keys", name, "--dir", key_dir],
+                             capture_output=True, text=True, check=True).stdout
+        assert f"public {os.path.join(key_dir, name)}.key" in out
+
+
+def curve_settings(key_dir: str, name: str) -> dict:
+    return {"security.curve": "true", "security.curve_secret_key": os.path.join(key_dir, f"{name}.key_secret"),
+            "security.curve_public_keys": key_dir}
+
+
+@pytest.fixture
+def curve_mesh(topology, tmp_path):
+    key_dir = str(tmp_path / "keys")
+    make_keys(key_dir, "d1", "d2", "f1")
+    assert oct(os.stat(os.path.join(key_dir, "f1.key_secret")).st_mode & 0o777) == "0o600"
+    ds = [topology.dispatcher(n, **curve_settings(key_dir, n)) for n in ("d1", "d2")]
+    f = topology.frontend("f1", **curve_settings(key_dir, "f1"))
+    return key_dir, ds, f
+
+
+async def test_curve_mesh_delivers_and_refuses_strangers(curve_mesh, tmp_path, aclose):
+    key_dir, (d1, d2), f = curve_mesh
+    assert sorted((await health(f.url))["dispatchers"]) == ["d1", "d2"]
+    # the rogue peers, subscribed to every video on both dispatchers
+    ctx = zmq.asyncio.Context()
+    rogue_pair = zmq.curve_keypair()
+    socks = []
+    for d in (d1, d2):
+        plain = make_socket(ctx, zmq.SUB)                       # no CURVE at all
+        unknown = make_socket(ctx, zmq.SUB)                     # a key nobody allowed
+        unknown.curve_publickey, unknown.curve_secretkey = rogue_pair
+        unknown.curve_serverkey = zmq.auth.load_certificate(os.path.join(key_dir, f"{d.name}.key"))[0]
+        for s in (plain, unknown):
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+            s.connect(d.info["pub"])
+            socks.append(s)
+
+    async def cleanup():
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+    aclose.append(cleanup)
+
+    # the mesh itself works over CURVE: viewers on f1 get likes published through f1
+    v = await viewer(f.url, "secret-talk")
+    sent = [(await like(f.url, "secret-talk"))["id"] for _ in range(5)]
+    assert [json.loads(e.data)["id"] for e in await v.events(5)] == sent
+    # ... and two dispatchers replicate to each other over CURVE DEALERs
+    await wait_until(lambda: _replicated(d1, d2), what="replication between dispatchers")
+
+    # the strangers received nothing (not even the sync markers of the subscribe)
+    for s in socks:
+        assert not await s.poll(300), "a peer without an allowed key received a message"
+
+    # a stranger cannot publish: no reply, and no viewer sees its event
+    for keys in (None, rogue_pair):
+        dealer = make_socket(ctx, zmq.DEALER)
+        socks.append(dealer)
+        if keys is not None:
+            dealer.curve_publickey, dealer.curve_secretkey = keys
+            dealer.curve_serverkey = zmq.auth.load_certificate(os.path.join(key_dir, "d1.key"))[0]
+        dealer.connect(d1.info["router"])
+        event = P.make_event("secret-talk", P.KIND_LIKE, "mallory", None)
+        await dealer.send_multipart(P.Control(P.MSG_PUBLISH, b"r1", P.publish_body([event])).to_frames())
+        assert not await dealer.poll(1000), "a peer without an allowed key got a reply"
+    assert await v.no_event(0.5, kinds={"like"}) is None
+    stats = (await health(d1.info["http"]))["stats"]
+    assert stats.get("curve_refused", 0) >= 1  # the unknown key was seen and refused
+    assert stats.get("malformed", 0) == 0      # nothing of theirs was even read
+    log_text = open(os.path.join(str(tmp_path), "d1.log")).read()
+    assert "CURVE: refused a peer with unknown public key" in log_text
+    assert "PLAINTEXT" not in log_text
+    v.close()
+
+
+async def _replicated(d1, d2) -> bool:
+    h1, h2 = await health(d1.info["http"]), await health(d2.info["http"])
+    return h1["stats"].get("replicated", 0) + h2["stats"].get("replicated", 0) >= 5
+
+
+async def test_frontend_without_an_allowed_key_gets_nothing(topology, tmp_path):
+    key_dir = str(tmp_path / "keys")
+    make_keys(key_dir, "d1", "f1")
+    other_dir = str(tmp_path / "other")
+    make_keys(other_dir, "f2", "d1")          # a different "d1" key: f2 is not in key_dir
+    topology.dispatcher("d1", **curve_settings(key_dir, "d1"))
+    good = topology.frontend("f1", **curve_settings(key_dir, "f1"))
+    bad = topology.frontend("f2", **{**curve_settings(other_dir, "f2"),
+                                     "frontend.publish_timeout": "1.0", "frontend.sync_timeout": "0.5"})
+    v = await viewer(bad.url, "leak")
+    status, body = await http("POST", f"{bad.url}/v1/videos/leak/likes")
+    assert status == 503 and body["error"]["code"] == "no_dispatcher"
+    await like(good.url, "leak")
+    assert await v.no_event(1.0, kinds={"like"}) is None
+    v.close()
+
+
+async def test_plaintext_is_said_loudly(topology, tmp_path):
+    topology.dispatcher("d1")
+    f = topology.frontend("f1")
+    for name in ("d1", "f1"):
+        text = open(os.path.join(str(tmp_path), f"{name}.log")).read()
+        assert "node links are PLAINTEXT" in text
+    assert "publishing is UNAUTHENTICATED" in open(os.path.join(str(tmp_path), "f1.log")).read()
+    assert f.url
+
+
+def test_meshctl_keys_refuses_to_overwrite(tmp_path):
+    key_dir = str(tmp_path)
+    make_keys(key_dir, "n1")
+    again = subprocess.run([sys.executable, "-m", "mesh.cli", "keys", "n1", "--dir", key_dir],
+                           capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr
+    public, secret = zmq.auth.load_certificate(os.path.join(key_dir, "n1.key_secret"))
+    assert len(public) == 40 and len(secret) == 40

@@ -1,0 +1,534 @@
+"""Security: JWT publishing and private videos, rate limits, input limits, CORS, connection
+limits, slowloris, shedding at the open-file limit.  Sans-IO cores first, then real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from frontend.security import check_comment_text, json_depth
+from mesh.auth import SubscribePolicy, TokenVerifier
+from mesh.errors import ClientError, ConfigError
+from mesh.ratelimit import RateLimit
+from mesh.sse_client import SSEClient, SSEError
+from mesh.topology import NodeProcess
+
+from helpers import Collector, health, http, like, viewer, wait_until
+
+SECRET = "s3cret-for-tests-only-0123456789abcdef"
+
+
+def token(sub="ann", exp_in=60.0, key=SECRET, alg="HS256", aud="livemesh", **claims) -> str:
+    now = time.time()
+    payload = {"sub": sub, "exp": now + exp_in, "iat": now, "aud": aud, **claims}
+    return jwt.encode(payload, key, algorithm=alg)
+
+
+def auth_header(tok: str) -> dict:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+def code_of(fn, *args, **kw) -> tuple[int, str]:
+    with pytest.raises(ClientError) as info:
+        fn(*args, **kw)
+    return info.value.status, info.value.code
+
+
+# --- sans-IO: tokens ------------------------------------------------------------------------
+
+def test_hs256_token_checks():
+    v = TokenVerifier(SECRET)
+    assert v.authorize(token(), "vid", "like").user == "ann"
+    assert code_of(v.authorize, None, "vid", "like") == (401, "missing_token")
+    assert code_of(v.authorize, token(exp_in=-60), "vid", "like") == (401, "token_expired")
+    assert code_of(v.authorize, token(key="x" * 40), "vid", "like") == (401, "invalid_token")
+    assert code_of(v.authorize, "not.a.jwt", "vid", "like") == (401, "invalid_token")
+    assert code_of(v.authorize, token(aud="other"), "vid", "like") == (401, "invalid_token")
+    assert code_of(v.authorize, token(videos=["a-*"]), "vid", "like") == (403, "video_not_allowed")
+    assert v.authorize(token(videos=["a-*"]), "a-1", "like").user == "ann"
+    assert code_of(v.authorize, token(actions=["like"]), "vid", "comment") == (403, "action_not_allowed")
+    unsigned = jwt.encode({"sub": "ann", "exp": time.time() + 60, "aud": "livemesh"}, None, algorithm="none")
+    assert code_of(v.authorize, unsigned, "vid", "like") == (401, "invalid_token")
+    no_sub = jwt.encode({"exp": time.time() + 60, "aud": "livemesh"}, SECRET, algorithm="HS256")
+    assert code_of(v.authorize, no_sub, "vid", "like") == (401, "invalid_token")
+    assert code_of(v.authorize, token(sub="a\x07b"), "vid", "like") == (401, "invalid_token")
+
+
+def test_a_cached_token_still_expires():
+    now = [1000.0]
+    v = TokenVerifier(SECRET, clock=lambda: now[0], leeway=0)
+    tok = token(exp_in=10)  # valid for PyJWT's clock; the cache check uses ours
+    grant = v.verify(tok)
+    now[0] = grant.exp + 1
+    assert code_of(v.verify, tok) == (401, "token_expired")
+
+
+def _pem(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+def test_asymmetric_tokens(alg):
+    private = rsa.generate_private_key(65537, 2048) if alg == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    v = TokenVerifier(public_key_pem=_pem(private.public_key()))
+    assert v.algorithms == [alg]
+    assert v.authorize(token(key=private, alg=alg), "vid", "comment").user == "ann"
+    other = rsa.generate_private_key(65537, 2048) if alg == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    assert code_of(v.authorize, token(key=other, alg=alg), "vid", "like") == (401, "invalid_token")
+    # alg confusion: an HS256 token "signed" with the public key is refused (no HS256 key here)
+    assert code_of(v.authorize, token(key="p" * 40), "vid", "like") == (401, "invalid_token")
+
+
+def test_subscribe_tokens_are_short_lived_and_subscribe_only():
+    v = TokenVerifier(SECRET, subscribe_ttl=300)
+    sub_tok = token(aud="livemesh-subscribe", exp_in=120)
+    assert v.authorize(sub_tok, "priv-1", "subscribe", subscribe_token=True).user == "ann"
+    assert code_of(v.authorize, sub_tok, "priv-1", "like") == (401, "invalid_token")  # wrong aud
+    assert code_of(v.authorize, token(), "priv-1", "subscribe", subscribe_token=True) == (401, "invalid_token")
+    long_lived = token(aud="livemesh-subscribe", exp_in=3600)
+    assert code_of(v.authorize, long_lived, "priv-1", "subscribe", subscribe_token=True) == (401, "invalid_token")
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError):
+        TokenVerifier("short")
+    with pytest.raises(ConfigError):
+        TokenVerifier()
+    with pytest.raises(ConfigError):
+        TokenVerifier(public_key_pem=b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    assert SubscribePolicy(["priv-*", "team.?"]).is_private("priv-9")
+    assert not SubscribePolicy(["priv-*"]).is_private("public")
+
+
+# --- sans-IO: limits ------------------------------------------------------------------------
+
+def test_token_bucket_refuses_past_the_burst_and_refills():
+    limit = RateLimit(rate=2.0, burst=3)
+    assert [limit.take("k", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = limit.take("k", 0.0)
+    assert wait == pytest.approx(0.5)
+    assert limit.take("k", 0.25) > 0       # not yet
+    assert limit.take("k", 0.5) == 0.0     # refilled one
+    assert limit.take("other", 0.5) == 0.0  # keys are independent
+    assert limit.prune(100.0) == 2 and not limit.buckets
+    assert RateLimit(rate=0, burst=1).take("k", 0.0) == 0.0  # disabled
+
+
+def test_token_bucket_table_is_bounded():
+    limit = RateLimit(rate=1.0, burst=1, max_keys=100)
+    for i in range(1000):
+        limit.take(i, 0.0)
+    assert len(limit.buckets) <= 100
+
+
+def test_json_depth_and_comment_text():
+    assert json_depth('{"a": [1, {"b": "[[[[{{{{"}]}') == 3
+    assert json_depth("[" * 50 + "]" * 50) == 50
+    json_depth('{"unterminated": "[[[')  # garbage: any answer, never an exception
+    check_comment_text("tab\tnew\nline\r\n 🎉")
+    for bad in ("bell\x07", "esc\x1b[31m", "nul\x00", "c1\x85", "lone \ud800"):
+        with pytest.raises(ClientError) as info:
+            check_comment_text(bad)
+        assert info.value.code == "invalid_text" and "U+" in info.value.message
+
+
+# --- processes ------------------------------------------------------------------------------
+
+SECURE = {"security.auth": "jwt", "security.jwt_secret": SECRET, "security.private_videos": "priv-*"}
+
+
+@pytest.fixture
+def secure(topology):
+    d = topology.dispatcher("d1")
+    f = topology.frontend("f1", **SECURE, **{"security.like_rate": "2", "security.like_burst": "3",
+                                             "security.cors_origins": "https://app.example"})
+    return d, f
+
+
+async def test_publish_needs_a_valid_token(secure, tmp_path):
+    _, f = secure
+    url = f"{f.url}/v1/videos/open-1/likes"
+    status, body = await http("POST", url)
+    assert status == 401 and body["error"]["code"] == "missing_token"
+    assert body["error"]["retryable"] is False
+    for tok, code in ((token(exp_in=-30), "token_expired"), (token(key="y" * 40), "invalid_token"),
+                      (token(alg="HS512", key=SECRET * 2), "invalid_token")):
+        status, body = await http("POST", url, headers=auth_header(tok))
+        assert (status, body["error"]["code"]) == (401, code), body
+    status, body = await http("POST", url, headers=auth_header(token(videos=["other-*"])))
+    assert (status, body["error"]["code"]) == (403, "video_not_allowed")
+    status, body = await http("POST", f"{f.url}/v1/videos/open-1/comments", {"text": "hi"},
+                              headers=auth_header(token(actions=["like"])))
+    assert (status, body["error"]["code"]) == (403, "action_not_allowed")
+    # a good token: accepted, and its sub replaces the user field of the body
+    v = await viewer(f.url, "open-1")
+    status, body = await http("POST", f"{f.url}/v1/videos/open-1/comments",
+                              {"user": "mallory", "text": "hello"}, headers=auth_header(token(sub="ann")))
+    assert status == 202, body
+    got = json.loads((await v.events(1))[0].data)
+    assert got["user"] == "ann" and got["text"] == "hello"
+    v.close()
+    stats = (await health(f.url))["stats"]
+    assert stats["auth_401"] >= 4 and stats["auth_403"] >= 2
+
+
+async def test_burst_over_the_limit_gets_429_and_refills(secure):
+    _, f = secure
+    url = f"{f.url}/v1/videos/rl-1/likes"
+    hdr = auth_header(token(sub="bob"))
+    for _ in range(3):  # like_burst 3
+        assert (await http("POST", url, headers=hdr))[0] == 202
+    status, body = await http("POST", url, headers=hdr)
+    assert status == 429 and body["error"]["code"] == "rate_limited" and body["error"]["retryable"]
+    # other users and other videos have their own buckets
+    assert (await http("POST", url, headers=auth_header(token(sub="carol"))))[0] == 202
+    assert (await http("POST", f"{f.url}/v1/videos/rl-2/likes", headers=hdr))[0] == 202
+    # Retry-After is a whole number of seconds; the bucket refills at 2/s
+    resp = await AsyncHTTPClient().fetch(HTTPRequest(url, method="POST", body=b"", headers=hdr),
+                                         raise_error=False)
+    assert resp.code == 429 and resp.headers["Retry-After"] == "1"
+    await wait_until(lambda: _status(http("POST", url, headers=hdr), 202), timeout=3, interval=0.2,
+                     what="the bucket refilled")
+
+
+async def _status(coro, want: int) -> bool:
+    return (await coro)[0] == want
+
+
+async def test_per_ip_limit(topology):
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"security.ip_rate": "1", "security.ip_burst": "2"})
+    url = f"{f.url}/v1/videos/ip-1/likes"
+    assert [(await http("POST", url, {"user": f"u{i}"}))[0] for i in range(3)] == [202, 202, 429]
+
+
+async def test_input_limits_say_which_limit(secure):
+    _, f = secure
+    url = f"{f.url}/v1/videos/in-1/comments"
+    hdr = auth_header(token(sub="dan"))
+    status, body = await http("POST", url, raw=b'{"text": "' + b"x" * 20000 + b'"}', headers=hdr)
+    assert (status, body["error"]["code"]) == (413, "body_too_large") and "16384" in body["error"]["message"]
+    status, body = await http("POST", url, raw=b'{"text": "a", "x": [[[[[[1]]]]]]}', headers=hdr)
+    assert (status, body["error"]["code"]) == (400, "invalid_json"), body
+    assert "7 levels" in body["error"]["message"] and "limit is 4" in body["error"]["message"]
+    status, body = await http("POST", url, {"text": "ring\x07ring"}, headers=hdr)
+    assert (status, body["error"]["code"]) == (400, "invalid_text") and "U+0007" in body["error"]["message"]
+    status, body = await http("POST", url, raw=b'{"text": "half \\ud83d"}', headers=hdr)
+    assert (status, body["error"]["code"]) == (400, "invalid_text"), body
+    status, body = await http("POST", url, {"text": "x" * 2001}, headers=hdr)
+    assert (status, body["error"]["code"]) == (400, "comment_too_long")
+
+
+async def test_private_videos_need_a_token_to_watch(secure):
+    _, f = secure
+    with pytest.raises(SSEError) as info:
+        await viewer(f.url, "priv-1")
+    assert info.value.status == 401 and json.loads(info.value.body)["error"]["code"] == "missing_token"
+    # EventSource: a short-lived subscribe token in the query string
+    sub_tok = token(sub="eve", aud="livemesh-subscribe", exp_in=60, videos=["priv-1"])
+    v = await _viewer_url(f"{f.url}/v1/videos/priv-1/events?access_token={sub_tok}")
+    status, _ = await http("POST", f"{f.url}/v1/videos/priv-1/likes", headers=auth_header(token()))
+    assert status == 202
+    assert (await v.events(1))[0].event == "like"
+    v.close()
+    # a publish token does not work in the query string; a subscribe token for another video
+    # is refused; a header token works
+    for tok, want in ((token(), 401), (token(aud="livemesh-subscribe", videos=["priv-2"]), 403)):
+        with pytest.raises(SSEError) as info:
+            await _viewer_url(f"{f.url}/v1/videos/priv-1/events?access_token={tok}")
+        assert info.value.status == want
+    (await viewer(f.url, "priv-1", headers=auth_header(token()))).close()
+    # public videos stay anonymous
+    (await viewer(f.url, "open-2")).close()
+    # the query token never reaches the log (Tornado logs the URI of every 4xx)
+    expired = token(aud="livemesh-subscribe", exp_in=-60)
+    with pytest.raises(SSEError):
+        await _viewer_url(f"{f.url}/v1/videos/priv-1/events?access_token={expired}")
+    log_text = await wait_until(lambda: _log_with(f, "priv-1/events?access_token=REDACTED"),
+                                what="the 401 in the access log")
+    assert expired not in log_text and sub_tok not in log_text
+
+
+async def _viewer_url(url: str):
+    return await SSEClient(url).connect()
+
+
+def _log_with(node: NodeProcess, needle: str) -> str | None:
+    with open(node.log_path, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    return text if needle in text else None
+
+
+async def test_cors_only_configured_origins_publish(secure):
+    _, f = secure
+    url = f"{f.url}/v1/videos/cors-1/likes"
+    hdr = auth_header(token(sub="fay"))
+    client = AsyncHTTPClient()
+
+    async def fetch(method, headers, body=None):
+        return await client.fetch(HTTPRequest(url, method=method, headers=headers, body=body,
+                                              allow_nonstandard_methods=True), raise_error=False)
+
+    pre = await fetch("OPTIONS", {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                                  "Access-Control-Request-Headers": "authorization, content-type"})
+    assert pre.code == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+    assert "Origin" in pre.headers.get("Vary", "")
+    assert (await fetch("OPTIONS", {"Origin": "https://evil.example"})).code == 403
+    ok = await fetch("POST", {**hdr, "Origin": "https://app.example"}, b"")
+    assert ok.code == 202 and ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    bad = await fetch("POST", {**hdr, "Origin": "https://evil.example"}, b"")
+    assert bad.code == 403 and json.loads(bad.body)["error"]["code"] == "origin_not_allowed"
+    assert "Access-Control-Allow-Origin" not in bad.headers
+    same = await fetch("POST", {**hdr, "Origin": f.url}, b"")  # the frontend's own page
+    assert same.code == 202
+    # an error to an allowed origin still carries CORS headers (the page can read it)
+    err = await fetch("POST", {"Origin": "https://app.example"}, b"")
+    assert err.code == 401 and err.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert err.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_cors_wildcard_never_for_credentialed_requests(topology):
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"security.cors_origins": "*", "security.cors_credentials": "true"})
+    url = f"{f.url}/v1/videos/cw-1/likes"
+    client = AsyncHTTPClient()
+    plain = await client.fetch(HTTPRequest(url, method="POST", body=b"", headers={"Origin": "https://a.example"}),
+                               raise_error=False)
+    assert plain.code == 202 and plain.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Credentials" not in plain.headers
+    cred = await client.fetch(HTTPRequest(url, method="POST", body=b"",
+                                          headers={"Origin": "https://a.example", "Cookie": "s=1"}),
+                              raise_error=False)
+    assert cred.code == 403 and "Access-Control-Allow-Origin" not in cred.headers
+
+
+# --- connections --------------------------------------------------------------------------------
+
+def _raw_get(host: str, port: int, path: str, source: str | None = None) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=5, source_address=(source, 0) if source else None)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    return sock
+
+
+def _status_line(sock: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]) if data else 0
+
+
+async def test_viewer_limits_per_ip_and_per_frontend_and_health_at_max(topology):
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"security.max_viewers": "3", "security.max_viewers_per_ip": "2"})
+    host, port = f.url.removeprefix("http://").split(":")
+    port = int(port)
+    loop = asyncio.get_running_loop()
+    mine = [await viewer(f.url, "cap") for _ in range(2)]
+    with pytest.raises(SSEError) as info:
+        await viewer(f.url, "cap")
+    assert info.value.status == 429 and json.loads(info.value.body)["error"]["code"] == "too_many_streams"
+    third = await loop.run_in_executor(None, _raw_get, host, port, "/v1/videos/cap/events", "127.0.0.2")
+    assert await loop.run_in_executor(None, _status_line, third) == 200
+    fourth = await loop.run_in_executor(None, _raw_get, host, port, "/v1/videos/cap/events", "127.0.0.3")
+    assert await loop.run_in_executor(None, _status_line, fourth) == 503
+    h = await health(f.url)  # at the maximum, the health check still answers
+    assert h["connections"] == 3 and h["stats"]["viewers_refused_full"] == 1
+    assert h["stats"]["viewers_refused_ip"] == 1
+    # a closed stream frees its place
+    mine.pop().close()
+    await wait_until(lambda: _connections(f.url, 2), what="stream closed")
+    (await viewer(f.url, "cap")).close()
+    for s in (third, fourth):
+        s.close()
+    for v in mine:
+        v.close()
+
+
+async def _connections(url: str, n: int) -> bool:
+    return (await health(url))["connections"] == n
+
+
+def _slowloris(host: str, port: int, step: float, give_up: float) -> float:
+    """Send a request's headers one byte per ``step`` seconds; seconds until the server cut us."""
+    request = f"GET /v1/videos/slow/events HTTP/1.1\r\nHost: {host}\r\nX-Padding: {'a' * 200}\r\n\r\n".encode()
+    sock = socket.create_connection((host, port), timeout=give_up)
+    start = time.monotonic()
+    try:
+        for i in range(len(request) - 4):  # never finish the header block
+            try:
+                sock.sendall(request[i:i + 1])
+            except OSError:
+                return time.monotonic() - start
+            sock.settimeout(step)
+            try:
+                if sock.recv(1) == b"":
+                    return time.monotonic() - start
+            except socket.timeout:
+                pass
+            except OSError:
+                return time.monotonic() - start
+            if time.monotonic() - start > give_up:
+                break
+        return float("inf")
+    finally:
+        sock.close()
+
+
+def _idle(host: str, port: int, give_up: float) -> float:
+    sock = socket.create_connection((host, port), timeout=give_up)
+    start = time.monotonic()
+    try:
+        sock.recv(1)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return time.monotonic() - start
+
+
+async def test_slowloris_is_cut_after_the_header_timeout_while_viewers_receive(topology):
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"security.header_timeout": "1.5"})
+    host, port = f.url.removeprefix("http://").split(":")
+    port = int(port)
+    fast = Collector(await viewer(f.url, "slow"))
+    loop = asyncio.get_running_loop()
+    slow = [loop.run_in_executor(None, _slowloris, host, port, 0.2, 10.0) for _ in range(3)]
+    idle = loop.run_in_executor(None, _idle, host, port, 10.0)
+    sent = []
+    while not all(s.done() for s in slow):  # viewers keep receiving meanwhile
+        sent.append((await like(f.url, "slow"))["id"])
+        await asyncio.sleep(0.1)
+    cut_after = [await s for s in slow]
+    assert all(1.3 < t < 3.0 for t in cut_after), cut_after
+    assert 1.3 < await idle < 3.0
+    await wait_until(lambda: fast.ids() == sent, what="the viewer got every like")
+    assert not fast.closed  # a streaming response is not cut by the header timeout
+    await fast.close()
+    print(f"slowloris cut after {cut_after} s (header_timeout 1.5 s)")
+
+
+# --- the open-file limit ------------------------------------------------------------------------
+
+NOFILE = 300
+
+
+class LimitedNode(NodeProcess):
+    """A node process started with a lowered open-file limit."""
+
+    def start(self) -> "LimitedNode":
+        stderr = open(self.log_path, "ab") if self.log_path else None
+
+        def lower_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+        self.proc = subprocess.Popen([sys.executable, "-m", self.role, *self.args], env=self.env,
+                                     stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+                                     preexec_fn=lower_limit)
+        if stderr:
+            stderr.close()
+        return self
+
+
+def _limited_frontend(topology, name: str, **settings) -> LimitedNode:
+    merged = {**topology.extra, "frontend.port": 0, "frontend.host": topology.host,
+              "security.header_timeout": "60", **settings}
+    args = [a for k, v in merged.items() for a in ("--set", f"{k}={v}")] + ["--set", f"node.name={name}"]
+    node = LimitedNode("frontend", name, args, topology._env(), os.path.join(topology.log_dir, f"{name}.log"))
+    topology.nodes.append(node.start())
+    node.wait_ready()
+    return node
+
+
+def _flood(host: str, port: int, n: int, settle: float = 2.0) -> tuple[list[socket.socket], dict]:
+    """Open ``n`` connections that send nothing; classify how the server treats each within
+    ``settle`` seconds: still open (accepted, waiting for headers), answered 503, or closed."""
+    import selectors
+    socks = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
+    outcome = {"held": 0, "shed_503": 0, "closed": 0}
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    pending = set(socks)
+    deadline = time.monotonic() + settle
+    while pending and time.monotonic() < deadline:
+        for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+            s = key.fileobj
+            try:
+                data = s.recv(4096)
+            except OSError:
+                data = b""
+            outcome["shed_503" if data.startswith(b"HTTP/1.1 503") else "closed"] += 1
+            sel.unregister(s)
+            pending.discard(s)
+    outcome["held"] = len(pending)
+    sel.close()
+    return socks, outcome
+
+
+@pytest.mark.parametrize("fd_reserve", ["0", "100"])
+async def test_connections_past_the_open_file_limit_are_shed_quietly(topology, fd_reserve):
+    """fd_reserve 0: the frontend meets EMFILE itself (the reserve-descriptor trick sheds);
+    fd_reserve 100: it sheds at NOFILE - 100 before EMFILE can happen."""
+    topology.dispatcher("d1")
+    other = topology.frontend("f2")
+    f = _limited_frontend(topology, "f1", **{"security.fd_reserve": fd_reserve})
+    host, port = f.url.removeprefix("http://").split(":")
+    port = int(port)
+    cols = [Collector(await viewer(f.url, "full")) for _ in range(5)]
+    log_lines_before = _count_lines(f.log_path)
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    socks, outcome = await loop.run_in_executor(None, _flood, host, port, NOFILE + 200)
+    flood_s = time.monotonic() - started
+    assert outcome["shed_503"] + outcome["closed"] >= 200, outcome  # refused, not left hanging
+    assert outcome["held"] <= NOFILE, outcome
+    # existing viewers keep receiving (the like goes through the other frontend)
+    sent = [(await like(other.url, "full"))["id"] for _ in range(3)]
+    for c in cols:
+        await wait_until(lambda: c.ids() == sent, what="a viewer of the full frontend got the likes")
+    for s in socks:
+        s.close()
+    h = await wait_until(lambda: _health_or_none(f.url), timeout=10, what="health after the flood")
+    assert h["stats"]["connections_shed"] >= 200 and h["connections"] == 5
+    new_lines = _count_lines(f.log_path) - log_lines_before
+    text = open(f.log_path, encoding="utf-8", errors="replace").read()
+    assert new_lines <= 6, text[-3000:]
+    assert "Traceback" not in text and "Error in connection callback" not in text
+    assert re.search(r"shed \d+ new connections", text)
+    for c in cols:
+        await c.close()
+    print(f"fd_reserve={fd_reserve}: {outcome} in {flood_s:.2f}s, {new_lines} new log lines")
+
+
+async def _health_or_none(url: str):
+    try:
+        status, body = await http("GET", f"{url}/healthz", timeout=2)
+    except OSError:
+        return None
+    return body if status == 200 else None
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as fh:
+        return fh.read().count(b"\n")
