@@ -34,7 +34,7 @@ from mesh.curve import secure_links
 from mesh.errors import RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_DISPATCHER
 from mesh.metrics import MetricsHandler, dispatcher_registry
-from mesh.node import announce_ready, make_kv, settle_gc, stop_on_signals
+from mesh.node import serve
 from mesh.ownership import owner, rank
 from mesh.peers import DispatcherPeers, PeerGone
 from mesh.presence import PresenceBoard
@@ -111,9 +111,10 @@ class Dispatcher:
         log.info("dispatcher %s serving: router %s, pub %s, http %s, epoch %d",
                  self.name, router_ep, pub_ep, self.endpoints["http"], self.seq.epoch)
 
-    async def leave(self) -> None:
+    async def shutdown(self) -> None:
         """Graceful exit, step one: leave the registry so the others take the videos over,
         then keep serving (forwarding, history) for ``drain_seconds``."""
+        log.info("dispatcher %s leaving (drain %.1fs)", self.name, self.cfg.dispatcher.drain_seconds)
         self.leaving = True
         try:
             await self.kv.deregister()
@@ -426,21 +427,7 @@ class HealthHandler(tornado.web.RequestHandler):
 
 
 async def run(cfg: Config) -> None:
-    ctx = zmq.asyncio.Context()
-    node = Dispatcher(cfg, make_kv(cfg), ctx)
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    try:
-        await node.start()
-        settle_gc()
-        announce_ready(role=ROLE_DISPATCHER, name=node.name, **node.endpoints)
-        await stop.wait()
-        log.info("dispatcher %s leaving (drain %.1fs)", node.name, cfg.dispatcher.drain_seconds)
-        await node.leave()
-    finally:
-        await node.stop()
-        ctx.destroy(linger=0)
-        log.info("dispatcher %s stopped", node.name)
+    await serve(cfg, Dispatcher, ROLE_DISPATCHER)
 
 
 def main(cfg: Config) -> None:

@@ -16,7 +16,7 @@ from mesh.config import Config
 from mesh.curve import from_config as curve_from_config
 from mesh.errors import KVError
 from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
-from mesh.node import announce_ready, make_kv, settle_gc, stop_on_signals
+from mesh.node import serve
 from mesh.sse import encode_comment
 from mesh.presence import LocalPresence
 from mesh.subscriptions import CountSync, SubscriptionTable
@@ -76,7 +76,11 @@ class Frontend:
                        asyncio.create_task(self._sync_presence())]
         log.info("frontend %s serving on %s", self.name, self.url)
 
-    async def close_streams(self, timeout: float = 2.0) -> None:
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return {"http": self.url}
+
+    async def shutdown(self, timeout: float = 2.0) -> None:
         """Graceful shutdown, first step: stop accepting, leave the registry (so no new viewer
         or count points here), then end every SSE response so browsers reconnect elsewhere
         after ``retry``."""
@@ -199,20 +203,7 @@ class Frontend:
 
 
 async def run(cfg: Config) -> None:
-    ctx = zmq.asyncio.Context()
-    node = Frontend(cfg, make_kv(cfg), ctx)
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    try:
-        await node.start()
-        settle_gc()
-        announce_ready(role=ROLE_FRONTEND, name=node.name, http=node.url)
-        await stop.wait()
-        log.info("frontend %s stopping", node.name)
-        await node.close_streams()
-    finally:
-        await node.stop()
-        ctx.term()
+    await serve(cfg, Frontend, ROLE_FRONTEND)
 
 
 def main(cfg: Config) -> None:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import signal
 import sys
+from typing import Any, Callable
+
+import zmq.asyncio
 
 from .config import Config
 from .kv import KV
+
+log = logging.getLogger("mesh.app")
 
 
 def make_kv(cfg: Config) -> KV:
@@ -45,3 +51,23 @@ def stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(cfg: Config, make_node: Callable[[Config, KV, zmq.asyncio.Context], Any], role: str) -> None:
+    """A node's whole life: start, announce readiness, serve until SIGTERM/SIGINT, leave
+    gracefully (``node.shutdown()``), release everything (``node.stop()``), even on failure."""
+    ctx = zmq.asyncio.Context()
+    node = make_node(cfg, make_kv(cfg), ctx)
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    try:
+        await node.start()
+        settle_gc()
+        announce_ready(role=role, name=node.name, **node.endpoints)
+        await stop.wait()
+        log.info("%s %s shutting down", role, node.name)
+        await node.shutdown()
+    finally:
+        await node.stop()
+        ctx.destroy(linger=0)
+        log.info("%s %s stopped", role, node.name)
