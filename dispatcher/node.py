@@ -34,7 +34,7 @@ from mesh.curve import secure_links
 from mesh.errors import RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_DISPATCHER
 from mesh.metrics import MetricsHandler, dispatcher_registry
-from mesh.node import serve
+from mesh.node import rss_kb, serve
 from mesh.ownership import owner, rank
 from mesh.peers import DispatcherPeers, PeerGone
 from mesh.presence import PresenceBoard
@@ -61,7 +61,7 @@ class Dispatcher:
         self.ctx = ctx
         d = cfg.dispatcher
         self.seq = Sequencer(history_size=d.history_size, history_age=d.history_age,
-                             dedupe_size=d.dedupe_size)
+                             dedupe_size=d.dedupe_size, dc=cfg.node.dc)
         self.name = cfg.node.name
         self.stats = defaultdict(int)
         self.router: zmq.asyncio.Socket | None = None
@@ -421,7 +421,7 @@ class HealthHandler(tornado.web.RequestHandler):
         node = self.node
         self.write({"status": "leaving" if node.leaving else "ok", "role": ROLE_DISPATCHER,
                     "name": node.name, "epoch": node.seq.epoch, "videos": len(node.seq.videos),
-                    "dispatchers": node.live(),
+                    "dispatchers": node.live(), "rss_kb": rss_kb(),
                     "stats": {**node.stats, **(node.peers.stats if node.peers else {})},
                     **node.endpoints})
 

@@ -17,6 +17,15 @@ loop turn to the same dispatcher travel in one request.  A publish whose ack doe
 within ``attempt_timeout`` is sent again -- always to the current owner, which changes once
 discovery says the owner left -- until ``publish_timeout``; the event id makes the retry
 idempotent.
+
+Several datacenters (opt-in: only when the DC's KV lists a bridge).  The SUB socket also
+connects to every bridge of our DC (``dispatcher.bridge``: its import XPUB carries peer DCs'
+events); our subscriptions reach the bridge like a dispatcher and travel on to the peer DCs.
+An event whose origin DC (``dc``) is not ours belongs to a remote owner's chain: it is followed
+by its own ``ChainFollower`` per (video, origin DC), delivered in order and once, and a gap in
+it -- which no local owner can repair -- reaches viewers as ``reset``.  Remote events are
+tagged ``remote`` so the SSE encoder gives them no ``id:`` (the browser keeps the last id of
+its own DC's chain, which a reconnect can replay).
 """
 
 from __future__ import annotations
@@ -31,10 +40,10 @@ import zmq.asyncio
 
 from mesh import protocol as P
 from mesh.errors import ClientError, RemoteProtocolError
-from mesh.kv import KV, NodeInfo
+from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
 from mesh.ordering import ChainFollower
 from mesh.ownership import owner, rank
-from mesh.peers import DispatcherPeers, PeerGone
+from mesh.peers import DispatcherPeers, NodeWatcher, PeerGone
 from mesh.curve import connect as curve_connect
 from mesh.sockets import make_socket
 
@@ -48,9 +57,10 @@ class MeshLink:
                  on_reset: Callable[[str, str], None] | None = None,
                  on_presence: Callable[[str, list[dict]], None] | None = None,
                  attempt_timeout: float = 1.0, publish_timeout: float = 3.0,
-                 gap_timeout: float = 1.0, drop_every: int = 0, curve=None):
+                 gap_timeout: float = 1.0, drop_every: int = 0, curve=None, dc: str = ""):
         self.ctx = ctx
         self.name = name
+        self.dc = dc  # our datacenter: events of another origin DC came through a bridge
         self.on_events = on_events
         self.on_reset = on_reset or (lambda video, reason: None)
         self.on_presence = on_presence or (lambda video, events: None)
@@ -63,8 +73,10 @@ class MeshLink:
         self.sub = make_socket(ctx, zmq.SUB, curve=curve)
         self.dispatchers = DispatcherPeers(ctx, kv, on_connect=self._sub_connect,
                                            on_disconnect=self._sub_disconnect, curve=curve)
+        self.bridges = NodeWatcher(kv, ROLE_BRIDGE, self._sub_connect, self._sub_disconnect)
         self.stats = defaultdict(int)
         self.followers: dict[str, ChainFollower] = {}
+        self.remote_followers: dict[str, dict[str, ChainFollower]] = {}  # video -> origin dc ->
         self._synced: dict[str, set[str]] = {}
         self._sync_waiters: dict[str, list[asyncio.Future]] = {}
         self._queues: dict[str, list[tuple[dict, asyncio.Future]]] = {}
@@ -79,12 +91,14 @@ class MeshLink:
         """Start serving; returns once the first discovery round is done (or timed out), so a
         node that announces readiness already knows the dispatchers registered before it."""
         self._tasks = [asyncio.create_task(self._serve_sub())]
-        await self.dispatchers.start(first_discovery_timeout)
+        await asyncio.gather(self.dispatchers.start(first_discovery_timeout),
+                             self.bridges.start(first_discovery_timeout))
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await self.dispatchers.stop()
+        await self.bridges.stop()
         self.sub.close(linger=0)
 
     def _spawn(self, coro) -> None:
@@ -109,11 +123,13 @@ class MeshLink:
     def subscribe(self, video: str) -> None:
         self._synced[video] = set()
         self.followers[video] = ChainFollower()
+        self.remote_followers[video] = {}
         self.sub.setsockopt(zmq.SUBSCRIBE, P.topic_for(video))
 
     def unsubscribe(self, video: str) -> None:
         self._synced.pop(video, None)
         self.followers.pop(video, None)
+        self.remote_followers.pop(video, None)
         self.sub.setsockopt(zmq.UNSUBSCRIBE, P.topic_for(video))
 
     def is_synced(self, video: str) -> bool:
@@ -179,11 +195,44 @@ class MeshLink:
                 self.stats["fault_dropped"] += 1
                 continue
             self.stats["events_in"] += len(msg.events)
+            if self.dc and any(P.origin_dc(e, self.dc) != self.dc for e in msg.events):
+                local = self._offer_remote(msg.video, msg.events)
+                if not local:
+                    continue
+                msg.events = local
             ready, fetch_after = follower.offer(msg.events)
             self._deliver(msg.video, ready)
             if fetch_after is not None:
                 self.stats["gaps"] += 1
                 self._spawn(self._repair(msg.video, follower, fetch_after))
+
+    def _offer_remote(self, video: str, events: list[dict]) -> list[dict]:
+        """Deliver the events of other DCs' chains; return the local ones (if any)."""
+        local, remote = [], {}
+        for event in events:
+            dc = P.origin_dc(event, self.dc)
+            if dc == self.dc:
+                local.append(event)
+            else:
+                remote.setdefault(dc, []).append(event)
+        followers = self.remote_followers.get(video)
+        for dc, batch in remote.items():
+            if followers is None:
+                break
+            follower = followers.get(dc)
+            if follower is None:
+                follower = followers[dc] = ChainFollower()
+            ready, reset = follower.offer_unrepairable(batch)
+            self.stats["remote_events_in"] += len(batch)
+            self.stats["remote_duplicates"] += len(batch) - len(ready)
+            if reset:
+                self.stats["remote_resets"] += 1
+                log.info("gap in %s from %s (another DC's chain, not repairable here); reset", video, dc)
+                self.on_reset(video, "gap")
+            for event in ready:
+                event["remote"] = True
+            self._deliver(video, ready)
+        return local
 
     def _deliver(self, video: str, events: list[dict]) -> None:
         if not events:

@@ -16,7 +16,7 @@ from mesh.config import Config
 from mesh.curve import from_config as curve_from_config
 from mesh.errors import KVError
 from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
-from mesh.node import serve
+from mesh.node import rss_kb, serve
 from mesh.sse import encode_comment
 from mesh.presence import LocalPresence
 from mesh.subscriptions import CountSync, SubscriptionTable
@@ -67,7 +67,7 @@ class Frontend:
                              on_presence=self.fanout.presence,
                              attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout,
                              gap_timeout=f.gap_timeout, drop_every=f.fault_drop_every,
-                             curve=curve_from_config(self.cfg))
+                             curve=curve_from_config(self.cfg), dc=self.cfg.node.dc)
         await self.kv.open()
         await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
         await self.link.start()
@@ -142,7 +142,7 @@ class Frontend:
     def health(self) -> dict:
         return {"status": "ok" if self.link.peers else "degraded", "role": ROLE_FRONTEND,
                 "name": self.name, "url": self.url, "dispatchers": sorted(self.link.peers),
-                "connections": len(self.table), "videos": len(self.table.by_video),
+                "connections": len(self.table), "videos": len(self.table.by_video), "rss_kb": rss_kb(),
                 "stats": {**self.stats, **self.link.stats, "deliveries": self.fanout.deliveries,
                           "kv_requests": getattr(self.kv, "kv_writes", 0)}}
 

@@ -2,7 +2,9 @@
 
     meshctl [--config FILE] [--kv embedded|consul] [--kv-path F] [--consul-addr H:P] COMMAND
 
-    subs [VIDEO] [--json]   subscription counts per video and frontend, with totals
+    subs [VIDEO] [--json] [--all-dcs]
+                            subscription counts per video and frontend, with totals
+                            (--all-dcs: summed over the datacenters given by --dc-kv)
     nodes [--json]          registered nodes: role, name, address, health, connections
     tail VIDEO [--frontend URL] [--json] [--count N] [--timeout S]
                             a video's events live, one line each
@@ -63,8 +65,10 @@ def _run(ctx: click.Context, fn):
 @click.option("--kv-path", default=None, help="embedded KV file")
 @click.option("--consul-addr", default=None, help="Consul agent host:port")
 @click.option("--dc", default=None, help="datacenter")
+@click.option("--dc-kv", "dc_kvs", multiple=True, metavar="DC=PATH",
+              help="another datacenter's embedded KV file (repeatable; for subs --all-dcs)")
 @click.pass_context
-def main(ctx, config, kv_backend, kv_path, consul_addr, dc):
+def main(ctx, config, kv_backend, kv_path, consul_addr, dc, dc_kvs):
     """Inspect a livemesh deployment."""
     overrides = {}
     if kv_backend:
@@ -75,15 +79,37 @@ def main(ctx, config, kv_backend, kv_path, consul_addr, dc):
         overrides["kv.consul_addr"] = consul_addr
     if dc:
         overrides["node.dc"] = dc
-    ctx.obj = {"config": config, "overrides": overrides}
+    dc_paths = {}
+    for item in dc_kvs:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{item!r}: expected DC=PATH", param_hint="--dc-kv")
+        dc_paths[name] = path
+    ctx.obj = {"config": config, "overrides": overrides, "dc_kvs": dc_paths}
+
+
+async def read_counts_all_dcs(kvs: dict[str, KV], video: str | None) -> dict[str, dict]:
+    """``dc -> video -> frontend -> count`` from each datacenter's own KV."""
+    async def one(kv: KV):
+        await kv.open()
+        try:
+            return await kv.read_counts(video)
+        finally:
+            await kv.close()
+    names = sorted(kvs)
+    return dict(zip(names, await asyncio.gather(*(one(kvs[n]) for n in names))))
 
 
 @main.command()
 @click.argument("video", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--all-dcs", is_flag=True,
+              help="sum over every datacenter: this one (--kv-path / config) and each --dc-kv DC=PATH")
 @click.pass_context
-def subs(ctx, video, as_json):
+def subs(ctx, video, as_json, all_dcs):
     """Subscription counts: per video, per frontend, and totals."""
+    if all_dcs:
+        return _subs_all_dcs(ctx, video, as_json)
     counts = _run(ctx, lambda kv: kv.read_counts(video))
     if as_json:
         out = {"videos": {v: {"frontends": f, "total": sum(f.values())} for v, f in sorted(counts.items())},
@@ -100,6 +126,43 @@ def subs(ctx, video, as_json):
         return
     click.echo(_table(["VIDEO", "FRONTEND", "VIEWERS"], rows))
     click.echo(f"total viewers: {sum(sum(f.values()) for f in counts.values())} in {len(counts)} videos")
+
+
+def _subs_all_dcs(ctx: click.Context, video: str | None, as_json: bool) -> None:
+    """Each DC has its own KV (embedded: a file per DC): read them all and sum."""
+    from .kv_embedded import EmbeddedKV
+    try:
+        cfg = load_config(ctx.obj["config"], overrides=ctx.obj["overrides"])
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    paths = dict(ctx.obj["dc_kvs"])
+    if cfg.kv.backend == "embedded" and (ctx.obj["overrides"].get("kv.path") or not paths):
+        paths.setdefault(cfg.node.dc, cfg.kv.path)
+    if not paths:
+        raise click.ClickException("--all-dcs needs the datacenters' KV files (--dc-kv DC=PATH)")
+    try:
+        per_dc = asyncio.run(read_counts_all_dcs({dc: EmbeddedKV(p) for dc, p in paths.items()}, video))
+    except KVError as exc:
+        raise click.ClickException(f"KV unavailable: {exc}") from None
+    totals = {dc: sum(sum(f.values()) for f in counts.values()) for dc, counts in per_dc.items()}
+    videos: dict[str, dict[str, int]] = {}
+    for dc, counts in per_dc.items():
+        for v, frontends in counts.items():
+            videos.setdefault(v, {})[dc] = sum(frontends.values())
+    if as_json:
+        click.echo(json.dumps({"dcs": {dc: {"videos": {v: {"frontends": f, "total": sum(f.values())}
+                                                      for v, f in sorted(c.items())},
+                                            "total": totals[dc]} for dc, c in per_dc.items()},
+                               "videos": {v: {"dcs": d, "total": sum(d.values())} for v, d in sorted(videos.items())},
+                               "total": sum(totals.values())}, indent=2, sort_keys=True))
+        return
+    rows = [[v, dc, n] for v, by_dc in sorted(videos.items()) for dc, n in sorted(by_dc.items())]
+    rows += [[v, "(all dcs)", sum(by_dc.values())] for v, by_dc in sorted(videos.items())]
+    if not rows:
+        click.echo(f"no subscriptions{' for ' + video if video else ''} in {', '.join(sorted(per_dc))}")
+        return
+    click.echo(_table(["VIDEO", "DC", "VIEWERS"], sorted(rows, key=lambda r: (r[0], r[1] == "(all dcs)", r[1]))))
+    click.echo(f"total viewers: {sum(totals.values())} in {len(videos)} videos over {len(per_dc)} datacenters")
 
 
 async def probe(node: NodeInfo, timeout: float = PROBE_TIMEOUT) -> dict | None:
@@ -338,6 +401,10 @@ def presence(ctx, video, frontend_url, limit, as_json):
     for user in out["users"]:
         click.echo(f"  {user}")
 
+
+from .bench import bench_command  # noqa: E402 - ``meshctl bench`` (load generator)
+
+main.add_command(bench_command())
 
 from .curve import keys_command  # noqa: E402 - ``meshctl keys NAME --dir DIR`` (CURVE keypairs)
 

@@ -84,6 +84,18 @@ class DispatcherSection:
 
 
 @dataclass
+class BridgeSection:
+    host: str = _spec("127.0.0.1", doc="bridge: address its ZeroMQ and HTTP sockets bind to")
+    export_port: int = _spec(0, lo=0, hi=65535,
+                             doc="bridge: XPUB port peer DCs' bridges connect to (this DC's events out); 0: any")
+    import_port: int = _spec(0, lo=0, hi=65535,
+                             doc="bridge: XPUB port this DC's frontends connect to (peer DCs' events in); 0: any")
+    http_port: int = _spec(0, lo=0, hi=65535, doc="bridge: HTTP port (health, metrics); 0: any")
+    peers: tuple = _spec((), doc="bridge: peer DCs' export endpoints, `dc=tcp://host:port` (`;`-separated in env)")
+    hwm: int = _spec(100000, lo=0, hi=10000000, doc="bridge: high-water mark of its proxy sockets, per peer")
+
+
+@dataclass
 class PresenceSection:
     flush: float = _spec(0.25, lo=0.01, hi=60.0, doc="frontend: seconds between presence deltas to owners")
     refresh: float = _spec(2.0, lo=0.1, hi=600.0, doc="frontend: seconds between full presence snapshots")
@@ -135,6 +147,7 @@ class Config:
     kv: KVSection = field(default_factory=KVSection)
     frontend: FrontendSection = field(default_factory=FrontendSection)
     dispatcher: DispatcherSection = field(default_factory=DispatcherSection)
+    bridge: BridgeSection = field(default_factory=BridgeSection)
     presence: PresenceSection = field(default_factory=PresenceSection)
     security: SecuritySection = field(default_factory=SecuritySection)
 

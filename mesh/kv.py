@@ -39,7 +39,8 @@ class NodeInfo:
     dc: str = "dc1"
     http: str = ""    # base URL of the node's HTTP server (health, metrics, API)
     router: str = ""  # dispatcher: ROUTER endpoint (publish in)
-    pub: str = ""     # dispatcher: XPUB endpoint (fan-out out)
+    pub: str = ""     # dispatcher: XPUB endpoint (fan-out out); bridge: import XPUB (peer DCs' events)
+    export: str = ""  # bridge: export XPUB endpoint (this DC's events to peer DCs' bridges)
     healthy: bool = True
 
     def to_dict(self) -> dict:

@@ -245,6 +245,7 @@ class ConsulKV(KV):
         return NodeInfo(name=service.get("ID", ""), role=meta.get("role", role),
                         dc=meta.get("dc", self.dc), http=meta.get("http", ""),
                         router=meta.get("router", ""), pub=meta.get("pub", ""),
+                        export=meta.get("export", ""),
                         healthy=all(ch.get("Status") == "passing" for ch in checks))
 
     # -- session and service -----------------------------------------------------------------
@@ -278,7 +279,7 @@ class ConsulKV(KV):
         node = self.node
         meta = {"role": node.role, "dc": node.dc}
         meta.update({k: v for k, v in (("http", node.http), ("router", node.router),
-                                       ("pub", node.pub)) if v})
+                                       ("pub", node.pub), ("export", node.export)) if v})
         check = {**consul.Check.ttl(f"{self.session_ttl:g}s"), "CheckID": self._check_id,
                  "Name": "livemesh keep-alive", "Status": "passing",
                  "DeregisterCriticalServiceAfter": DEREGISTER_CRITICAL_AFTER}

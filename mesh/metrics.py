@@ -154,6 +154,43 @@ class DispatcherCollector(Collector):
         yield from _kv(stats, node.kv)
 
 
+class BridgeCollector(Collector):
+    """Reads a ``dispatcher.bridge.Bridge``'s counters (``mesh.bridging.Gate``) at scrape time:
+    ``bridge_frames_total{direction}``, ``bridge_events_total{direction}``,
+    ``bridge_subscriptions_total{direction,op}``, ``drops_total{reason}``.  Per-video frame
+    counts are in ``/healthz`` only (one series per video would be unbounded cardinality)."""
+
+    def __init__(self, node: Any):
+        self.node = node
+
+    def collect(self) -> Iterable[Metric]:
+        node, gate = self.node, self.node.gate
+        yield _info("bridge", node.name, node.dc)
+        frames = CounterMetricFamily(PREFIX + "bridge_frames", "fan-out messages passed, by direction",
+                                     labels=["direction"])
+        events = CounterMetricFamily(PREFIX + "bridge_events", "events passed, by direction",
+                                     labels=["direction"])
+        for direction, per_video in sorted(gate.frames.items()):
+            frames.add_metric([direction], sum(per_video.values()))
+            events.add_metric([direction], gate.events.get(direction, 0))
+        subs = CounterMetricFamily(PREFIX + "bridge_subscriptions",
+                                   "(un)subscriptions passed upstream, by direction",
+                                   labels=["direction", "op"])
+        for key, value in sorted(gate.subscriptions.items()):
+            direction, _, op = key.partition("_")
+            subs.add_metric([direction, op], value)
+        yield frames
+        yield events
+        yield subs
+        yield _drops(dict(gate.dropped))
+
+
+def bridge_registry(node: Any) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(BridgeCollector(node))
+    return registry
+
+
 def frontend_registry(node: Any) -> CollectorRegistry:
     """A registry for ``node`` (a Frontend); installs the latency hook on its fan-out."""
     registry = CollectorRegistry()

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any, Callable
@@ -31,6 +32,15 @@ def make_kv(cfg: Config) -> KV:
     return ConsulKV(host=host or "127.0.0.1", port=int(port or 8500), dc=cfg.node.dc,
                     prefix=cfg.kv.prefix, session_ttl=cfg.kv.session_ttl,
                     scheme=cfg.kv.consul_scheme, token=cfg.kv.consul_token or None)
+
+
+def rss_kb() -> int:
+    """This process's resident set size now, in KiB (Linux ``/proc/self/statm``)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def announce_ready(**fields) -> None:

@@ -9,6 +9,11 @@ its owner (``fetch_after``) for the missing events and holds everything that fol
 out).  Events already delivered (same id) are dropped, so a republished or replayed event is
 never shown twice.  When continuity cannot be proven, ``repaired`` says ``reset``: the frontend
 sends viewers an explicit ``reset`` event, never a silent gap.
+
+Events imported from another datacenter (multi-DC bridges) belong to a remote owner's chain,
+which no local dispatcher can repair: a frontend follows them with a separate follower per
+(video, origin DC) and :meth:`ChainFollower.offer_unrepairable`, which delivers at once and
+says ``reset`` when ``prev`` shows a gap (events stay in order: a bridge path is one FIFO).
 """
 
 from __future__ import annotations
@@ -73,6 +78,25 @@ class ChainFollower:
             self.held.append(event)
             fetch = self.last
         return out, fetch
+
+    def offer_unrepairable(self, events: list[dict]) -> tuple[list[dict], bool]:
+        """For a chain nobody here can repair (another DC's): the events to deliver now, and
+        whether a ``reset`` goes first (``prev`` is not the last delivered event)."""
+        out: list[dict] = []
+        reset = False
+        for event in events:
+            if event["id"] in self._recent:
+                self.duplicates += 1
+                continue
+            prev = tuple(event["prev"]) if event.get("prev") else None
+            if self.last is not None and prev != self.last:
+                reset = True  # one reset before the batch covers every gap in it
+                self.gaps += 1
+            out.append(event)
+            self._mark(event)
+        if reset:
+            self.resets += 1
+        return out, reset
 
     def repaired(self, chain: list[dict] | None) -> tuple[list[dict], bool]:
         """Finish a repair: ``chain`` is what the owner returned after ``last`` (None: it

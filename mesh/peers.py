@@ -205,3 +205,70 @@ class DispatcherPeers:
             fut = self._pending.pop(msg.request_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+
+
+class NodeWatcher:
+    """Follows the registered nodes of one role and reports each one arriving
+    (``on_connect``) and leaving (``on_disconnect``; an endpoint change is a leave and an
+    arrival).  Frontends use it for their DC's bridges (``ROLE_BRIDGE``): they connect their
+    SUB socket to a bridge's import XPUB like to a dispatcher's XPUB.  Unlike
+    ``DispatcherPeers`` nothing lingers: a bridge carries no chain and no request, so a link
+    cut during a registry hiccup only costs remote events until it is back."""
+
+    def __init__(self, kv: KV, role: str, on_connect: Callable[[NodeInfo], None],
+                 on_disconnect: Callable[[NodeInfo], None]):
+        self.kv = kv
+        self.role = role
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.nodes: dict[str, NodeInfo] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self, first_timeout: float = 5.0) -> None:
+        first = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._watch(first))
+        try:
+            await asyncio.wait_for(asyncio.shield(first), first_timeout)
+        except asyncio.TimeoutError:
+            log.warning("no %s list within %.1fs; going on", self.role, first_timeout)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self.nodes.clear()
+
+    async def _watch(self, first: asyncio.Future) -> None:
+        index, backoff = 0, 0.2
+        while True:
+            try:
+                index, nodes = await self.kv.watch_nodes(self.role, index, wait=30.0)
+                backoff = 0.2
+            except KVError as exc:
+                log.warning("%s discovery failed (%s); retrying in %.1fs", self.role, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self.set_nodes([n for n in nodes if n.healthy])
+            if not first.done():
+                first.set_result(None)
+
+    def set_nodes(self, nodes: list[NodeInfo]) -> None:
+        wanted = {n.name: n for n in nodes}
+        for name, info in list(self.nodes.items()):
+            new = wanted.get(name)
+            if new is None or new.pub != info.pub:
+                del self.nodes[name]
+                self.on_disconnect(info)
+                log.info("%s %s left (%s)", self.role, name, info.pub)
+        for name, info in wanted.items():
+            if name not in self.nodes:
+                self.nodes[name] = info
+                try:
+                    self.on_connect(info)
+                except CurveError as exc:
+                    del self.nodes[name]
+                    log.error("not linking to %s %s: %s", self.role, name, exc)
+                    continue
+                log.info("connected to %s %s (%s)", self.role, name, info.pub)
+            else:
+                self.nodes[name] = info

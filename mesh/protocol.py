@@ -35,10 +35,13 @@ An event is a msgpack map::
 
     {"id": str, "video": str, "kind": "like"|"comment", "user": str|None,
      "text": str|None, "ts": float (ms since the Unix epoch, stamped by the accepting
-     frontend), "epoch": int, "seq": int, "prev": [epoch, seq] | None}
+     frontend), "epoch": int, "seq": int, "prev": [epoch, seq] | None[, "dc": str]}
 
 ``epoch``/``seq``/``prev`` are assigned by the video's owner dispatcher (0/0/None before);
 ``prev`` is the position of the previous event of the video's chain (mesh.sequencing).
+``dc`` is the origin datacenter, stamped by the owner that sequenced the event (optional on
+the wire: a receiver treats an event without it as its own DC's).  Bridges (dispatcher.bridge)
+export only events of their own DC and never re-export imported ones.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ def check_event(obj: Any) -> dict:
             and isinstance(obj["ts"], (int, float)) and not isinstance(obj["ts"], bool)
             and type(obj["epoch"]) is int and type(obj["seq"]) is int
             and valid_position(obj.get("prev"), allow_none=True)
+            and (obj.get("dc") is None or (isinstance(obj["dc"], str) and 0 < len(obj["dc"]) <= 64))
         )
     except (KeyError, TypeError):
         ok = False
@@ -354,6 +358,11 @@ class Fanout:
             if event["video"] != video:
                 raise RemoteProtocolError("event video does not match its topic")
         return cls(video, kind, sender, events)
+
+
+def origin_dc(event: dict, default: str) -> str:
+    """The datacenter whose owner dispatcher sequenced ``event`` (``default`` when unstamped)."""
+    return event.get("dc") or default
 
 
 def sse_id(event: dict) -> str:

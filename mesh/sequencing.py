@@ -40,7 +40,8 @@ class VideoLog:
 
 class Sequencer:
     def __init__(self, epoch: int | None = None, history_size: int = 1000,
-                 history_age: float = 300.0, dedupe_size: int = 100000):
+                 history_age: float = 300.0, dedupe_size: int = 100000, dc: str = ""):
+        self.dc = dc  # stamped on every event sequenced here: its origin DC (multi-DC bridges)
         self.epoch = epoch if epoch is not None else int(time.time() * 1000)
         self.history_size = history_size
         self.history_age = history_age
@@ -64,6 +65,8 @@ class Sequencer:
         log.seq += 1
         event["epoch"], event["seq"], event["prev"] = self.epoch, log.seq, (
             list(log.tail) if log.tail else None)
+        if self.dc:
+            event["dc"] = self.dc
         self._append(log, event, now)
         return event, True
 

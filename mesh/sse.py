@@ -26,6 +26,8 @@ def event_data(event: dict) -> dict:
 
 def encode_event(event: dict) -> bytes:
     data = json.dumps(event_data(event), ensure_ascii=False, separators=(",", ":"))
+    if event.get("remote"):  # another DC's chain (frontend.link): not replayable here, no id
+        return f"event: {event['kind']}\ndata: {data}\n\n".encode("utf-8")
     return f"id: {sse_id(event)}\nevent: {event['kind']}\ndata: {data}\n\n".encode("utf-8")
 
 

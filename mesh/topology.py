@@ -1,6 +1,7 @@
 """Start and stop whole local topologies: ``mesh-up`` and the test fixtures share this code.
 
-Each node is a child process (``python -m dispatcher`` / ``python -m frontend``) configured by
+Each node is a child process (``python -m dispatcher`` / ``python -m frontend`` /
+``python -m dispatcher.bridge``) configured by
 ``--set`` overrides; it prints one JSON readiness line on stdout once it serves
 (``mesh.node.announce_ready``), which :meth:`NodeProcess.wait_ready` waits for with a deadline.
 Logs go to stderr (a file per node when ``log_dir`` is given).
@@ -25,6 +26,10 @@ class NodeFailed(RuntimeError):
     pass
 
 
+#: the module ``python -m`` runs for each role
+MODULES = {"dispatcher": "dispatcher", "frontend": "frontend", "bridge": "dispatcher.bridge"}
+
+
 @dataclass
 class NodeProcess:
     role: str
@@ -37,7 +42,7 @@ class NodeProcess:
 
     def start(self) -> "NodeProcess":
         stderr = open(self.log_path, "ab") if self.log_path else None
-        self.proc = subprocess.Popen([sys.executable, "-m", self.role, *self.args], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", MODULES[self.role], *self.args], env=self.env,
                                      stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL)
         if stderr:
             stderr.close()
@@ -147,6 +152,16 @@ class Topology:
             node.wait_ready()
         return node
 
+    def bridge(self, name: str, peers: list[str] | tuple[str, ...] = (), export_port: int = 0,
+               import_port: int = 0, wait: bool = True, **settings) -> NodeProcess:
+        """A DC's bridge; ``peers``: the other DCs' export endpoints, ``dc=tcp://host:port``."""
+        node = self.spawn("bridge", name, {"bridge.host": self.host, "bridge.export_port": export_port,
+                                           "bridge.import_port": import_port,
+                                           "bridge.peers": ";".join(peers), **settings})
+        if wait:
+            node.wait_ready()
+        return node
+
     def close(self) -> None:
         for node in self.nodes:
             if node.alive():
@@ -155,23 +170,56 @@ class Topology:
             node.close()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now (for endpoints other nodes must know before a node starts,
+    such as a bridge's export port; the small race with other programs is accepted)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+#: with --dcs N and --base-port P, DC k (0-based) uses ports P + k * DC_PORT_STRIDE + ...
+DC_PORT_STRIDE = 1000
+
+
+def _describe(node: NodeProcess) -> str:
+    info = node.info or node.wait_ready()
+    if node.role == "frontend":
+        where = info.get("http")
+    elif node.role == "bridge":
+        where = f"{info.get('export')} {info.get('import')} {info.get('http')}"
+    else:
+        where = f"{info.get('router')} {info.get('pub')} {info.get('http')}"
+    return f"{node.role} {node.name} {where}"
+
+
 @click.command(name="mesh-up")
-@click.option("--dispatchers", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option("--frontends", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--dispatchers", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="dispatchers (per DC)")
+@click.option("--frontends", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="frontends (per DC)")
+@click.option("--dcs", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="datacenters dc1..dcN, each with its own embedded KV file and one bridge")
 @click.option("--base-port", default=8080, show_default=True, type=click.IntRange(0, 65000),
               help="frontend i listens on P+i, dispatcher j on P+100+3j (router), +1 (pub), "
-                   "+2 (http); 0: any free ports")
+                   "+2 (http); with --dcs, DC k adds 1000k and its bridge uses P+90 (export), "
+                   "+91 (import), +92 (http); 0: any free ports")
 @click.option("--kv", "kv_backend", default="embedded", show_default=True,
               type=click.Choice(["embedded", "consul"]))
-@click.option("--kv-path", default=None, help="embedded KV file (default: a new temporary file)")
+@click.option("--kv-path", default=None, help="embedded KV file (default: a new temporary file; "
+                                              "with --dcs: one file per DC, FILE-dcK)")
 @click.option("--consul-addr", default=None,
               help="Consul agent host:port (--kv consul); without it a dev agent is started")
 @click.option("--log-dir", default=None, help="one log file per node here (default: stderr)")
-def main(dispatchers, frontends, base_port, kv_backend, kv_path, consul_addr, log_dir):
-    """Run a local topology: N dispatchers and M frontends on one machine, until Ctrl-C."""
+def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_addr, log_dir):
+    """Run a local topology: N dispatchers and M frontends on one machine (per datacenter,
+    with --dcs, plus one bridge each), until Ctrl-C."""
     tmp = tempfile.mkdtemp(prefix="livemesh-")
     kv = {"backend": kv_backend}
     agent = None
+    if dcs > 1 and kv_backend != "embedded":
+        raise click.ClickException("--dcs needs --kv embedded (one KV file per DC)")
     if kv_backend == "embedded":
         kv["path"] = kv_path or os.path.join(tmp, "kv.db")
     elif consul_addr:
@@ -184,7 +232,11 @@ def main(dispatchers, frontends, base_port, kv_backend, kv_path, consul_addr, lo
             raise click.ClickException(f"no --consul-addr and no Consul dev agent: {exc}") from None
         kv["consul_addr"] = agent.http_addr
         click.echo(f"consul agent http://{agent.http_addr}")
-    topo = Topology(kv=kv, log_dir=log_dir)
+    if dcs == 1:
+        topos = [Topology(kv=kv, log_dir=log_dir)]
+    else:
+        topos = [Topology(kv={**kv, "path": f"{kv['path']}-dc{k + 1}"}, log_dir=log_dir,
+                          extra={"node.dc": f"dc{k + 1}"}) for k in range(dcs)]
     stopping = []
 
     def on_signal(signum, frame):
@@ -193,22 +245,37 @@ def main(dispatchers, frontends, base_port, kv_backend, kv_path, consul_addr, lo
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        # dispatchers first: a frontend announces readiness once it knows the dispatchers
-        nodes = [topo.dispatcher(f"dispatcher-{j + 1}", base_port + 100 + 3 * j if base_port else 0,
-                                 wait=False) for j in range(dispatchers)]
+        nodes: list[NodeProcess] = []
+        exports = {}
+        if dcs > 1:  # every bridge must know the others' export endpoints when it starts
+            for k in range(dcs):
+                port = base_port + k * DC_PORT_STRIDE + 90 if base_port else free_port()
+                exports[f"dc{k + 1}"] = f"tcp://127.0.0.1:{port}"
+        for k, topo in enumerate(topos):
+            base = base_port + k * DC_PORT_STRIDE if base_port else 0
+            prefix = f"dc{k + 1}-" if dcs > 1 else ""
+            # dispatchers first: a frontend announces readiness once it knows the dispatchers
+            batch = [topo.dispatcher(f"{prefix}dispatcher-{j + 1}", base + 100 + 3 * j if base else 0,
+                                     wait=False) for j in range(dispatchers)]
+            for node in batch:
+                node.wait_ready()
+            if dcs > 1:
+                dc = f"dc{k + 1}"
+                batch.append(topo.bridge(
+                    f"bridge-{dc}", [f"{d}={ep}" for d, ep in exports.items() if d != dc],
+                    export_port=int(exports[dc].rsplit(":", 1)[1]),
+                    import_port=base + 91 if base else 0, wait=False,
+                    **{"bridge.http_port": base + 92 if base else 0}))
+            batch += [topo.frontend(f"{prefix}frontend-{i + 1}", base + i if base else 0, wait=False)
+                      for i in range(frontends)]
+            nodes += batch
         for node in nodes:
-            node.wait_ready()
-        nodes += [topo.frontend(f"frontend-{i + 1}", base_port + i if base_port else 0, wait=False)
-                  for i in range(frontends)]
-        for node in nodes:
-            info = node.info or node.wait_ready()
-            where = info.get("http") if node.role == "frontend" else \
-                f"{info.get('router')} {info.get('pub')} {info.get('http')}"
-            click.echo(f"{node.role} {node.name} {where}")
+            click.echo(_describe(node))
         click.echo("ready")
-        while all(n.alive() for n in topo.nodes):
+        everyone = [n for t in topos for n in t.nodes]
+        while all(n.alive() for n in everyone):
             time.sleep(0.5)
-        dead = [n for n in topo.nodes if not n.alive()]
+        dead = [n for n in everyone if not n.alive()]
         click.echo(f"mesh-up: {', '.join(n.name for n in dead)} exited; stopping", err=True)
         sys.exit(1)
     except NodeFailed as exc:
@@ -217,6 +284,7 @@ def main(dispatchers, frontends, base_port, kv_backend, kv_path, consul_addr, lo
     except KeyboardInterrupt:
         pass
     finally:
-        topo.close()
+        for topo in topos:
+            topo.close()
         if agent is not None:
             agent.stop()

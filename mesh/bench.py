@@ -1,0 +1,357 @@
+"""``meshctl bench``: a bounded load generator for livemesh frontends (or any server with the
+same SSE and publish API, such as the naive baseline in ``tests/bench/naive_broadcaster.py``).
+
+Theory of operation.  ``clients`` child processes (past the per-process open-file limit) open
+``connections`` SSE streams, spread over source addresses 127.0.0.1..127.0.0.K (past the
+ephemeral-port limit of one address pair) and over the target URLs, on ``videos`` videos (or
+all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s through the
+HTTP API for ``duration`` seconds and counts the acknowledged ones per video.  Readers stay
+cheap so they can keep up: they count ``event: like`` lines and SSE ids in raw bytes (C-speed
+``bytes.count`` and a regex, no per-event JSON), check per stream that ids strictly increase
+(a repeat is a duplicate), and parse the server timestamp of at most a few events per read for
+the publish-to-viewer latency (``ts`` is stamped by the accepting frontend; clients and
+servers share this machine's clock).  Lost = acknowledged events of a stream's video minus
+those it received.  Progress is printed every second; a table (or ``--json``) at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import re
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+ID_RE = re.compile(rb"\nid: (\d+):(\d+)\n")
+TS_RE = re.compile(rb'"kind":"like".*?"ts":([0-9.]+)')
+LATENCY_SAMPLES_PER_READ = 3
+
+
+@dataclass
+class Plan:
+    urls: list[str]
+    connections: int = 1000
+    videos: int = 10
+    hot: bool = False
+    rate: float = 100.0
+    duration: float = 10.0
+    clients: int = 0          # 0: one per 15,000 connections
+    sources: int = 0          # 0: one 127.0.0.x per 20,000 connections
+    open_rate: float = 2000.0
+    settle: float = 2.0
+
+    def video(self, i: int) -> str:
+        return "bench-0" if self.hot else f"bench-{i % self.videos}"
+
+
+@dataclass
+class ClientResult:
+    connected: int = 0
+    failed: int = 0
+    received: dict = field(default_factory=dict)   # video -> list of per-stream counts
+    duplicates: int = 0
+    reordered: int = 0
+    latencies: list = field(default_factory=list)  # ms
+
+
+# --- client processes ---------------------------------------------------------------------
+
+def _client_main(idx: int, plan: Plan, indices: list[int], progress, stop, results) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    res = asyncio.run(_client(idx, plan, indices, progress, stop))
+    results.put((idx, asdict(res)))
+
+
+async def _client(idx: int, plan: Plan, indices: list[int], progress, stop) -> ClientResult:
+    res = ClientResult()
+    streams: list[dict] = []
+    sources = plan.sources or max(1, math.ceil(plan.connections / 20000))
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int) -> None:
+        url = urlsplit(plan.urls[i % len(plan.urls)])
+        video = plan.video(i)
+        st = {"video": video, "count": 0, "last": (0, 0)}
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                url.hostname, url.port, local_addr=(f"127.0.0.{1 + i % sources}", 0)), 30)
+            writer.write(f"GET /v1/videos/{video}/events HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            res.failed += 1
+            return
+        res.connected += 1
+        streams.append(st)
+        carry = b""
+        try:
+            while True:
+                data = await reader.read(262144)
+                if not data:
+                    break
+                data = carry + data
+                end = data.rfind(b"\n\n")
+                if end < 0:
+                    carry = data
+                    continue
+                block, carry = data[:end + 2], data[end + 2:]
+                n = block.count(b"\nevent: like\n")
+                if not n:
+                    continue
+                st["count"] += n
+                last = st["last"]
+                for m in ID_RE.finditer(block):
+                    pos = (int(m.group(1)), int(m.group(2)))
+                    if pos <= last:
+                        if pos == last:
+                            res.duplicates += 1
+                        else:
+                            res.reordered += 1
+                    last = pos
+                st["last"] = last
+                if len(res.latencies) < 200000:
+                    now = time.time() * 1000.0
+                    for ts in TS_RE.findall(block)[-LATENCY_SAMPLES_PER_READ:]:
+                        res.latencies.append(now - float(ts))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    tasks = []
+    per_sec = max(1.0, plan.open_rate / max(1, plan.clients))
+    t0 = loop.time()
+    for k, i in enumerate(indices):
+        delay = t0 + k / per_sec - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i)))
+    last_report = 0.0
+    while not stop.is_set():
+        if loop.time() - last_report >= 0.5:
+            progress.put((idx, res.connected, res.failed, sum(s["count"] for s in streams)))
+            last_report = loop.time()
+        await asyncio.sleep(0.1)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for st in streams:
+        res.received.setdefault(st["video"], []).append(st["count"])
+    return res
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+async def _get_json(url: str) -> dict | None:
+    from tornado.httpclient import AsyncHTTPClient
+    try:
+        resp = await AsyncHTTPClient().fetch(url, request_timeout=5)
+        return json.loads(resp.body)
+    except Exception:  # noqa: BLE001 - a node that does not answer is reported as such
+        return None
+
+
+async def _rss(urls: list[str]) -> dict[str, int | None]:
+    out = {}
+    for u in urls:
+        h = await _get_json(u.rstrip("/") + "/healthz")
+        out[u] = h.get("rss_kb") if h else None
+    return out
+
+
+async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int]:
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+    client = AsyncHTTPClient(max_clients=64)
+    acked: dict[str, int] = {}
+    errors = 0
+    total = int(plan.rate * plan.duration)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    pending: set[asyncio.Future] = set()
+
+    async def one(k: int) -> None:
+        nonlocal errors
+        video = plan.video(k)
+        url = plan.urls[k % len(plan.urls)].rstrip("/") + f"/v1/videos/{video}/likes"
+        try:
+            resp = await client.fetch(HTTPRequest(url, method="POST", body=b'{"user":"bench"}',
+                                                  request_timeout=10), raise_error=False)
+        except Exception:  # noqa: BLE001 - a server too busy to answer: an error, not a crash
+            errors += 1
+            return
+        if resp.code == 202:
+            acked[video] = acked.get(video, 0) + 1
+        else:
+            errors += 1
+
+    for k in range(total):
+        delay = t0 + k / plan.rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if loop.time() - t0 > plan.duration + 5:
+            break  # bounded in time even when the server cannot keep up
+        fut = asyncio.ensure_future(one(k))
+        pending.add(fut)
+        fut.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.wait(pending, timeout=15)
+    return acked, errors
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100.0 * len(values)))]
+
+
+async def run(plan: Plan, echo=print) -> dict:
+    if not 1 <= plan.connections <= 200000 or not 0 < plan.duration <= 600 or not 0 < plan.rate <= 100000:
+        raise ValueError("bench bounds: 1..200000 connections, 0..600 s, 0..100000 likes/s")
+    plan.clients = plan.clients or max(1, math.ceil(plan.connections / 15000))
+    ctx = mp.get_context("spawn")
+    progress, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    rss_before = await _rss(plan.urls)
+    shares = [list(range(c, plan.connections, plan.clients)) for c in range(plan.clients)]
+    procs = [ctx.Process(target=_client_main, args=(c, plan, shares[c], progress, stop, results), daemon=True)
+             for c in range(plan.clients)]
+    for p in procs:
+        p.start()
+    state: dict[int, tuple] = {}
+    loop = asyncio.get_running_loop()
+
+    def drain() -> tuple[int, int, int]:
+        while not progress.empty():
+            msg = progress.get_nowait()
+            state[msg[0]] = msg[1:]
+        return tuple(sum(v[i] for v in state.values()) for i in range(3)) if state else (0, 0, 0)
+
+    try:
+        deadline = loop.time() + plan.connections / plan.open_rate + 60
+        while True:
+            connected, failed, _ = drain()
+            if connected + failed >= plan.connections:
+                break
+            if loop.time() > deadline:
+                echo(f"bench: only {connected} of {plan.connections} streams opened in time")
+                break
+            await asyncio.sleep(0.5)
+            echo(f"bench: opening streams: {connected} open, {failed} failed")
+        await asyncio.sleep(1.0)  # subscriptions settle (the server holds headers until they do)
+        rss_after = await _rss(plan.urls)
+        echo(f"bench: {connected} streams open; publishing {plan.rate:g} likes/s for {plan.duration:g} s")
+        pub = asyncio.ensure_future(_publish(plan, echo))
+        t0 = loop.time()
+        last_events = 0
+        while not pub.done():
+            await asyncio.sleep(1.0)
+            _, _, events = drain()
+            echo(f"bench: {loop.time() - t0:5.1f} s  {events - last_events:>10,} deliveries/s")
+            last_events = events
+        acked, errors = pub.result()
+        publish_s = loop.time() - t0
+        settle_deadline = loop.time() + plan.settle + 10
+        expected = sum(acked.get(plan.video(i), 0) for i in range(plan.connections) if True)
+        while loop.time() < settle_deadline:
+            _, _, events = drain()
+            if events >= expected * (connected / max(1, plan.connections)):
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(plan.settle / 4)
+    finally:
+        stop.set()
+    merged = ClientResult()
+    for _ in procs:
+        _, r = results.get(timeout=60)
+        merged.connected += r["connected"]
+        merged.failed += r["failed"]
+        merged.duplicates += r["duplicates"]
+        merged.reordered += r["reordered"]
+        merged.latencies += r["latencies"]
+        for video, counts in r["received"].items():
+            merged.received.setdefault(video, []).extend(counts)
+    for p in procs:
+        p.join(10)
+    deliveries = sum(sum(c) for c in merged.received.values())
+    lost = sum(max(0, acked.get(v, 0) - c) for v, counts in merged.received.items() for c in counts)
+    lat = merged.latencies
+    rss_per_conn = {u: (round((rss_after[u] - rss_before[u]) * 1024 / max(1, merged.connected))
+                        if rss_after.get(u) is not None and rss_before.get(u) is not None else None)
+                    for u in plan.urls}
+    return {
+        "plan": {k: v for k, v in asdict(plan).items()},
+        "connections_held": merged.connected, "connections_failed": merged.failed,
+        "published_acked": sum(acked.values()), "publish_errors": errors,
+        "publish_seconds": round(publish_s, 2),
+        "deliveries": deliveries, "deliveries_per_s": round(deliveries / max(publish_s, 1e-9)),
+        "lost": lost, "duplicates": merged.duplicates, "reordered": merged.reordered,
+        "latency_ms": {name: (round(percentile(lat, q), 2) if lat else None)
+                       for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))},
+        "latency_samples": len(lat),
+        "rss_bytes_per_connection": rss_per_conn,
+        "rss_kb_after_connect": rss_after,
+    }
+
+
+def print_table(r: dict, echo=print) -> None:
+    lat = r["latency_ms"]
+    rows = [
+        ("connections held", f"{r['connections_held']:,} ({r['connections_failed']} failed)"),
+        ("likes acknowledged", f"{r['published_acked']:,} in {r['publish_seconds']} s ({r['publish_errors']} errors)"),
+        ("deliveries", f"{r['deliveries']:,}"),
+        ("deliveries/s", f"{r['deliveries_per_s']:,}"),
+        ("latency p50/p90/p99/p99.9 ms", " / ".join("-" if v is None else f"{v:.1f}" for v in lat.values())),
+        ("lost / duplicated / reordered", f"{r['lost']:,} / {r['duplicates']:,} / {r['reordered']:,}"),
+    ]
+    for url, b in r["rss_bytes_per_connection"].items():
+        rows.append((f"RSS per connection {url}", "-" if b is None else f"{b / 1024:.1f} KiB"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        echo(f"{k:<{width}}  {v}")
+
+
+def bench_command():
+    import click
+
+    @click.command(name="bench")
+    @click.option("--frontend", "urls", multiple=True, metavar="URL",
+                  help="frontend base URL (repeatable; default: every healthy frontend in the KV)")
+    @click.option("--connections", "-n", default=1000, show_default=True, type=click.IntRange(1, 200000))
+    @click.option("--videos", "-v", default=10, show_default=True, type=click.IntRange(1, 100000))
+    @click.option("--hot", is_flag=True, help="all streams on one hot video")
+    @click.option("--rate", "-r", default=100.0, show_default=True, type=click.FloatRange(0.1, 100000),
+                  help="likes published per second")
+    @click.option("--duration", "-d", default=10.0, show_default=True, type=click.FloatRange(0.5, 600))
+    @click.option("--clients", default=0, type=click.IntRange(0, 64),
+                  help="client processes (0: one per 15,000 streams)")
+    @click.option("--sources", default=0, type=click.IntRange(0, 250),
+                  help="source addresses 127.0.0.1..K (0: one per 20,000 streams)")
+    @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+    @click.pass_context
+    def bench(ctx, urls, connections, videos, hot, rate, duration, clients, sources, as_json):
+        """Open N SSE streams, publish R likes/s for D seconds, report deliveries/s, latency
+        percentiles, lost and duplicated events, and RSS per connection."""
+        if not urls:
+            from .cli import _run, probe_all
+            from .kv import ROLE_FRONTEND
+            found = _run(ctx, lambda kv: probe_all(kv, ROLE_FRONTEND))
+            urls = [n.http for n, h in found if h is not None and n.http]
+            if not urls:
+                raise click.ClickException("no reachable frontend in the registry (use --frontend URL)")
+        plan = Plan(list(urls), connections, videos, hot, rate, duration, clients, sources)
+        echo = (lambda msg: click.echo(msg, err=True))
+        result = asyncio.run(run(plan, echo))
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            print_table(result, click.echo)
+
+    return bench
