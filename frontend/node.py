@@ -125,6 +125,7 @@ class Frontend:
         if removed is None:
             return
         video, last = removed
+        self.security.release_viewer(viewer)
         self.presence.remove(video, getattr(viewer, "user", None))
         if last:
             self.link.unsubscribe(video)

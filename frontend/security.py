@@ -61,6 +61,7 @@ SHED_LOG_INTERVAL = 10.0
 #: seconds accepting pauses when even the reserve descriptor cannot be had
 ACCEPT_PAUSE = 0.1
 #: connections accepted per readable event (Tornado's ``_DEFAULT_BACKLOG`` heuristic)
+ACCEPT_BACKLOG = 4096
 ACCEPT_BATCH = 128
 #: connections under the connection limit kept for health checks and publishes when full
 VIEWER_HEADROOM = 20
@@ -161,7 +162,7 @@ class FrontendSecurity:
             self.max_viewers = max(1, self.max_connections - VIEWER_HEADROOM)
             log.warning("security.max_viewers %d lowered to %d: the open-file limit is %d "
                         "(fd_reserve %d)", sec.max_viewers, self.max_viewers, nofile, sec.fd_reserve)
-        self._by_ip: dict[str, list] = {}
+        self._by_ip: dict[str, set] = {}  # ip -> its open SSE handlers (released on close)
         self._swept = 0.0
         self._reserve_fd: int | None = None
         self._shed_since_log = 0
@@ -222,8 +223,8 @@ class FrontendSecurity:
         if now - self._swept >= SWEEP_INTERVAL:
             self._sweep(now)
         mine = self._by_ip.get(ip)
-        if mine:
-            mine[:] = [h for h in mine if _streaming(h)]
+        if mine and len(mine) >= self.sec.max_viewers_per_ip:
+            mine.difference_update([h for h in mine if not _streaming(h)])  # only at the limit: O(1) per admit
         if mine and len(mine) >= self.sec.max_viewers_per_ip:
             self.stats["viewers_refused_ip"] += 1
             handler._security_headers = {"Retry-After": "10"}
@@ -241,12 +242,21 @@ class FrontendSecurity:
             else:
                 grant = self._authorize(handler, query_token, video, ACTION_SUBSCRIBE, True)
             handler.auth_user = grant.user
-        self._by_ip.setdefault(ip, []).append(handler)
+        self._by_ip.setdefault(ip, set()).add(handler)
+
+    def release_viewer(self, handler: tornado.web.RequestHandler) -> None:
+        """A stream closed: it no longer counts against its address."""
+        ip = handler.request.remote_ip or "?"
+        mine = self._by_ip.get(ip)
+        if mine is not None:
+            mine.discard(handler)
+            if not mine:
+                del self._by_ip[ip]
 
     def _sweep(self, now: float) -> None:
         self._swept = now
         for ip in list(self._by_ip):
-            alive = [h for h in self._by_ip[ip] if _streaming(h)]
+            alive = {h for h in self._by_ip[ip] if _streaming(h)}
             if alive:
                 self._by_ip[ip] = alive
             else:
@@ -308,7 +318,9 @@ class FrontendSecurity:
         server.conn_params.header_timeout = self.sec.header_timeout
         self._server = server
         self._reserve_fd = _open_reserve()
-        for sock in tornado.netutil.bind_sockets(port, address=host):
+        # a deep accept queue: bursts of viewers (a live event starting) wait in the kernel
+        # instead of being dropped and retried after 1 s, 3 s, ... (Tornado's default is 128)
+        for sock in tornado.netutil.bind_sockets(port, address=host, backlog=ACCEPT_BACKLOG):
             server._sockets[sock.fileno()] = sock
             server._handlers[sock.fileno()] = self._add_accept_handler(sock, server._handle_connection)
 

@@ -68,10 +68,12 @@ async def main_async(args) -> None:
             task = asyncio.ensure_future(c.connect(timeout=30))
             pending.add(task)
             task.add_done_callback(pending.discard)
+        issued_s = time.monotonic() - t0
         if pending:
             await asyncio.wait(pending, timeout=60)
         join_s = time.monotonic() - t0
-        want = args.viewers + 1
+        opened = sum(1 for c in clients if c.status == 200)
+        want = opened + 1
         deadline = time.monotonic() + 30
         while received["last_count"] != want and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -85,8 +87,9 @@ async def main_async(args) -> None:
         pres_up = sum(delta("presence_msgs", a, b) for a, b in zip(after, before))
         kv = sum(delta("kv_requests", a, b) for a, b in zip(after, before))
         pres_down = delta("presence_msgs", dafter, dbefore)
-        print(f"{args.viewers} viewers joined one video over {join_s:.1f} s "
-              f"({int(args.identified * 100)}% identified), 2 frontends, 1 dispatcher")
+        print(f"{opened} of {args.viewers} viewers joined one video: connects issued over {issued_s:.1f} s, "
+              f"all open after {join_s:.1f} s ({int(args.identified * 100)}% identified), "
+              f"2 frontends, 1 dispatcher")
         print(f"count reached {received['last_count']} (want {want}) after {settle_s:.1f} s")
         print(f"{'presence messages frontends -> owner':45} {pres_up:6d}")
         print(f"{'presence fan-out messages owner -> frontends':45} {pres_down:6d}")
