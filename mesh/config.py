@@ -65,6 +65,8 @@ class FrontendSection:
     max_buffer_bytes: int = _spec(1048576, lo=1024, hi=1 << 30,
                                   doc="per-viewer unsent bytes before the viewer is cut")
     fanout_slice: int = _spec(500, lo=1, hi=1000000, doc="connections written per loop turn")
+    coalesce_max: int = _spec(256, lo=1, hi=100000,
+                              doc="most queued fan-out messages merged into one write per viewer (1: off)")
     fault_drop_every: int = _spec(0, lo=0, hi=1000000,
                                   doc="fault injection (tests): drop every Nth fan-out message; 0: off")
 

@@ -47,19 +47,24 @@ def main() -> None:
     try:
         topo.dispatcher("d1")
         front = topo.frontend("f1")
-        for name, url in (("livemesh", front.url), ("naive", naive_url)):
+        plain = topo.frontend("f1-no-coalescing", **{"frontend.coalesce_max": "1"})
+        for name, url in (("livemesh", front.url), ("livemesh, coalescing off", plain.url),
+                          ("naive", naive_url)):
             plan = Plan([url], args.connections, args.videos, args.videos == 1, args.rate, args.duration)
             print(f"== {name}: {args.connections} streams, {args.videos} video(s), "
                   f"{args.rate:g} likes/s for {args.duration:g} s", flush=True)
             results[name] = asyncio.run(run(plan, echo=lambda m: None))
             print_table(results[name])
-        a, b = results["livemesh"], results["naive"]
-        print("== ratio livemesh / naive")
-        print(f"deliveries/s      {a['deliveries_per_s'] / max(1, b['deliveries_per_s']):.2f}x")
-        for q in ("p50", "p99"):
-            la, lb = a["latency_ms"][q], b["latency_ms"][q]
-            if la and lb:
-                print(f"latency {q:<8}  {lb / la:.2f}x lower" if la < lb else f"latency {q:<8}  {la / lb:.2f}x higher")
+        a = results["livemesh"]
+        for other in ("livemesh, coalescing off", "naive"):
+            b = results[other]
+            print(f"== ratio livemesh / {other}")
+            print(f"deliveries/s      {a['deliveries_per_s'] / max(1, b['deliveries_per_s']):.2f}x")
+            for q in ("p50", "p99"):
+                la, lb = a["latency_ms"][q], b["latency_ms"][q]
+                if la and lb:
+                    print(f"latency {q:<8}  {lb / la:.2f}x lower" if la < lb else
+                          f"latency {q:<8}  {la / lb:.2f}x higher")
     finally:
         topo.close()
         naive.terminate()
