@@ -39,7 +39,7 @@ from mesh.curve import CurveError, connect as curve_connect, secure_links
 from mesh.errors import RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
 from mesh.metrics import MetricsHandler, bridge_registry
-from mesh.node import serve
+from mesh.node import release, serve
 from mesh.peers import DispatcherPeers
 from mesh.sockets import bind, make_socket
 
@@ -129,17 +129,8 @@ class Bridge:
             task.cancel()
         if self.dispatchers:
             await self.dispatchers.stop()
-        try:
-            await self.kv.deregister()
-        except Exception as exc:  # noqa: BLE001
-            log.warning("deregister failed: %s", exc)
-        await self.kv.close()
-        if self.http_server:
-            self.http_server.stop()
-        for sock in self._sockets:
-            sock.close(linger=0)
-        if getattr(self, "zap", None) is not None:
-            self.zap.stop()
+        await release(self.kv, http_server=self.http_server, sockets=self._sockets,
+                      zap=getattr(self, "zap", None))
 
     # --- the proxies ------------------------------------------------------------------------
 

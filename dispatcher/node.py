@@ -34,7 +34,7 @@ from mesh.curve import secure_links
 from mesh.errors import RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_DISPATCHER
 from mesh.metrics import MetricsHandler, dispatcher_registry
-from mesh.node import rss_kb, serve
+from mesh.node import release, rss_kb, serve
 from mesh.ownership import owner, rank
 from mesh.peers import DispatcherPeers, PeerGone
 from mesh.presence import PresenceBoard
@@ -127,19 +127,8 @@ class Dispatcher:
             task.cancel()
         if self.peers:
             await self.peers.stop()
-        if not self.leaving:
-            try:
-                await self.kv.deregister()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("deregister failed: %s", exc)
-        await self.kv.close()
-        if self.http_server:
-            self.http_server.stop()
-        for sock in (self.router, self.xpub):
-            if sock is not None:
-                sock.close(linger=0)
-        if getattr(self, "zap", None) is not None:
-            self.zap.stop()
+        await release(self.kv, deregister=not self.leaving, http_server=self.http_server,
+                      sockets=(self.router, self.xpub), zap=getattr(self, "zap", None))
 
     def live(self) -> list[str]:
         """The dispatcher set ownership is computed over (without us once we are leaving)."""

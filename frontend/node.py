@@ -16,7 +16,7 @@ from mesh.config import Config
 from mesh.curve import from_config as curve_from_config
 from mesh.errors import KVError
 from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
-from mesh.node import rss_kb, serve
+from mesh.node import release, rss_kb, serve
 from mesh.sse import encode_comment
 from mesh.presence import LocalPresence
 from mesh.subscriptions import CountSync, SubscriptionTable
@@ -99,17 +99,11 @@ class Frontend:
         log.info("closed %d streams", len(viewers))
 
     async def stop(self) -> None:
-        if self.server:
-            self.server.stop()
         for task in self._tasks:
             task.cancel()
         if self.link:
             await self.link.stop()
-        try:
-            await self.kv.deregister()
-        except Exception as exc:  # noqa: BLE001 - shutting down: report, keep closing
-            log.warning("deregister failed: %s", exc)
-        await self.kv.close()
+        await release(self.kv, http_server=self.server)
 
     # --- viewers ------------------------------------------------------------------------
 

@@ -81,3 +81,22 @@ async def serve(cfg: Config, make_node: Callable[[Config, KV, zmq.asyncio.Contex
         await node.stop()
         ctx.destroy(linger=0)
         log.info("%s %s stopped", role, node.name)
+
+
+async def release(kv: KV, *, deregister: bool = True, http_server=None, sockets=(), zap=None) -> None:
+    """The common end of every node's ``stop()``: leave the registry (unless it already left
+    gracefully), close the KV handle, the HTTP server, the ZeroMQ sockets (linger 0) and the
+    CURVE authenticator -- each step even when an earlier one failed."""
+    if deregister:
+        try:
+            await kv.deregister()
+        except Exception as exc:  # noqa: BLE001 - shutting down: report, keep closing
+            log.warning("deregister failed: %s", exc)
+    await kv.close()
+    if http_server is not None:
+        http_server.stop()
+    for sock in sockets:
+        if sock is not None:
+            sock.close(linger=0)
+    if zap is not None:
+        zap.stop()
