@@ -232,6 +232,9 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
             raise click.ClickException(f"no --consul-addr and no Consul dev agent: {exc}") from None
         kv["consul_addr"] = agent.http_addr
         click.echo(f"consul agent http://{agent.http_addr}")
+    if kv_backend == "embedded":  # on stderr: stdout is the node list scripts read
+        click.echo(f"mesh-up: embedded KV {kv['path']}{'-dcN' if dcs > 1 else ''} "
+                   f"(meshctl --kv-path ...)", err=True)
     if dcs == 1:
         topos = [Topology(kv=kv, log_dir=log_dir)]
     else:
