@@ -63,12 +63,22 @@ def consul_binary() -> str:
     return path
 
 
+#: Consul's ports are picked here: below the ephemeral range (32768-60999) so that no socket
+#: binding port 0 can take one between choosing and starting, and apart from
+#: ``mesh.topology.PICKED_PORTS``
+AGENT_PORTS = (10000, 19999)
+
+
 def _free_port() -> int:
     """A port free for both TCP and UDP on 127.0.0.1 (serf listens on both)."""
-    for _ in range(50):
+    import random
+    for _ in range(200):
+        port = random.randint(*AGENT_PORTS)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
                     udp.bind(("127.0.0.1", port))

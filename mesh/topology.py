@@ -170,13 +170,26 @@ class Topology:
             node.close()
 
 
+#: ports ``free_port`` chooses from: below Linux's ephemeral range (32768-60999), so no socket
+#: that binds port 0 (every other node here) can take a port between choosing and binding it
+PICKED_PORTS = (20000, 32000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now (for endpoints other nodes must know before a node starts,
-    such as a bridge's export port; the small race with other programs is accepted)."""
+    """A TCP port free right now, for endpoints other nodes must know before a node starts
+    (such as a bridge's export port).  Chosen at random outside the ephemeral range and
+    checked by binding it; only another program picking the same port could still race."""
+    import random
     import socket
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    for _ in range(200):
+        port = random.randint(*PICKED_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {PICKED_PORTS} on {host}")
 
 
 #: with --dcs N and --base-port P, DC k (0-based) uses ports P + k * DC_PORT_STRIDE + ...
