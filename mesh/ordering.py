@@ -25,6 +25,12 @@ from .sequencing import Position, position
 RECENT_IDS = 4096
 
 
+def _prev(event: dict) -> Position | None:
+    """The position an event names as its predecessor (None at the start of a chain)."""
+    prev = event.get("prev")
+    return tuple(prev) if prev else None
+
+
 class ChainFollower:
     def __init__(self) -> None:
         self.last: Position | None = None
@@ -68,7 +74,7 @@ class ChainFollower:
             if self.repairing:
                 self.held.append(event)
                 continue
-            prev = tuple(event["prev"]) if event.get("prev") else None
+            prev = _prev(event)
             if self.last is None or prev == self.last:
                 out.append(event)
                 self._mark(event)
@@ -88,7 +94,7 @@ class ChainFollower:
             if event["id"] in self._recent:
                 self.duplicates += 1
                 continue
-            prev = tuple(event["prev"]) if event.get("prev") else None
+            prev = _prev(event)
             if self.last is not None and prev != self.last:
                 reset = True  # one reset before the batch covers every gap in it
                 self.gaps += 1
@@ -113,7 +119,7 @@ class ChainFollower:
             if event["id"] in self._recent:
                 self.duplicates += 1
                 continue
-            prev = tuple(event["prev"]) if event.get("prev") else None
+            prev = _prev(event)
             if prev != self.last:
                 reset = True  # a fork or a loss that history could not fill
             out.append(event)
