@@ -4,8 +4,10 @@
 
     subs [VIDEO] [--json] [--all-dcs]
                             subscription counts per video and frontend, with totals
-                            (--all-dcs: summed over the datacenters given by --dc-kv)
-    nodes [--json]          registered nodes: role, name, address, health, connections
+                            (--all-dcs: per DC and summed: Consul's WAN-federated
+                            datacenters, or the embedded files given by --dc-kv)
+    nodes [--json] [--all-dcs]
+                            registered nodes: role, name, address, health, connections
     tail VIDEO [--frontend URL] [--json] [--count N] [--timeout S]
                             a video's events live, one line each
 """
@@ -17,6 +19,7 @@ import json
 import sys
 import time
 import unicodedata
+from typing import Any
 
 import click
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
@@ -38,12 +41,15 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([fmt.format(*headers)] + [fmt.format(*map(str, r)) for r in rows])
 
 
-def _run(ctx: click.Context, fn):
-    overrides = ctx.obj["overrides"]
+def _load(ctx: click.Context):
     try:
-        cfg = load_config(ctx.obj["config"], overrides=overrides)
+        return load_config(ctx.obj["config"], overrides=ctx.obj["overrides"])
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
+
+
+def _run(ctx: click.Context, fn):
+    cfg = _load(ctx)
 
     async def go():
         kv = make_kv(cfg)
@@ -63,7 +69,8 @@ def _run(ctx: click.Context, fn):
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="TOML config file")
 @click.option("--kv", "kv_backend", type=click.Choice(["embedded", "consul"]), default=None)
 @click.option("--kv-path", default=None, help="embedded KV file")
-@click.option("--consul-addr", default=None, help="Consul agent host:port")
+@click.option("--consul-addr", default=None,
+              help="Consul agent host:port (implies --kv consul unless --kv is given)")
 @click.option("--dc", default=None, help="datacenter")
 @click.option("--dc-kv", "dc_kvs", multiple=True, metavar="DC=PATH",
               help="another datacenter's embedded KV file (repeatable; for subs --all-dcs)")
@@ -77,6 +84,7 @@ def main(ctx, config, kv_backend, kv_path, consul_addr, dc, dc_kvs):
         overrides["kv.path"] = kv_path
     if consul_addr:
         overrides["kv.consul_addr"] = consul_addr
+        overrides.setdefault("kv.backend", "consul")
     if dc:
         overrides["node.dc"] = dc
     dc_paths = {}
@@ -88,23 +96,82 @@ def main(ctx, config, kv_backend, kv_path, consul_addr, dc, dc_kvs):
     ctx.obj = {"config": config, "overrides": overrides, "dc_kvs": dc_paths}
 
 
-async def read_counts_all_dcs(kvs: dict[str, KV], video: str | None) -> dict[str, dict]:
-    """``dc -> video -> frontend -> count`` from each datacenter's own KV."""
-    async def one(kv: KV):
-        await kv.open()
+#: seconds for one datacenter's answer with --all-dcs (a DC whose servers are gone answers at
+#: once with an error; one cut off by a partition makes the local servers wait for RPC)
+DC_TIMEOUT = 5.0
+
+
+async def datacenter_kvs(ctx: click.Context, cfg) -> dict[str, KV]:
+    """``dc -> KV`` for ``--all-dcs``.  Consul: every datacenter the local agent knows (WAN
+    federation), each read through that agent with ``?dc=``.  Embedded: a file per DC, this
+    one's (``--kv-path`` / config, as ``--dc``) and each ``--dc-kv DC=PATH``."""
+    if cfg.kv.backend == "consul":
+        local = make_kv(cfg)
         try:
-            return await kv.read_counts(video)
+            return {dc: local.in_datacenter(dc) for dc in await local.datacenters()}
+        finally:
+            await local.close()
+    from .kv_embedded import EmbeddedKV
+    paths = dict(ctx.obj["dc_kvs"])
+    if cfg.kv.backend == "embedded" and (ctx.obj["overrides"].get("kv.path") or not paths):
+        paths.setdefault(cfg.node.dc, cfg.kv.path)
+    if not paths:
+        raise click.ClickException("--all-dcs needs the datacenters' KV files (--dc-kv DC=PATH) "
+                                   "or --kv consul")
+    return {dc: EmbeddedKV(path) for dc, path in paths.items()}
+
+
+async def read_all_dcs(kvs: dict[str, KV], read, timeout: float = DC_TIMEOUT
+                       ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``read(kv)`` in every datacenter at once: ``(dc -> result, dc -> why it failed)``; a DC
+    that fails or does not answer within ``timeout`` is in the second dict only."""
+    async def one(kv: KV):
+        try:
+            await kv.open()
+            return await asyncio.wait_for(read(kv), timeout)
         finally:
             await kv.close()
     names = sorted(kvs)
-    return dict(zip(names, await asyncio.gather(*(one(kvs[n]) for n in names))))
+    outcomes = await asyncio.gather(*(one(kvs[n]) for n in names), return_exceptions=True)
+    results, errors = {}, {}
+    for dc, outcome in zip(names, outcomes):
+        if isinstance(outcome, asyncio.TimeoutError):
+            errors[dc] = f"no answer within {timeout:g} s"
+        elif isinstance(outcome, (KVError, OSError)):
+            errors[dc] = str(outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            results[dc] = outcome
+    return results, errors
+
+
+def _run_all_dcs(ctx: click.Context, read) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`read_all_dcs` over :func:`datacenter_kvs`; every unreachable DC is reported on
+    stderr (the caller says the result is partial)."""
+    cfg = _load(ctx)
+
+    async def go():
+        return await read_all_dcs(await datacenter_kvs(ctx, cfg), read)
+    try:
+        results, errors = asyncio.run(go())
+    except KVError as exc:
+        raise click.ClickException(f"KV unavailable: {exc}") from None
+    for dc, why in sorted(errors.items()):
+        click.echo(f"meshctl: datacenter {dc} UNREACHABLE: {why}", err=True)
+    return results, errors
+
+
+def _partial_note(errors: dict[str, str]) -> str:
+    return f" (PARTIAL: {', '.join(sorted(errors))} unreachable)" if errors else ""
 
 
 @main.command()
 @click.argument("video", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--all-dcs", is_flag=True,
-              help="sum over every datacenter: this one (--kv-path / config) and each --dc-kv DC=PATH")
+              help="sum over every datacenter: Consul's federated DCs (?dc=), or this one "
+                   "(--kv-path / config) and each --dc-kv DC=PATH")
 @click.pass_context
 def subs(ctx, video, as_json, all_dcs):
     """Subscription counts: per video, per frontend, and totals."""
@@ -129,21 +196,8 @@ def subs(ctx, video, as_json, all_dcs):
 
 
 def _subs_all_dcs(ctx: click.Context, video: str | None, as_json: bool) -> None:
-    """Each DC has its own KV (embedded: a file per DC): read them all and sum."""
-    from .kv_embedded import EmbeddedKV
-    try:
-        cfg = load_config(ctx.obj["config"], overrides=ctx.obj["overrides"])
-    except ConfigError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
-    paths = dict(ctx.obj["dc_kvs"])
-    if cfg.kv.backend == "embedded" and (ctx.obj["overrides"].get("kv.path") or not paths):
-        paths.setdefault(cfg.node.dc, cfg.kv.path)
-    if not paths:
-        raise click.ClickException("--all-dcs needs the datacenters' KV files (--dc-kv DC=PATH)")
-    try:
-        per_dc = asyncio.run(read_counts_all_dcs({dc: EmbeddedKV(p) for dc, p in paths.items()}, video))
-    except KVError as exc:
-        raise click.ClickException(f"KV unavailable: {exc}") from None
+    """Each DC has its own KV: read them all and sum, saying which DCs are missing."""
+    per_dc, errors = _run_all_dcs(ctx, lambda kv: kv.read_counts(video))
     totals = {dc: sum(sum(f.values()) for f in counts.values()) for dc, counts in per_dc.items()}
     videos: dict[str, dict[str, int]] = {}
     for dc, counts in per_dc.items():
@@ -154,15 +208,18 @@ def _subs_all_dcs(ctx: click.Context, video: str | None, as_json: bool) -> None:
                                                       for v, f in sorted(c.items())},
                                             "total": totals[dc]} for dc, c in per_dc.items()},
                                "videos": {v: {"dcs": d, "total": sum(d.values())} for v, d in sorted(videos.items())},
-                               "total": sum(totals.values())}, indent=2, sort_keys=True))
+                               "total": sum(totals.values()),
+                               "unreachable": errors, "partial": bool(errors)}, indent=2, sort_keys=True))
         return
     rows = [[v, dc, n] for v, by_dc in sorted(videos.items()) for dc, n in sorted(by_dc.items())]
     rows += [[v, "(all dcs)", sum(by_dc.values())] for v, by_dc in sorted(videos.items())]
     if not rows:
-        click.echo(f"no subscriptions{' for ' + video if video else ''} in {', '.join(sorted(per_dc))}")
+        click.echo(f"no subscriptions{' for ' + video if video else ''} in "
+                   f"{', '.join(sorted(per_dc)) or 'any reachable datacenter'}{_partial_note(errors)}")
         return
     click.echo(_table(["VIDEO", "DC", "VIEWERS"], sorted(rows, key=lambda r: (r[0], r[1] == "(all dcs)", r[1]))))
-    click.echo(f"total viewers: {sum(totals.values())} in {len(videos)} videos over {len(per_dc)} datacenters")
+    click.echo(f"total viewers: {sum(totals.values())} in {len(videos)} videos over "
+               f"{len(per_dc)} datacenters{_partial_note(errors)}")
 
 
 async def probe(node: NodeInfo, timeout: float = PROBE_TIMEOUT) -> dict | None:
@@ -196,22 +253,32 @@ def _connections(health: dict | None) -> int | None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--all-dcs", is_flag=True,
+              help="every datacenter's nodes (Consul: the federated DCs; embedded: --dc-kv files)")
 @click.pass_context
-def nodes(ctx, as_json):
+def nodes(ctx, as_json, all_dcs):
     """Registered nodes: role, name, datacenter, endpoints, registry health, the node's own
     /healthz status and (frontends) its open viewer connections."""
-    found = _run(ctx, probe_all)
+    errors: dict[str, str] = {}
+    if all_dcs:
+        per_dc, errors = _run_all_dcs(ctx, probe_all)
+        found = [pair for dc in sorted(per_dc) for pair in per_dc[dc]]
+    else:
+        found = _run(ctx, probe_all)
     if as_json:
-        click.echo(json.dumps([{**n.to_dict(), "status": _status(h), "connections": _connections(h)}
-                               for n, h in found], indent=2))
+        listed = [{**n.to_dict(), "status": _status(h), "connections": _connections(h)} for n, h in found]
+        out = {"nodes": listed, "unreachable": errors, "partial": bool(errors)} if all_dcs else listed
+        click.echo(json.dumps(out, indent=2))
         return
     if not found:
-        click.echo("no nodes registered")
+        click.echo(f"no nodes registered{_partial_note(errors)}")
         return
     rows = [[n.role, n.name, n.dc, n.http, " ".join(x for x in (n.router, n.pub) if x) or "-",
              "passing" if n.healthy else "critical", _status(h),
              "-" if _connections(h) is None else _connections(h)] for n, h in found]
     click.echo(_table(["ROLE", "NAME", "DC", "HTTP", "ZMQ", "HEALTH", "STATUS", "CONNECTIONS"], rows))
+    if errors:
+        click.echo(f"{len(found)} nodes{_partial_note(errors)}")
 
 
 # --- tail ---------------------------------------------------------------------------------

@@ -47,8 +47,18 @@ HTTP: py-consul's endpoint wrappers (``consul.base.Consul``) over a Tornado
 ``consul.aio`` client needs aiohttp, which is not a dependency of livemesh; Tornado is, and
 its per-request timeout lets each blocking query wait exactly as long as it asked to.
 
-Limits: requests go to the datacenter of the agent at ``host:port`` (Consul KV is per
-datacenter; ``dc`` only names the key prefix and the nodes' Meta).  py-consul lets
+Several datacenters (WAN federation): each livemesh DC is its own Consul datacenter of the
+same name, and its nodes talk to an agent of that DC (Consul KV is per datacenter: writes,
+sessions and services stay local).  :meth:`datacenters` lists the datacenters the agent's
+servers know over WAN gossip (``/v1/catalog/datacenters``); :meth:`in_datacenter` gives a
+read-only view of another DC through the same agent: its counts under ``{prefix}/{dc}/subs/``
+and its nodes, every read sent with ``?dc=`` (py-consul's ``dc=``), which the local servers
+forward over server RPC to that DC's servers.  A DC whose servers cannot be reached answers
+with an error (``KVError``: "No path to datacenter", "rpc error ..."), never stale data:
+default-consistency reads are answered by that DC's leader.
+
+Limits: ``dc`` names the key prefix and the nodes' Meta; without a view, requests go to the
+datacenter of the agent at ``host:port``.  py-consul lets
 ``CONSUL_HTTP_TOKEN`` override ``token``.  ``/v1/txn`` is sent directly because py-consul's
 ``txn.put`` drops the ACL token.  After an agent loses its state the Raft index goes back:
 one :meth:`watch_nodes` call may then wait its full ``wait`` before it sees the new index.
@@ -92,7 +102,7 @@ class ConsulKV(KV):
     def __init__(self, host: str = "127.0.0.1", port: int = 8500, dc: str = "dc1",
                  prefix: str = "livemesh", session_ttl: float = 10.0, lock_delay: float = 0.0,
                  scheme: str = "http", token: str | None = None,
-                 request_timeout: float = REQUEST_TIMEOUT):
+                 request_timeout: float = REQUEST_TIMEOUT, datacenter: str | None = None):
         if not SESSION_TTL_MIN <= session_ttl <= SESSION_TTL_MAX:
             raise ConfigError(f"consul session_ttl must be within {SESSION_TTL_MIN:g}.."
                               f"{SESSION_TTL_MAX:g} s (Consul's range), got {session_ttl!r}")
@@ -107,6 +117,9 @@ class ConsulKV(KV):
         self.session_ttl = float(session_ttl)
         self.lock_delay = float(lock_delay)
         self.request_timeout = request_timeout
+        #: the Consul datacenter reads go to (``?dc=``); None: the agent's own.  Set only on
+        #: the read-only views :meth:`in_datacenter` returns.
+        self.datacenter = datacenter
         self.liveness_bound = 2 * self.session_ttl + self.lock_delay
         self.generation = 0
         self.kv_writes = 0  # /v1/txn requests sent by write_counts
@@ -120,7 +133,25 @@ class ConsulKV(KV):
 
     @property
     def addr(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+        agent = f"{self.scheme}://{self.host}:{self.port}"
+        return agent if self.datacenter is None else f"{agent} (dc={self.datacenter})"
+
+    def in_datacenter(self, dc: str) -> "ConsulKV":
+        """A read-only view of datacenter ``dc`` through this agent (WAN federation):
+        :meth:`read_counts` and :meth:`nodes` of that DC; close it after use."""
+        return ConsulKV(self.host, self.port, dc=dc, prefix=self.prefix,
+                        session_ttl=self.session_ttl, scheme=self.scheme, token=self.token,
+                        request_timeout=self.request_timeout, datacenter=dc)
+
+    async def datacenters(self) -> list[str]:
+        """Every datacenter the agent's servers know (their own and WAN-federated ones)."""
+        names = await self._call("list datacenters", lambda c: c.catalog.datacenters())
+        return sorted(names or ())
+
+    def _refuse_remote(self, what: str) -> None:
+        if self.datacenter is not None:
+            raise KVError(f"consul {self.addr}: cannot {what}: a view of another datacenter "
+                          "is read-only (sessions and services live in the node's own DC)")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -136,6 +167,7 @@ class ConsulKV(KV):
             self._consul = None
 
     async def register(self, node: NodeInfo) -> None:
+        self._refuse_remote(f"register {node.name}")
         await self.open()
         await self._stop_keepalive()
         if self.session_id is not None:
@@ -163,6 +195,7 @@ class ConsulKV(KV):
     # -- counts ------------------------------------------------------------------------------
 
     async def write_counts(self, frontend: str, counts: Mapping[str, int]) -> None:
+        self._refuse_remote("write counts")
         ops = []
         for video, count in counts.items():
             key = self._key(video, frontend)
@@ -183,7 +216,7 @@ class ConsulKV(KV):
 
     async def read_counts(self, video: str | None = None) -> Counts:
         prefix = self._subs_prefix if video is None else f"{self._subs_prefix}{_quote(video)}/"
-        _, items = await self._call("read counts", lambda c: c.kv.get(prefix, recurse=True))
+        _, items = await self._call("read counts", lambda c: c.kv.get(prefix, recurse=True, dc=self.datacenter))
         counts: Counts = {}
         for item in items or ():
             key = item.get("Key", "")
@@ -232,7 +265,8 @@ class ConsulKV(KV):
                       ) -> tuple[int, list[NodeInfo]]:
         index_s, entries = await self._call(
             f"read nodes of {role}",
-            lambda c: c.health.service(SERVICE_PREFIX + role, index=index or None, wait=wait))
+            lambda c: c.health.service(SERVICE_PREFIX + role, index=index or None, wait=wait,
+                                       dc=self.datacenter))
         nodes = sorted((self._node_from_entry(role, e) for e in entries or ()),
                        key=lambda n: n.name)
         # Consul's advice: an index must be > 0 (0 would mean "do not block" next time).

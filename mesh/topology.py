@@ -192,6 +192,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port in {PICKED_PORTS} on {host}")
 
 
+def _start_consul(workdir: str, datacenters: list[str]) -> list:
+    """A dev agent for one DC; for several, one per DC, WAN-federated (``start_federation``)."""
+    from .consul_agent import ConsulAgent, ConsulUnavailable, consul_binary, start_federation
+    try:
+        if len(datacenters) == 1:
+            return [ConsulAgent(consul_binary(), workdir).start()]
+        return start_federation(consul_binary(), workdir, datacenters)
+    except ConsulUnavailable as exc:
+        raise click.ClickException(f"no --consul-addr and no Consul dev agent: {exc}") from None
+
+
 #: with --dcs N and --base-port P, DC k (0-based) uses ports P + k * DC_PORT_STRIDE + ...
 DC_PORT_STRIDE = 1000
 
@@ -213,7 +224,8 @@ def _describe(node: NodeProcess) -> str:
 @click.option("--frontends", default=2, show_default=True, type=click.IntRange(1, 64),
               help="frontends (per DC)")
 @click.option("--dcs", default=1, show_default=True, type=click.IntRange(1, 16),
-              help="datacenters dc1..dcN, each with its own embedded KV file and one bridge")
+              help="datacenters dc1..dcN, each with its own KV (an embedded file, or with --kv "
+                   "consul its own Consul datacenter, WAN-federated) and one bridge")
 @click.option("--base-port", default=8080, show_default=True, type=click.IntRange(0, 65000),
               help="frontend i listens on P+i, dispatcher j on P+100+3j (router), +1 (pub), "
                    "+2 (http); with --dcs, DC k adds 1000k and its bridge uses P+90 (export), "
@@ -223,36 +235,40 @@ def _describe(node: NodeProcess) -> str:
 @click.option("--kv-path", default=None, help="embedded KV file (default: a new temporary file; "
                                               "with --dcs: one file per DC, FILE-dcK)")
 @click.option("--consul-addr", default=None,
-              help="Consul agent host:port (--kv consul); without it a dev agent is started")
+              help="Consul agent host:port (--kv consul, one DC); without it a dev agent is "
+                   "started (with --dcs N: one per DC, WAN-federated)")
 @click.option("--log-dir", default=None, help="one log file per node here (default: stderr)")
 def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_addr, log_dir):
     """Run a local topology: N dispatchers and M frontends on one machine (per datacenter,
     with --dcs, plus one bridge each), until Ctrl-C."""
     tmp = tempfile.mkdtemp(prefix="livemesh-")
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    names = [f"dc{k + 1}" for k in range(dcs)]
     kv = {"backend": kv_backend}
-    agent = None
-    if dcs > 1 and kv_backend != "embedded":
-        raise click.ClickException("--dcs needs --kv embedded (one KV file per DC)")
+    agents = []
     if kv_backend == "embedded":
         kv["path"] = kv_path or os.path.join(tmp, "kv.db")
     elif consul_addr:
+        if dcs > 1:
+            raise click.ClickException("--dcs N --kv consul starts its own federated agent per DC; "
+                                       "--consul-addr is for one DC")
         kv["consul_addr"] = consul_addr
     else:
-        from .consul_agent import ConsulAgent, ConsulUnavailable, consul_binary
-        try:
-            agent = ConsulAgent(consul_binary(), os.path.join(tmp, "consul")).start()
-        except ConsulUnavailable as exc:
-            raise click.ClickException(f"no --consul-addr and no Consul dev agent: {exc}") from None
-        kv["consul_addr"] = agent.http_addr
-        click.echo(f"consul agent http://{agent.http_addr}")
+        agents = _start_consul(os.path.join(tmp, "consul"), names)
+        for agent in agents:  # `consul agent URL [DC]`: the DC only when there are several
+            click.echo(f"consul agent http://{agent.http_addr}{' ' + agent.datacenter if dcs > 1 else ''}")
     if kv_backend == "embedded":  # on stderr: stdout is the node list scripts read
         click.echo(f"mesh-up: embedded KV {kv['path']}{'-dcN' if dcs > 1 else ''} "
                    f"(meshctl --kv-path ...)", err=True)
     if dcs == 1:
         topos = [Topology(kv=kv, log_dir=log_dir)]
+    elif agents:  # DC k's nodes use DC k's agent
+        topos = [Topology(kv={**kv, "consul_addr": agent.http_addr}, log_dir=log_dir,
+                          extra={"node.dc": agent.datacenter}) for agent in agents]
     else:
-        topos = [Topology(kv={**kv, "path": f"{kv['path']}-dc{k + 1}"}, log_dir=log_dir,
-                          extra={"node.dc": f"dc{k + 1}"}) for k in range(dcs)]
+        topos = [Topology(kv={**kv, "path": f"{kv['path']}-{dc}"}, log_dir=log_dir,
+                          extra={"node.dc": dc}) for dc in names]
     stopping = []
 
     def on_signal(signum, frame):
@@ -302,5 +318,5 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
     finally:
         for topo in topos:
             topo.close()
-        if agent is not None:
+        for agent in agents:
             agent.stop()
