@@ -17,7 +17,8 @@ It registers in its DC's KV as role ``bridge`` with ``pub`` = the import XPUB (f
 their SUB there) and ``export`` = the export XPUB.  Local dispatchers are found in the KV
 (``mesh.peers.DispatcherPeers``, whose links linger after a dispatcher leaves, so a draining
 dispatcher's last events still cross); peer DCs are configured (``bridge.peers``), because each
-DC has its own KV.
+DC has its own KV -- or, on WAN-federated Consul (``bridge.peers = "consul"`` or empty), found
+in the other datacenters' catalogs and followed (``mesh.federation``).
 
 Restarts: ZeroMQ replays subscriptions when a pipe (re)connects -- a SUB/XSUB sends its whole
 subscription set to a new publisher -- so a restarted bridge gets its frontends' and its peers'
@@ -37,6 +38,7 @@ from mesh.bridging import EXPORT, IMPORT, Gate, parse_peers
 from mesh.config import Config
 from mesh.curve import CurveError, connect as curve_connect, secure_links
 from mesh.errors import RemoteProtocolError
+from mesh.federation import discovers_peers, follow_peer_bridges
 from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
 from mesh.metrics import MetricsHandler, bridge_registry
 from mesh.node import release, serve
@@ -59,7 +61,8 @@ class Bridge:
         self.ctx = ctx
         self.dc = cfg.node.dc
         self.name = cfg.node.name or peer_bridge_name(self.dc)
-        self.peers = parse_peers(cfg.bridge.peers, self.dc)  # dc -> export endpoint
+        self.discovery = discovers_peers(cfg.bridge.peers, cfg.kv.backend)
+        self.peers = {} if self.discovery else parse_peers(cfg.bridge.peers, self.dc)  # dc -> export endpoint
         self.gate = Gate(self.dc)
         self.stats: dict[str, int] = {}
         self.endpoints: dict[str, str] = {}
@@ -83,12 +86,7 @@ class Bridge:
         http_port = next(iter(self.http_server._sockets.values())).getsockname()[1]
         self.endpoints = {"export": export_ep, "import": import_ep, "http": f"http://{b.host}:{http_port}"}
         for dc, endpoint in self.peers.items():
-            try:
-                curve_connect(self.import_in, endpoint, peer_bridge_name(dc), self.curve)
-            except CurveError as exc:
-                log.error("not linking to the bridge of %s: %s", dc, exc)
-                continue
-            log.info("importing from %s at %s", dc, endpoint)
+            self._link_peer(dc, endpoint)
         self._tasks = [asyncio.create_task(self._data(self.export_in, self.export_out, EXPORT)),
                        asyncio.create_task(self._subscriptions(self.export_out, self.export_in, EXPORT)),
                        asyncio.create_task(self._data(self.import_in, self.import_out, IMPORT)),
@@ -100,9 +98,33 @@ class Bridge:
         await self.dispatchers.start()
         await self.kv.register(NodeInfo(self.name, ROLE_BRIDGE, self.dc, http=self.endpoints["http"],
                                         pub=import_ep, export=export_ep))
+        if self.discovery:
+            self._tasks.append(asyncio.create_task(follow_peer_bridges(self.kv, self._peers_changed)))
         log.info("bridge %s of %s serving: export %s, import %s, http %s; peers %s", self.name, self.dc,
                  export_ep, import_ep, self.endpoints["http"],
-                 ", ".join(f"{dc}={ep}" for dc, ep in self.peers.items()) or "none")
+                 ", ".join(f"{dc}={ep}" for dc, ep in self.peers.items())
+                 or ("from the federated Consul catalog" if self.discovery else "none"))
+
+    def _link_peer(self, dc: str, endpoint: str) -> None:
+        try:
+            curve_connect(self.import_in, endpoint, peer_bridge_name(dc), self.curve)
+        except CurveError as exc:
+            log.error("not linking to the bridge of %s: %s", dc, exc)
+            return
+        self.peers[dc] = endpoint
+        log.info("importing from %s at %s", dc, endpoint)
+
+    def _peers_changed(self, link: dict[str, str], unlink: dict[str, str]) -> None:
+        """Peer discovery saw a DC's bridge go or move (``unlink``), or appear (``link``)."""
+        for dc, endpoint in unlink.items():
+            self.peers.pop(dc, None)
+            try:
+                self.import_in.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass  # never connected (its CURVE key was missing)
+            log.info("no longer importing from %s at %s", dc, endpoint)
+        for dc, endpoint in link.items():
+            self._link_peer(dc, endpoint)
 
     def _socket(self, kind: int, hwm: int, server: bool = False) -> zmq.asyncio.Socket:
         sock = make_socket(self.ctx, kind, sndhwm=hwm, rcvhwm=hwm, curve=self.curve, curve_server=server)

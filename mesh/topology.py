@@ -279,9 +279,10 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
     try:
         nodes: list[NodeProcess] = []
         exports = {}
-        if dcs > 1:  # every bridge must know the others' export endpoints when it starts
+        if dcs > 1:  # on embedded KVs every bridge must know the others' export endpoints when
+            # it starts; on federated Consul they find each other in the catalog
             for k in range(dcs):
-                port = base_port + k * DC_PORT_STRIDE + 90 if base_port else free_port()
+                port = base_port + k * DC_PORT_STRIDE + 90 if base_port else 0 if agents else free_port()
                 exports[f"dc{k + 1}"] = f"tcp://127.0.0.1:{port}"
         for k, topo in enumerate(topos):
             base = base_port + k * DC_PORT_STRIDE if base_port else 0
@@ -293,8 +294,9 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
                 node.wait_ready()
             if dcs > 1:
                 dc = f"dc{k + 1}"
+                peers = ["consul"] if agents else [f"{d}={ep}" for d, ep in exports.items() if d != dc]
                 batch.append(topo.bridge(
-                    f"bridge-{dc}", [f"{d}={ep}" for d, ep in exports.items() if d != dc],
+                    f"bridge-{dc}", peers,
                     export_port=int(exports[dc].rsplit(":", 1)[1]),
                     import_port=base + 91 if base else 0, wait=False,
                     **{"bridge.http_port": base + 92 if base else 0}))

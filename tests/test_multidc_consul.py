@@ -1,6 +1,7 @@
 """Several datacenters on real Consul: one Consul datacenter per livemesh DC, WAN-federated on
-loopback (``consul_federation``), each DC's nodes on its own agent, bridges between the DCs;
-``meshctl --all-dcs`` reads every DC's KV through dc1's agent (``?dc=``)."""
+loopback (``consul_federation``), each DC's nodes on its own agent; the bridges find each other
+in the federated catalog (``bridge.peers = "consul"``, ``mesh.federation``); ``meshctl
+--all-dcs`` reads every DC's KV through dc1's agent (``?dc=``)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import time
 
 import pytest
 
+from mesh.errors import ConfigError
+from mesh.federation import DISCOVERY_INTERVAL, PeerBridges, discovers_peers
 from mesh.kv_consul import ConsulKV
-from mesh.topology import Topology, free_port
+from mesh.topology import Topology
 
-from helpers import Collector, like, read_lines_until, viewer, wait_until
+from helpers import Collector, health, like, read_lines_until, viewer, wait_until
 
 pytestmark = [pytest.mark.consul, pytest.mark.multidc, pytest.mark.topology]
 
@@ -47,7 +50,6 @@ class Federation:
 @pytest.fixture
 def federation(consul_federation, tmp_path):
     agents = {agent.datacenter: agent for agent in consul_federation(DCS)}
-    exports = {dc: free_port() for dc in DCS}
     topos = {dc: Topology(kv={"backend": "consul", "consul_addr": agents[dc].http_addr},
                           log_dir=str(tmp_path),
                           extra={"node.dc": dc, "dispatcher.drain_seconds": "0.3"})
@@ -55,9 +57,8 @@ def federation(consul_federation, tmp_path):
     try:
         for node in [topos[dc].dispatcher(f"{dc}-d1", wait=False) for dc in DCS]:
             node.wait_ready()
-        bridges = {dc: topos[dc].bridge(f"bridge-{dc}", [f"{p}=tcp://127.0.0.1:{port}"
-                                                         for p, port in exports.items() if p != dc],
-                                        export_port=exports[dc], wait=False) for dc in DCS}
+        # no peer list, no pre-known ports: each bridge finds the others in the catalog
+        bridges = {dc: topos[dc].bridge(f"bridge-{dc}", ["consul"], wait=False) for dc in DCS}
         fronts = {dc: topos[dc].frontend(f"{dc}-f1", wait=False) for dc in DCS}
         for node in [*bridges.values(), *fronts.values()]:
             node.wait_ready()
@@ -83,19 +84,64 @@ async def _warm_up(front: str, video: str, collectors: list[Collector], timeout:
 async def test_like_in_dc1_reaches_dc2_and_dc3_once_in_order(federation):
     viewers = {dc: Collector(await viewer(federation.fronts[dc], "launch")) for dc in DCS}
     try:
+        for dc in DCS:  # a full mesh, found in the catalog
+            for peer in DCS:
+                if peer != dc:
+                    await wait_until(lambda: _peer_of(federation.bridges[dc], peer,
+                                                      federation.bridges[peer].info["export"]),
+                                     timeout=DISCOVERY_INTERVAL + 5, what=f"{dc}'s bridge linked to {peer}")
         await _warm_up(federation.fronts["dc1"], "launch", [viewers["dc2"], viewers["dc3"]])
-        base = {dc: len(c.ids()) for dc, c in viewers.items()}
-        sent = [(await like(federation.fronts["dc1"], "launch", user=f"u{i}"))["id"] for i in range(20)]
-        for dc, c in viewers.items():
-            await wait_until(lambda: set(sent) <= set(c.ids()), what=f"dc1's likes in {dc}")
-        await asyncio.sleep(0.3)  # let any duplicate arrive before checking there is none
-        for dc, c in viewers.items():
-            got = c.ids()[base[dc]:]
-            assert got == sent, f"{dc}: each like once, in dc1's order"
-            assert not c.of_kind("reset"), dc
+        await _likes_arrive_once_in_order(federation, viewers)
+
+        # dc3's bridge dies and comes back on another export port: dc1 and dc2 follow it
+        federation.bridges["dc3"].kill()
+        moved = federation.topos["dc3"].bridge("bridge-dc3", ["consul"])
+        federation.bridges["dc3"] = moved
+        started = time.monotonic()
+        await wait_until(lambda: _peer_of(federation.bridges["dc1"], "dc3", moved.info["export"]),
+                         timeout=DISCOVERY_INTERVAL + 5, what="dc1's bridge relinked to dc3's new one")
+        print(f"\ndc1's bridge relinked to dc3's moved bridge {time.monotonic() - started:.2f} s "
+              f"after it was ready (discovery interval {DISCOVERY_INTERVAL:g} s)")
+        await _warm_up(federation.fronts["dc1"], "launch", [viewers["dc3"]])
+        await _likes_arrive_once_in_order(federation, viewers)
     finally:
         for c in viewers.values():
             await c.close()
+
+
+async def _likes_arrive_once_in_order(federation: Federation, viewers: dict[str, Collector]) -> None:
+    sent = [(await like(federation.fronts["dc1"], "launch", user=f"u{i}"))["id"] for i in range(20)]
+    for dc, c in viewers.items():
+        await wait_until(lambda: set(sent) <= set(c.ids()), what=f"dc1's likes in {dc}")
+    await asyncio.sleep(0.3)  # let any duplicate arrive before checking there is none
+    for dc, c in viewers.items():
+        # warm-up likes may still be arriving: compare this round's likes only
+        assert [i for i in c.ids() if i in set(sent)] == sent, f"{dc}: dc1's order"
+        assert len(c.ids()) == len(set(c.ids())), f"{dc}: a like twice"
+        assert not c.of_kind("reset"), dc
+
+
+async def _peer_of(bridge, dc: str, endpoint: str) -> bool:
+    return (await health(bridge.url))["peers"].get(dc) == endpoint
+
+
+def test_peer_bridges_follow_catalog_readings():
+    peers = PeerBridges("dc1")
+    assert peers.update({"dc1": "tcp://h:1", "dc2": "tcp://h:2", "dc3": None}) == ({"dc2": "tcp://h:2"}, {})
+    assert peers.update({"dc2": "tcp://h:2", "dc3": "tcp://h:3"}) == ({"dc3": "tcp://h:3"}, {})
+    # dc2 unreadable (absent): its link stays; dc3 moved: out with the old, in with the new
+    assert peers.update({"dc3": "tcp://h:33"}) == ({"dc3": "tcp://h:33"}, {"dc3": "tcp://h:3"})
+    # dc2 answers without a healthy bridge: unlinked
+    assert peers.update({"dc2": None, "dc3": "tcp://h:33"}) == ({}, {"dc2": "tcp://h:2"})
+    assert peers.linked == {"dc3": "tcp://h:33"}
+
+
+def test_peer_discovery_is_chosen_by_config():
+    assert discovers_peers(["consul"], "consul") and discovers_peers([], "consul")
+    assert not discovers_peers([], "embedded")
+    assert not discovers_peers(["dc2=tcp://h:1"], "consul")
+    with pytest.raises(ConfigError, match="needs kv.backend"):
+        discovers_peers(["consul"], "embedded")
 
 
 async def test_meshctl_all_dcs_sums_federated_datacenters_and_reports_a_lost_one(federation, aclose):
@@ -185,7 +231,7 @@ async def _count(kv: ConsulKV, video: str, count: int) -> bool:
     return sum((await kv.read_counts(video)).get(video, {}).values()) == count
 
 
-def test_mesh_up_starts_federated_consul_datacenters(tmp_path, consul_binary_path):
+async def test_mesh_up_starts_federated_consul_datacenters(tmp_path, consul_binary_path):
     proc = subprocess.Popen([sys.executable, "bin/mesh-up", "--dcs", "2", "--kv", "consul",
                              "--dispatchers", "1", "--frontends", "1", "--base-port", "0",
                              "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, start_new_session=True,
@@ -204,6 +250,13 @@ def test_mesh_up_starts_federated_consul_datacenters(tmp_path, consul_binary_pat
         found = json.loads(out.stdout)["nodes"]
         assert sorted((n["dc"], n["name"]) for n in found) == sorted(
             (name.removeprefix("bridge-")[:3], name) for _, name in nodes)
+        # the bridges found each other: a like in dc1 reaches a viewer in dc2
+        fronts = {ln.split()[1][:3]: ln.split()[2] for ln in lines if ln.startswith("frontend ")}
+        remote = Collector(await viewer(fronts["dc2"], "up"))
+        try:
+            await _warm_up(fronts["dc1"], "up", [remote])
+        finally:
+            await remote.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         for addr in agents.values():
