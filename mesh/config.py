@@ -93,7 +93,8 @@ class BridgeSection:
     import_port: int = _spec(0, lo=0, hi=65535,
                              doc="bridge: XPUB port this DC's frontends connect to (peer DCs' events in); 0: any")
     http_port: int = _spec(0, lo=0, hi=65535, doc="bridge: HTTP port (health, metrics); 0: any")
-    peers: tuple = _spec((), doc="bridge: peer DCs' export endpoints, `dc=tcp://host:port` (`;`-separated in env)")
+    peers: tuple = _spec((), doc="bridge: peer DCs' export endpoints, `dc=tcp://host:port` (`;`-separated in env); "
+                                 "`consul` (or empty on kv.backend consul): found in the WAN-federated catalog")
     hwm: int = _spec(100000, lo=0, hi=10000000, doc="bridge: high-water mark of its proxy sockets, per peer")
 
 

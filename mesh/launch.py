@@ -28,10 +28,10 @@ def node_main(role: str, run: Callable[[Config], Awaitable[None]]) -> None:
             overrides[key.strip()] = value
         try:
             cfg = load_config(config_path, overrides=overrides)
-        except ConfigError as exc:
+            logsetup.configure(cfg.node.log_level, cfg.node.log_json, cfg.node.name or role)
+            asyncio.run(run(cfg))
+        except ConfigError as exc:  # also what a node finds building itself (bridge.peers)
             click.echo(f"livemesh-{role}: configuration error: {exc}", err=True)
             sys.exit(2)
-        logsetup.configure(cfg.node.log_level, cfg.node.log_json, cfg.node.name or role)
-        asyncio.run(run(cfg))
 
     command()

@@ -258,6 +258,7 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
         agents = _start_consul(os.path.join(tmp, "consul"), names)
         for agent in agents:  # `consul agent URL [DC]`: the DC only when there are several
             click.echo(f"consul agent http://{agent.http_addr}{' ' + agent.datacenter if dcs > 1 else ''}")
+        kv["consul_addr"] = agents[0].http_addr  # with several DCs each DC's topology gets its own
     if kv_backend == "embedded":  # on stderr: stdout is the node list scripts read
         click.echo(f"mesh-up: embedded KV {kv['path']}{'-dcN' if dcs > 1 else ''} "
                    f"(meshctl --kv-path ...)", err=True)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, KVError
 from mesh.federation import DISCOVERY_INTERVAL, PeerBridges, discovers_peers
 from mesh.kv_consul import ConsulKV
 from mesh.topology import Topology
@@ -144,6 +144,15 @@ def test_peer_discovery_is_chosen_by_config():
         discovers_peers(["consul"], "embedded")
 
 
+def test_bridge_refuses_consul_peers_without_consul(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "dispatcher.bridge", "--set", "bridge.peers=consul",
+                           "--set", f"kv.path={tmp_path / 'kv.db'}"], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2, done
+    assert done.stderr.startswith('livemesh-bridge: configuration error: bridge.peers = "consul" needs '
+                                  'kv.backend = "consul"'), done.stderr
+
+
 async def test_meshctl_all_dcs_sums_federated_datacenters_and_reports_a_lost_one(federation, aclose):
     opened = [(dc, Collector(await viewer(federation.fronts[dc], "sum"))) for dc in ("dc1", "dc2", "dc2", "dc3")]
     closed: set[int] = set()
@@ -197,6 +206,8 @@ async def _measure_visibility(federation: Federation, aclose) -> None:
     local = ConsulKV(federation.agents["dc1"].host, federation.agents["dc1"].port)
     remote = local.in_datacenter("dc3")
     aclose.append(remote.close)
+    with pytest.raises(KVError, match="read-only"):  # sessions and writes stay in their own DC
+        await remote.write_counts("dc3-f1", {"vis-0": 1})
     samples: dict[str, list[float]] = {"0->1": [], "1->2": [], "1->0": []}
 
     async def seen(video: str, count: int, since: float, key: str) -> None:
