@@ -114,6 +114,9 @@ async def follow_peer_bridges(kv, on_change: Callable[[Links, Links], None],
                 found, errors = await read_peer_bridges(kv, views)
             except KVError as exc:
                 found, errors = {}, {"*": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end discovery for good
+                log.exception("peer discovery: unexpected error")
+                found, errors = {}, {"*": repr(exc)}
             for dc in sorted(errors.keys() - failing.keys()):
                 log.warning("peer discovery: cannot read %s (keeping its link): %s",
                             "the datacenters" if dc == "*" else dc, errors[dc])
