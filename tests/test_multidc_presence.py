@@ -4,8 +4,9 @@ and "Multiple datacenters"."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -60,7 +61,7 @@ def two_dcs(tmp_path):
         yield dcs
 
 
-async def test_global_count_joins_leaves_and_a_killed_frontend_across_dcs(two_dcs):
+async def test_global_count_joins_leaves_and_a_killed_frontend_across_dcs(two_dcs, tmp_path):
     d1, d2 = two_dcs["dc1"], two_dcs["dc2"]
     f1, g1, g2 = d1.front, d2.frontends[0].url, d2.frontends[1].url
     w1, w2 = await _open(f1, "gv"), await _open(g1, "gv")
@@ -81,6 +82,9 @@ async def test_global_count_joins_leaves_and_a_killed_frontend_across_dcs(two_dc
             assert status == 200, page
             assert page["count"] == 4 and page["users"] == ["ann", "bob"], page
             assert page["dcs"] == {"dc1": 2, "dc2": 2}, page
+        cli = [sys.executable, "-m", "mesh.cli", "--kv-path", str(tmp_path / "kv-dc1.db"), "presence", "gv", "--json"]
+        out = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
+        assert out == {"video": "gv", "count": 4, "users": ["ann", "bob"]}
         # ann leaves dc2: exactly one leave at dc1's viewer, after the grace period
         left_at = time.monotonic()
         await ann.close()
