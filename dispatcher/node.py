@@ -387,7 +387,8 @@ class Dispatcher:
             now = loop.time()
             for video, events in self.presence.tick(now).items():
                 self._publish_presence(video, events)
-            for video, summary in self.presence.export(now).items():
+            live = self.live()
+            for video, summary in self.presence.export(now, lambda v: owner(v, live) == self.name).items():
                 self._export_presence(video, summary)
 
     async def _announce_tails(self) -> None:

@@ -38,6 +38,7 @@ count is -- until the next full summary, within ``dc_refresh``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .protocol import MAX_SUMMARY_USERS
 
@@ -268,15 +269,20 @@ class PresenceBoard:
         if board is not None:
             board.export_full_now = True
 
-    def export(self, now: float) -> dict[str, dict]:
+    def export(self, now: float, owns: Callable[[str], bool] = lambda video: True) -> dict[str, dict]:
         """Our DC's own presence summaries due now: video -> summary (``check_dc_summary``
         without ``from``, which the dispatcher adds).  A delta when our DC's users or count
         changed (at most every ``dc_flush``), a full summary every ``dc_refresh`` while the
-        DC has viewers (and once more when it has none left)."""
+        DC has viewers (and once more when it has none left).  Only videos we ``owns``: a
+        former owner's board goes stale (its frontends moved on) and must not speak for the DC."""
         out = {}
         for video, board in self.videos.items():
             full = board.export_full_now or now - board.export_full_at >= self.dc_refresh
             if not full and not (board.local_dirty and now - board.export_at >= self.dc_flush):
+                continue
+            if not owns(video):
+                board.exported, board.exported_count, board.export_n = None, 0, -1  # back: full first
+                board.export_full_at, board.export_full_now = now, False
                 continue
             users, count = self._local(board)
             board.local_dirty = False

@@ -106,7 +106,7 @@ async def test_global_count_joins_leaves_and_a_killed_frontend_across_dcs(two_dc
         assert _users(w1, "join").count("ann") == 1 and _users(w1, "leave").count("ann") == 1
         # what crossed: summaries only, counted at the bridges
         b1, b2 = await health(d1.bridge.url), await health(d2.bridge.url)
-        print(f"presence summaries: dc1 export {b1['presence']}, dc2 export {b2['presence']}; "
+        print(f"presence summaries at the bridges: dc1 {b1['presence']}, dc2 {b2['presence']}; "
               f"relayed dc1 {b1['stats'].get('presence_relayed')}, dc2 {b2['stats'].get('presence_relayed')}")
         assert b1["presence"]["export"] >= 1 and b2["presence"]["import"] >= 1
         assert b1["stats"]["presence_relayed"] >= 1 and not b1["stats"].get("presence_relay_failed")

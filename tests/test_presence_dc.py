@@ -147,6 +147,17 @@ def test_export_full_on_new_subscriber_caps_users_and_says_zero_once():
     assert b.export(7.5)["w"]["full"] is True       # over the cap: always full, never deltas
 
 
+def test_only_the_owner_exports_and_a_new_owner_starts_with_a_full_summary():
+    b = PresenceBoard(dc="dc1", dc_flush=0.25, dc_refresh=5.0)
+    b.update("f1", upd(joined=["ann"]), now=0.0)
+    assert b.export(0.0)["v"]["n"] == 0
+    b.update("f1", upd(joined=["bob"]), now=0.5)
+    assert b.export(0.5, owns=lambda v: False) == {}   # no longer the owner: silent
+    b.update("f1", upd(joined=["cy"]), now=1.0)
+    back = b.export(1.0)["v"]                          # owner again: a full one, numbered anew
+    assert back["full"] is True and back["n"] == 0 and back["users"] == ["ann", "bob", "cy"]
+
+
 def test_a_board_ignores_its_own_dc_and_remote_users_are_not_exported_again():
     b = PresenceBoard(dc="dc1")
     assert b.update_dc("v", {"dc": "dc1", "from": "x", "n": 0, "count": 9, "full": True, "users": ["z"]},
