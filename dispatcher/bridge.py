@@ -170,7 +170,7 @@ class Bridge:
                 continue
             if out is None:
                 continue
-            if isinstance(out, Relay):
+            if isinstance(out, Relay):  # tasks start (and send, NOBLOCK) in arrival order: FIFO
                 self._spawn(self._relay_presence(out))
                 continue
             if direction == IMPORT and self._fault_drop():
@@ -207,14 +207,20 @@ class Bridge:
         self._count("fault_dropped")
         return True
 
+    def _owner(self, video: str) -> str:
+        """The video's owner in our DC, as its frontends compute it (PeerGone: none known)."""
+        own = owner(video, self.dispatchers.names if self.dispatchers else [])
+        if own is None:
+            raise PeerGone("no dispatcher known")
+        return own
+
     # --- presence of peer DCs -----------------------------------------------------------------
 
     async def _relay_presence(self, relay: Relay) -> None:
         """A peer DC's presence summary, to the video's owner in our DC (``PRDC``)."""
-        own = owner(relay.video, self.dispatchers.names if self.dispatchers else [])
+        own = None
         try:
-            if own is None:
-                raise PeerGone("no dispatcher known")
+            own = self._owner(relay.video)
             await self.dispatchers.request(own, P.MSG_PRESENCE_DC, {"video": relay.video, "summary": relay.summary},
                                            PRESENCE_RELAY_TIMEOUT)
             self._count("presence_relayed")
@@ -251,10 +257,7 @@ class Bridge:
         timeout = self.cfg.frontend.gap_timeout  # the requesting frontend waits no longer
         try:
             if dc == self.dc:
-                own = owner(video, self.dispatchers.names)
-                if own is None:
-                    raise PeerGone("no dispatcher known")
-                reply = await self.dispatchers.request(own, P.MSG_HISTORY, P.history_body(video, after), timeout)
+                reply = await self.dispatchers.request(self._owner(video), P.MSG_HISTORY, P.history_body(video, after), timeout)
             elif dc in self.relay_peers:
                 reply = await self.peer_relays.request(peer_bridge_name(dc), P.MSG_HISTORY,
                                                        P.relay_history_body(video, after, dc), timeout)

@@ -261,7 +261,7 @@ class MeshLink:
             if follower is None:
                 follower = followers[dc] = ChainFollower()
             self.stats["remote_events_in"] += len(batch)
-            if self.relays.peers:  # repairable through the bridges
+            if self.relays.peers or follower.repairing:  # repairable through the bridges
                 ready, fetch_after = follower.offer(batch)
                 if fetch_after is not None:
                     self.stats["remote_gaps"] += 1

@@ -129,17 +129,24 @@ async def test_threshold_applies_to_the_global_count(tmp_path):
             status, page = await http("GET", f"{f1}/v1/videos/big/presence")
             assert page["users"] == ["zed"]          # listed, just not broadcast
             assert _users(w1, "join") == [] and _users(crowd[0], "join") == []
+            # dc2's bridge vanishes: dc1 drops dc2's presence after dc_expiry
+            dcs["dc2"].bridge.kill()
+            took = await _converge([w1], 1, timeout=15)
+            print(f"\ndc2's bridge SIGKILLed: dc1's count without dc2 after {took:.2f} s")
+            assert took < 3.0 + 0.2 + 1.5, took       # dc_expiry + count_interval + scheduling
         finally:
             for c in [w1, *crowd, *([late] if late else [])]:
                 await c.close()
 
 
-async def test_remote_gaps_are_repaired_through_the_bridges(tmp_path):
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "no-relay"])
+async def test_remote_gaps_are_repaired_through_the_bridges(tmp_path, relay):
     """dc2's bridge loses every 3rd imported batch (fault injection): dc2's viewer still gets
     every like of dc1, in order, once, with no reset -- each gap fetched from dc1's owner
-    through dc2's and dc1's bridges."""
-    with datacenters(tmp_path, {"dc1": (1, 1), "dc2": (1, 1)},
-                     bridge_settings={"dc2": {"bridge.fault_drop_every": "3"}}) as dcs:
+    through dc2's and dc1's bridges.  Without a relay endpoint for dc1 the viewer gets
+    ``reset`` as before, and every like that did arrive."""
+    settings = {"bridge.fault_drop_every": "3", **({} if relay else {"bridge.relay_peers": ""})}
+    with datacenters(tmp_path, {"dc1": (1, 1), "dc2": (1, 1)}, bridge_settings={"dc2": settings}) as dcs:
         d1, d2 = dcs["dc1"], dcs["dc2"]
         remote = Collector(await viewer(d2.front, "hv"))
         try:
@@ -147,6 +154,13 @@ async def test_remote_gaps_are_repaired_through_the_bridges(tmp_path):
                              what="dc1's likes reach dc2")
             before = len(remote.of_kind("like"))
             sent = [(await like(d1.front, "hv", user=f"u{i}"))["id"] for i in range(30)]
+            if not relay:
+                await wait_until(lambda: len(remote.of_kind("reset")) >= 3, what="resets")
+                fh = await health(d2.front)
+                assert not fh["stats"].get("remote_gaps_repaired") and fh["stats"]["remote_resets"] >= 3
+                got = [i for i in remote.ids("like") if i in set(sent)]
+                assert got == sorted(got, key=sent.index) and len(got) == len(set(got)) >= 15
+                return
             # a lost *last* batch shows only with the next one (tails do not cross): publish on
             await wait_until(lambda: _closing(d1.front, remote, sent), timeout=15, interval=0.1,
                              what="all 30 likes at dc2")
