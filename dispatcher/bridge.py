@@ -21,10 +21,10 @@ Endpoints (bind|connect TYPE for PURPOSE):
                                                   ``/metrics``
 
 It registers in its DC's KV as role ``bridge`` with ``pub`` = the import XPUB (frontends connect
-their SUB there), ``export`` = the export XPUB and ``router`` = the relay ROUTER.  Local dispatchers are found in the KV
-(``mesh.peers.DispatcherPeers``, whose links linger after a dispatcher leaves, so a draining
-dispatcher's last events still cross); peer DCs are configured (``bridge.peers``), because each
-DC has its own KV.
+their SUB there), ``export`` = the export XPUB and ``router`` = the relay ROUTER.  Local
+dispatchers are found in the KV (``mesh.peers.DispatcherPeers``, whose links linger after a
+dispatcher leaves, so a draining dispatcher's last events still cross); peer DCs are configured
+(``bridge.peers``, ``bridge.relay_peers``), because each DC has its own KV.
 
 Restarts: ZeroMQ replays subscriptions when a pipe (re)connects -- a SUB/XSUB sends its whole
 subscription set to a new publisher -- so a restarted bridge gets its frontends' and its peers'
@@ -221,7 +221,8 @@ class Bridge:
         own = None
         try:
             own = self._owner(relay.video)
-            await self.dispatchers.request(own, P.MSG_PRESENCE_DC, {"video": relay.video, "summary": relay.summary},
+            await self.dispatchers.request(own, P.MSG_PRESENCE_DC,
+                                           {"video": relay.video, "summary": relay.summary},
                                            PRESENCE_RELAY_TIMEOUT)
             self._count("presence_relayed")
         except (asyncio.TimeoutError, PeerGone) as exc:
@@ -257,28 +258,24 @@ class Bridge:
         timeout = self.cfg.frontend.gap_timeout  # the requesting frontend waits no longer
         try:
             if dc == self.dc:
-                reply = await self.dispatchers.request(self._owner(video), P.MSG_HISTORY, P.history_body(video, after), timeout)
+                reply = await self.dispatchers.request(self._owner(video), P.MSG_HISTORY,
+                                                       P.history_body(video, after), timeout)
             elif dc in self.relay_peers:
                 reply = await self.peer_relays.request(peer_bridge_name(dc), P.MSG_HISTORY,
                                                        P.relay_history_body(video, after, dc), timeout)
             else:
                 raise PeerGone(f"no relay endpoint for {dc} (bridge.relay_peers)")
-            body = relayed_history(reply, video, dc)
+            answer = P.Control(P.MSG_ACK, request_id, relayed_history(reply, video, dc))
+            self._count("relayed_history")
         except (asyncio.TimeoutError, PeerGone) as exc:
             self._count("relay_failed")
             log.info("history of %s@%s after %s not relayed: %s", video, dc, after, exc or "timeout")
-            body = None
-            error = P.error_body("unavailable", str(exc) or "timeout")
+            answer = P.Control(P.MSG_ERROR, request_id, P.error_body("unavailable", str(exc) or "timeout"))
         except RemoteProtocolError as exc:
             self._count("relay_malformed")
             wire_log.warning("relay: bad history reply for %s@%s: %s", video, dc, exc)
-            body = None
-            error = P.error_body("malformed", str(exc))
-        if body is None:
-            self._relay_reply(peer, P.Control(P.MSG_ERROR, request_id, error))
-            return
-        self._count("relayed_history")
-        self._relay_reply(peer, P.Control(P.MSG_ACK, request_id, body))
+            answer = P.Control(P.MSG_ERROR, request_id, P.error_body("malformed", str(exc)))
+        self._relay_reply(peer, answer)
 
     def _relay_reply(self, peer: bytes, msg: P.Control) -> None:
         try:
@@ -291,7 +288,8 @@ class Bridge:
         return {"status": "ok" if self.dispatchers and self.dispatchers.peers else "degraded",
                 "role": ROLE_BRIDGE, "name": self.name, "dc": self.dc,
                 "dispatchers": sorted(self.dispatchers.peers) if self.dispatchers else [],
-                "peers": self.peers, "relay_peers": self.relay_peers, **self.gate.snapshot(), "stats": dict(self.stats),
+                "peers": self.peers, "relay_peers": self.relay_peers, **self.gate.snapshot(),
+                "stats": dict(self.stats),
                 **self.endpoints}
 
 

@@ -26,9 +26,9 @@ by its own ``ChainFollower`` per (video, origin DC), delivered in order and once
 is repaired like a local one, but through the bridges: ``HIST`` with the origin ``dc`` to our
 DC's bridge (its relay ROUTER, KV ``router``), which relays it to the origin DC's bridge and
 owner (``dispatcher.bridge``), within ``gap_timeout``; when that fails (or our bridge has no
-relay) viewers get ``reset``.  Remote events are
-tagged ``remote`` so the SSE encoder gives them no ``id:`` (the browser keeps the last id of
-its own DC's chain, which a reconnect can replay).
+relay) viewers get ``reset``.  Remote events are tagged ``remote`` so the SSE encoder gives
+them no ``id:`` (the browser keeps the last id of its own DC's chain, which a reconnect can
+replay).
 """
 
 from __future__ import annotations

@@ -82,7 +82,8 @@ async def test_global_count_joins_leaves_and_a_killed_frontend_across_dcs(two_dc
             assert status == 200, page
             assert page["count"] == 4 and page["users"] == ["ann", "bob"], page
             assert page["dcs"] == {"dc1": 2, "dc2": 2}, page
-        cli = [sys.executable, "-m", "mesh.cli", "--kv-path", str(tmp_path / "kv-dc1.db"), "presence", "gv", "--json"]
+        cli = [sys.executable, "-m", "mesh.cli", "--kv-path", str(tmp_path / "kv-dc1.db"),
+               "presence", "gv", "--json"]
         out = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
         assert out == {"video": "gv", "count": 4, "users": ["ann", "bob"]}
         # ann leaves dc2: exactly one leave at dc1's viewer, after the grace period
@@ -218,13 +219,15 @@ async def test_bad_frames_at_the_relay_and_the_presence_relay_are_answered_not_f
             assert [(a.msg_type, a.request_id) for a in answers[2:]] == [(P.MSG_ERROR, b"2"), (P.MSG_ERROR, b"3"),
                                                                          (P.MSG_ERROR, b"4")]
             assert answers[4].body["code"] == "unavailable"
-            reply = await ask(owner, P.Control(P.MSG_PRESENCE_DC, b"5", {"video": "v", "summary": {"dc": 1}}).to_frames())
+            bad = {"video": "v", "summary": {"dc": 1}}
+            reply = await ask(owner, P.Control(P.MSG_PRESENCE_DC, b"5", bad).to_frames())
             assert reply.msg_type == P.MSG_ERROR and reply.body["code"] == "malformed"
             # both still serve: a good relayed request for an empty chain, a good summary
             ok = await ask(relay, P.Control(hist, b"6", P.relay_history_body("v", None, "dc2")).to_frames())
             assert ok.msg_type == P.MSG_ACK and ok.body == {"events": []}
             good = {"dc": "dc2", "from": "x", "n": 0, "count": 2, "full": True, "users": ["q"]}
-            reply = await ask(owner, P.Control(P.MSG_PRESENCE_DC, b"7", {"video": "v", "summary": good}).to_frames())
+            reply = await ask(owner, P.Control(P.MSG_PRESENCE_DC, b"7",
+                                               {"video": "v", "summary": good}).to_frames())
             assert reply.msg_type == P.MSG_ACK
             status, page = await http("GET", f"{d1.front}/v1/videos/v/presence")
             assert page["count"] == 2 and page["users"] == ["q"] and page["dcs"] == {"dc1": 0, "dc2": 2}
