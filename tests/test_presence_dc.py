@@ -221,3 +221,46 @@ def test_relayed_history_is_checked_and_relay_requests_need_an_origin():
     assert P.relay_history_request(req) == ("v", (1, 2), "dc2")
     with pytest.raises(RemoteProtocolError):
         P.relay_history_request(P.Control(P.MSG_HISTORY, b"1", P.history_body("v", None)))
+
+
+# --- fuzzing the new decoders: only RemoteProtocolError, and what passes merges cleanly ------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**64 - 1), st.floats(), st.text(max_size=70),
+                 st.binary(max_size=8), st.lists(st.integers(-2**63, 2**64 - 1), max_size=2))
+users = st.one_of(st.lists(st.text(max_size=70), max_size=4), junk)
+summaries = st.one_of(junk, st.fixed_dictionaries({}, optional={
+    "dc": st.one_of(st.sampled_from(["dc1", "dc2", "", "x" * 65]), junk), "from": st.one_of(st.text(max_size=4), junk),
+    "n": st.one_of(st.integers(-2, 3), junk), "count": st.one_of(st.integers(-2, 9), junk),
+    "full": st.one_of(st.booleans(), junk), "users": users, "joined": users, "left": users}))
+
+
+@FUZZ
+@given(st.lists(summaries, min_size=1, max_size=5))
+def test_fuzz_dc_summaries_only_remote_errors_and_boards_stay_consistent(items):
+    board = PresenceBoard(dc="dc1", grace=0.0, count_interval=0.0)
+    for now, item in enumerate(items):
+        frames = [P.topic_for("v"), P.pack({"v": 1, "k": "D", "from": "d", "summary": item})]
+        try:
+            msg = P.Fanout.from_frames(frames)
+        except RemoteProtocolError:
+            continue
+        board.update_dc("v", msg.summary, float(now))
+        board.tick(float(now))
+        assert board.count("v") >= len(board.users("v")) >= 0
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["video", "after", "dc", "events", "reset"]),
+                       st.one_of(junk, st.lists(junk, max_size=2)), max_size=5))
+def test_fuzz_relay_requests_and_replies_only_remote_errors(body):
+    for fn in (lambda: P.relay_history_request(P.Control(P.MSG_HISTORY, b"1", body)),
+               lambda: relayed_history(P.Control(P.MSG_ACK, b"1", body), "v", "dc2"),
+               lambda: P.presence_dc_update(P.Control(P.MSG_PRESENCE_DC, b"1", body))):
+        try:
+            fn()
+        except RemoteProtocolError:
+            pass
