@@ -273,7 +273,7 @@ class PresenceBoard:
         """Our DC's own presence summaries due now: video -> summary (``check_dc_summary``
         without ``from``, which the dispatcher adds).  A delta when our DC's users or count
         changed (at most every ``dc_flush``), a full summary every ``dc_refresh`` while the
-        DC has viewers (and once more when it has none left).  Only videos we ``owns``: a
+        DC has viewers (the last change to none goes out once).  Only videos we ``owns``: a
         former owner's board goes stale (its frontends moved on) and must not speak for the DC."""
         out = {}
         for video, board in self.videos.items():
@@ -286,18 +286,19 @@ class PresenceBoard:
                 continue
             users, count = self._local(board)
             board.local_dirty = False
-            if board.exported is None and not count:
-                continue  # never had viewers here: nothing to say
-            if full and not count and not board.exported_count and not board.export_full_now:
-                continue  # said "0" already; peers expire us if that was lost
-            full = full or board.exported is None or len(users) > MAX_SUMMARY_USERS
+            if full:
+                board.export_full_at, board.export_full_now = now, False
+            if not count and not board.exported_count:
+                continue  # nobody here, and the peers were told so (or never heard of us)
             if not full and users == board.exported and count == board.exported_count:
-                continue
+                continue  # a frontend's snapshot that changed nothing
+            # a first summary, and any past the user cap (deltas of a truncated list would lie)
+            full = full or board.exported is None or len(users) > MAX_SUMMARY_USERS
             board.export_n += 1
             summary = {"dc": self.dc, "n": board.export_n, "count": count, "full": full}
             if full:
                 summary["users"] = sorted(users)[:MAX_SUMMARY_USERS]
-                board.export_full_at, board.export_full_now = now, False
+                board.export_full_at = now
             else:
                 summary["joined"] = sorted(users - board.exported)
                 summary["left"] = sorted(board.exported - users)
