@@ -87,11 +87,21 @@ async def join(fronts: list[str], args, clients: list[SSEClient]) -> tuple[float
         clients.append(c)
         task = asyncio.ensure_future(c.connect(timeout=30))
         pending.add(task)
-        task.add_done_callback(pending.discard)
+        task.add_done_callback(_settled(pending))
     issued_s = time.monotonic() - t0
     if pending:
         await asyncio.wait(pending, timeout=60)
     return issued_s, time.monotonic() - t0
+
+
+def _settled(pending: set):
+    """Done-callback of a viewer's connect: forget it; a failed one is counted by the caller
+    (status != 200), its exception read here so asyncio does not log each one."""
+    def done(task: asyncio.Future) -> None:
+        pending.discard(task)
+        if not task.cancelled():
+            task.exception()
+    return done
 
 
 def delta(key, after, before) -> int:
