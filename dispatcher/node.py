@@ -75,8 +75,9 @@ class Dispatcher:
         self._inflight: set[asyncio.Task] = set()
         self._active: dict[str, float] = {}  # video -> loop time of its last publish here
         pr = cfg.presence
-        self.presence = PresenceBoard(grace=pr.grace, expiry=pr.expiry,
-                                      count_interval=pr.count_interval, broadcast_max=pr.broadcast_max)
+        self.presence = PresenceBoard(grace=pr.grace, expiry=pr.expiry, count_interval=pr.count_interval,
+                                      broadcast_max=pr.broadcast_max, dc=cfg.node.dc, dc_flush=pr.dc_flush,
+                                      dc_refresh=pr.dc_refresh, dc_expiry=pr.dc_expiry)
 
     def http_routes(self) -> list:
         return [(r"/healthz", HealthHandler, {"node": self}),
@@ -170,7 +171,7 @@ class Dispatcher:
                 self._spawn(self._handle_history(peer, msg))
             elif msg.msg_type == P.MSG_REPLICATE:
                 self._handle_replicate(peer, msg)
-            elif msg.msg_type == P.MSG_PRESENCE:
+            elif msg.msg_type in (P.MSG_PRESENCE, P.MSG_PRESENCE_DC):
                 self._handle_presence(peer, msg)
             elif msg.msg_type == P.MSG_PRESENCE_QUERY:
                 self._handle_presence_query(peer, msg)
@@ -331,17 +332,24 @@ class Dispatcher:
     # --- presence ---------------------------------------------------------------------------
 
     def _handle_presence(self, peer: bytes, msg: P.Control) -> None:
+        """A frontend's updates (``PRES``), or a peer DC's summary of its own presence
+        relayed by our bridge (``PRDC``, mesh.bridging)."""
+        now = asyncio.get_running_loop().time()
         try:
-            frontend, updates = P.presence_updates(msg)
+            if msg.msg_type == P.MSG_PRESENCE_DC:
+                video, summary = P.presence_dc_update(msg)
+                self.stats["presence_dc_updates"] += 1
+                merged = [(video, self.presence.update_dc(video, summary, now))]
+            else:
+                frontend, updates = P.presence_updates(msg)  # all checked before any is merged
+                self.stats["presence_updates"] += len(updates)
+                merged = [(upd["video"], self.presence.update(frontend, upd, now)) for upd in updates]
         except RemoteProtocolError as exc:
             self._reject(peer, msg, "malformed", exc)
             return
-        now = asyncio.get_running_loop().time()
-        self.stats["presence_updates"] += len(updates)
-        for upd in updates:
-            events = self.presence.update(frontend, upd, now)
+        for video, events in merged:
             if events:
-                self._publish_presence(upd["video"], events)
+                self._publish_presence(video, events)
         self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, {}))
 
     def _handle_presence_query(self, peer: bytes, msg: P.Control) -> None:
@@ -351,23 +359,37 @@ class Dispatcher:
                 or offset < 0 or not 0 < limit <= 1000:
             self._reject(peer, msg, "malformed", RemoteProtocolError("presence query needs video, offset, limit"))
             return
-        self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, self.presence.page(video, offset, limit)))
+        page = self.presence.page(video, offset, limit)
+        page["dcs"] = self.presence.dcs(video)
+        self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, page))
 
     def _publish_presence(self, video: str, events: list[dict]) -> None:
         self.stats["presence_msgs"] += 1
+        self._send_fanout(P.Fanout(video, P.FANOUT_PRESENCE, self.name, presence=events))
+
+    def _export_presence(self, video: str, summary: dict) -> None:
+        """Our DC's own presence of ``video``, on its topic: only subscribers get it, i.e.
+        our frontends (which ignore it) and our bridge while a peer DC watches the video."""
+        self.stats["presence_dc_exports"] += 1
+        self._send_fanout(P.Fanout(video, P.FANOUT_DC_PRESENCE, self.name, summary={**summary, "from": self.name}))
+
+    def _send_fanout(self, msg: P.Fanout) -> None:
         try:
-            self.xpub.send_multipart(P.Fanout(video, P.FANOUT_PRESENCE, self.name, presence=events).to_frames(),
-                                     flags=zmq.NOBLOCK)
+            self.xpub.send_multipart(msg.to_frames(), flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.stats["presence_dropped"] += 1
-            wire_log.warning("presence of %s not sent: %s", video, exc)
+            wire_log.warning("presence of %s not sent: %s", msg.video, exc)
 
     async def _presence_ticks(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(PRESENCE_TICK)
-            for video, events in self.presence.tick(loop.time()).items():
+            now = loop.time()
+            for video, events in self.presence.tick(now).items():
                 self._publish_presence(video, events)
+            live = self.live()
+            for video, summary in self.presence.export(now, lambda v: owner(v, live) == self.name).items():
+                self._export_presence(video, summary)
 
     async def _announce_tails(self) -> None:
         """Every TAIL_INTERVAL, the tail of each video published here in the last
@@ -399,6 +421,7 @@ class Dispatcher:
                 wire_log.warning("subscription to a non-video topic: %s", exc)
                 continue
             self.stats["subscribes"] += 1
+            self.presence.want_full_export(video)  # a peer DC's bridge may be the new subscriber
             await self.xpub.send_multipart(P.Fanout(video, P.FANOUT_SYNC, self.name).to_frames())
 
 

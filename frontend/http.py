@@ -292,7 +292,8 @@ def viewer_identity(handler: "EventsHandler") -> str | None:
 
 
 class PresenceHandler(JSONHandler):
-    """``GET /v1/videos/{video}/presence?offset=0&limit=100``: the owner's merged presence."""
+    """``GET /v1/videos/{video}/presence?offset=0&limit=100``: the owner's merged presence
+    (its DC's frontends and the summaries of the peer DCs it receives, ``mesh.presence``)."""
 
     async def get(self, video: str) -> None:
         check_video(video)
@@ -305,7 +306,8 @@ class PresenceHandler(JSONHandler):
             raise ClientError(400, "invalid_paging", "offset >= 0 and 1 <= limit <= 1000")
         page = await self.node.link.presence_page(video, offset, limit, self.node.cfg.frontend.gap_timeout)
         self.write({"video": video, "count": page["count"], "users": page["users"],
-                    "total_users": page["total_users"], "offset": offset, "limit": limit})
+                    "total_users": page["total_users"], "offset": offset, "limit": limit,
+                    "dcs": page.get("dcs", {})})
 
 
 def has_control(text: str) -> bool:

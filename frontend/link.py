@@ -22,10 +22,13 @@ Several datacenters (opt-in: only when the DC's KV lists a bridge).  The SUB soc
 connects to every bridge of our DC (``dispatcher.bridge``: its import XPUB carries peer DCs'
 events); our subscriptions reach the bridge like a dispatcher and travel on to the peer DCs.
 An event whose origin DC (``dc``) is not ours belongs to a remote owner's chain: it is followed
-by its own ``ChainFollower`` per (video, origin DC), delivered in order and once, and a gap in
-it -- which no local owner can repair -- reaches viewers as ``reset``.  Remote events are
-tagged ``remote`` so the SSE encoder gives them no ``id:`` (the browser keeps the last id of
-its own DC's chain, which a reconnect can replay).
+by its own ``ChainFollower`` per (video, origin DC), delivered in order and once.  A gap in it
+is repaired like a local one, but through the bridges: ``HIST`` with the origin ``dc`` to our
+DC's bridge (its relay ROUTER, KV ``router``), which relays it to the origin DC's bridge and
+owner (``dispatcher.bridge``), within ``gap_timeout``; when that fails (or our bridge has no
+relay) viewers get ``reset``.  Remote events are tagged ``remote`` so the SSE encoder gives
+them no ``id:`` (the browser keeps the last id of its own DC's chain, which a reconnect can
+replay).
 """
 
 from __future__ import annotations
@@ -74,7 +77,10 @@ class MeshLink:
         self.sub = make_socket(ctx, zmq.SUB, curve=curve)
         self.dispatchers = DispatcherPeers(ctx, kv, on_connect=self._sub_connect,
                                            on_disconnect=self._sub_disconnect, curve=curve)
-        self.bridges = NodeWatcher(kv, ROLE_BRIDGE, self._sub_connect, self._sub_disconnect)
+        self.bridges = NodeWatcher(kv, ROLE_BRIDGE, self._bridge_connect, self._bridge_disconnect)
+        # DEALERs to our DC's bridges' relay ROUTERs (history of other DCs' chains), fed from
+        # ``bridges`` (no discovery of their own)
+        self.relays = DispatcherPeers(ctx, kv, curve=curve)
         self.stats = defaultdict(int)
         self.followers: dict[str, ChainFollower] = {}
         self.remote_followers: dict[str, dict[str, ChainFollower]] = {}  # video -> origin dc ->
@@ -100,6 +106,7 @@ class MeshLink:
             task.cancel()
         await self.dispatchers.stop()
         await self.bridges.stop()
+        await self.relays.stop()
         self.sub.close(linger=0)
 
     def _spawn(self, coro) -> None:
@@ -110,6 +117,17 @@ class MeshLink:
     def _sub_connect(self, info: NodeInfo) -> None:
         curve_connect(self.sub, info.pub, info.name, self.curve)
         self._wake_sync_waiters()
+
+    def _bridge_connect(self, info: NodeInfo) -> None:
+        self._sub_connect(info)
+        self._sync_relays()
+
+    def _bridge_disconnect(self, info: NodeInfo) -> None:
+        self._sub_disconnect(info)
+        self._sync_relays()
+
+    def _sync_relays(self) -> None:
+        self.relays.set_dispatchers([n for n in self.bridges.nodes.values() if n.router])
 
     def _sub_disconnect(self, info: NodeInfo) -> None:
         try:
@@ -193,6 +211,8 @@ class MeshLink:
                 synced.add(msg.sender)
                 self._wake_sync_waiters(msg.video)
             return
+        if msg.kind == P.FANOUT_DC_PRESENCE:
+            return  # our owner's summary for the peer DCs (our bridge relays it): not for viewers
         follower = self.followers.get(msg.video)
         if follower is None:
             return  # late message for a video we just left
@@ -240,17 +260,26 @@ class MeshLink:
             follower = followers.get(dc)
             if follower is None:
                 follower = followers[dc] = ChainFollower()
-            ready, reset = follower.offer_unrepairable(batch)
             self.stats["remote_events_in"] += len(batch)
-            self.stats["remote_duplicates"] += len(batch) - len(ready)
-            if reset:
-                self.stats["remote_resets"] += 1
-                log.info("gap in %s from %s (another DC's chain, not repairable here); reset", video, dc)
-                self.on_reset(video, "gap")
-            for event in ready:
-                event["remote"] = True
-            self._deliver(video, ready)
+            if self.relays.peers or follower.repairing:  # repairable through the bridges
+                ready, fetch_after = follower.offer(batch)
+                if fetch_after is not None:
+                    self.stats["remote_gaps"] += 1
+                    self._spawn(self._repair(video, follower, fetch_after, dc))
+            else:
+                ready, reset = follower.offer_unrepairable(batch)
+                self.stats["remote_duplicates"] += len(batch) - len(ready)
+                if reset:
+                    self.stats["remote_resets"] += 1
+                    log.info("gap in %s from %s (another DC's chain; no bridge relay); reset", video, dc)
+                    self.on_reset(video, "gap")
+            self._deliver_remote(video, ready)
         return local
+
+    def _deliver_remote(self, video: str, events: list[dict]) -> None:
+        for event in events:
+            event["remote"] = True  # no SSE id: not replayable from our DC's history
+        self._deliver(video, events)
 
     def _deliver(self, video: str, events: list[dict]) -> None:
         if not events:
@@ -260,18 +289,45 @@ class MeshLink:
         except Exception:  # noqa: BLE001 - one bad delivery must not stop the socket
             log.exception("delivering events of %s failed", video)
 
-    async def _repair(self, video: str, follower: ChainFollower, after) -> None:
-        chain = await self.history(video, after, self.gap_timeout)
-        if self.followers.get(video) is not follower:
+    async def _repair(self, video: str, follower: ChainFollower, after, dc: str | None = None) -> None:
+        """Fill a gap after ``after``: from our owner's history, or for another DC's chain
+        (``dc``) through the bridges."""
+        if dc is None:
+            chain = await self.history(video, after, self.gap_timeout)
+            current = self.followers.get(video)
+        else:
+            chain = await self.remote_history(video, dc, after, self.gap_timeout)
+            current = self.remote_followers.get(video, {}).get(dc)
+        if current is not follower:
             return  # unsubscribed meanwhile
         events, reset = follower.repaired(chain)
+        prefix = "" if dc is None else "remote_"
         if reset:
-            self.stats["resets"] += 1
-            log.warning("gap in %s after %s could not be repaired from history; reset", video, after)
+            self.stats[prefix + "resets"] += 1
+            log.warning("gap in %s%s after %s could not be repaired from history; reset", video,
+                        "" if dc is None else f" from {dc}", after)
             self.on_reset(video, "gap")
         else:
-            self.stats["gaps_repaired"] += 1
-        self._deliver(video, events)
+            self.stats[prefix + "gaps_repaired"] += 1
+        if dc is None:
+            self._deliver(video, events)
+        else:
+            self._deliver_remote(video, events)
+
+    async def remote_history(self, video: str, dc: str, after, timeout: float) -> list[dict] | None:
+        """Another DC's chain of ``video`` after ``after``, through our DC's bridge and the
+        origin DC's (``dispatcher.bridge``); None when it cannot say within ``timeout``."""
+        names = self.relays.names
+        if not names:
+            return None
+        try:
+            reply = await self.relays.request(names[0], P.MSG_HISTORY,
+                                              P.relay_history_body(video, after, dc), timeout)
+            return P.chain_reply(reply, video, dc)
+        except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
+            log.warning("history of %s from %s through bridge %s failed: %s", video, dc, names[0],
+                        exc or type(exc).__name__)
+            return None
 
     async def history(self, video: str, after, timeout: float) -> list[dict] | None:
         """The owner's chain of ``video`` after ``after`` (``epoch, seq``); None when history

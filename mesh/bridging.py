@@ -13,19 +13,30 @@ DC only while some frontend there has a viewer of it: a DC without viewers of a 
 none of its frames (the zguide's "Espresso"/proxy pattern, with PUB-side filtering all the way).
 
 The data path of each proxy goes through :class:`Gate`: only event batches (``k == "E"``)
-cross, and only events whose origin DC (``dc``, stamped by the owner dispatcher) is this DC on
-export and another DC on import.  Sync markers, tails and presence are local to a DC (they
-name a local owner).  The import path never feeds the export path, so a remote event is never
-re-exported: a full mesh of DCs has no loops by construction, and each event crosses each link
-once.  Frontends also drop duplicates by event id.
+and DC presence summaries (``k == "D"``) cross, and only those whose origin DC (``dc``, stamped
+by the owner dispatcher) is this DC on export and another DC on import.  Sync markers, tails
+and the viewers' presence events (``k == "P"``) are local to a DC (they name a local owner).
+The import path never feeds the export path, so nothing imported is re-exported: a full mesh
+of DCs has no loops by construction, and each message crosses each link once.  Frontends also
+drop duplicate events by id.  An imported summary does not go on to the frontends: the gate
+returns a :class:`Relay` and the bridge sends it to the video's owner in its DC (``PRDC``),
+whose board merges it (``mesh.presence``).  It travels on the video's topic, so it reaches only
+the DCs whose frontends watch the video.
+
+History relay: a frontend that finds a gap in another DC's chain asks its
+DC's bridge (``HIST`` with ``dc`` = the chain's origin); the bridge passes the request to the
+origin DC's bridge (``bridge.relay_peers``), which asks the video's owner there and the answer
+travels back the same way, each hop checking what it passes on.
 
 Limits: events whose origin DC is missing (a dispatcher older than the ``dc`` field) are not
-exported; a remote chain's gaps cannot be repaired (frontends send ``reset``).
+exported; tail announcements do not cross, so the loss of a remote chain's *last* event is
+noticed only with the next event.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 from . import protocol as P
 from .errors import ConfigError, RemoteProtocolError
@@ -36,20 +47,27 @@ IMPORT = "import"
 MAX_VIDEOS_COUNTED = 10000
 
 
-def parse_peers(entries: tuple[str, ...] | list[str], our_dc: str) -> dict[str, str]:
+def parse_peers(entries: tuple[str, ...] | list[str], our_dc: str, key: str = "bridge.peers") -> dict[str, str]:
     """``["dc2=tcp://h:p", ...]`` -> ``{"dc2": "tcp://h:p"}``; our own DC is skipped (so every
-    bridge of a mesh can be given the same list)."""
+    bridge of a mesh can be given the same list).  ``key``: the config key, for errors."""
     peers: dict[str, str] = {}
     for entry in entries:
         dc, sep, endpoint = entry.partition("=")
         dc, endpoint = dc.strip(), endpoint.strip()
         if not sep or not dc or not endpoint.startswith("tcp://"):
-            raise ConfigError(f"bridge.peers: {entry!r} is not dc=tcp://host:port")
+            raise ConfigError(f"{key}: {entry!r} is not dc=tcp://host:port")
         if dc in peers:
-            raise ConfigError(f"bridge.peers: datacenter {dc!r} listed twice")
+            raise ConfigError(f"{key}: datacenter {dc!r} listed twice")
         if dc != our_dc:
             peers[dc] = endpoint
     return peers
+
+
+class Relay(NamedTuple):
+    """An imported DC presence summary, for the video's owner in our DC (not for frontends)."""
+
+    video: str
+    summary: dict
 
 
 class Gate:
@@ -61,15 +79,18 @@ class Gate:
         self.events: dict[str, int] = defaultdict(int)
         self.dropped: dict[str, int] = defaultdict(int)
         self.subscriptions: dict[str, int] = defaultdict(int)
+        self.presence: dict[str, int] = defaultdict(int)  # DC presence summaries, per direction
 
-    def passes(self, direction: str, frames: list[bytes]) -> list[bytes] | None:
+    def passes(self, direction: str, frames: list[bytes]) -> list[bytes] | Relay | None:
         """The frames to forward (the same ones, or a re-encoded batch of the events that may
-        cross), or None to drop them."""
+        cross), a :class:`Relay` (an imported presence summary), or None to drop them."""
         try:
             msg = P.Fanout.from_frames(frames)
         except RemoteProtocolError:
             self.dropped["malformed"] += 1
             raise
+        if msg.kind == P.FANOUT_DC_PRESENCE:
+            return self._summary(direction, msg, frames)
         if msg.kind != P.FANOUT_EVENTS:
             self.dropped[f"{direction}_{'control' if msg.kind != P.FANOUT_PRESENCE else 'presence'}"] += 1
             return None
@@ -85,6 +106,14 @@ class Gate:
         if len(keep) == len(msg.events):
             return frames
         return P.Fanout(msg.video, msg.kind, msg.sender, keep).to_frames()
+
+    def _summary(self, direction: str, msg: P.Fanout, frames: list[bytes]) -> list[bytes] | Relay | None:
+        ours = msg.summary["dc"] == self.dc
+        if ours != (direction == EXPORT):
+            self.dropped[f"{direction}_presence_not_crossing"] += 1
+            return None
+        self.presence[direction] += 1
+        return frames if ours else Relay(msg.video, msg.summary)
 
     def subscription(self, direction: str, msg: bytes) -> bool:
         """A (un)subscribe message from an XPUB, to pass upstream: only video topics."""
@@ -108,5 +137,13 @@ class Gate:
 
     def snapshot(self) -> dict:
         return {"frames": {d: dict(v) for d, v in self.frames.items()},
-                "events": dict(self.events), "dropped": dict(self.dropped),
+                "events": dict(self.events), "dropped": dict(self.dropped), "presence": dict(self.presence),
                 "subscriptions": dict(self.subscriptions)}
+
+
+
+def relayed_history(reply: P.Control, video: str, dc: str) -> dict:
+    """The body a bridge passes back for a relayed ``HIST``: the reply of the origin DC's
+    owner (or of the next bridge), checked (``protocol.chain_reply``), or RemoteProtocolError."""
+    events = P.chain_reply(reply, video, dc)
+    return {"reset": True} if events is None else {"events": events}

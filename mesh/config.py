@@ -96,6 +96,13 @@ class BridgeSection:
     peers: tuple = _spec((), doc="bridge: peer DCs' export endpoints, `dc=tcp://host:port` (`;`-separated in env); "
                                  "`consul` (or empty on kv.backend consul): found in the WAN-federated catalog")
     hwm: int = _spec(100000, lo=0, hi=10000000, doc="bridge: high-water mark of its proxy sockets, per peer")
+    relay_port: int = _spec(0, lo=0, hi=65535,
+                            doc="bridge: ROUTER port for history requests (this DC's frontends, peer bridges); 0: any")
+    relay_peers: tuple = _spec((), doc="bridge: peer DCs' relay endpoints, `dc=tcp://host:port` "
+                                       "(`;`-separated in env); a DC missing here: its gaps reset; "
+                                       "found with the peers when they are discovered on Consul")
+    fault_drop_every: int = _spec(0, lo=0, hi=1000000,
+                                  doc="fault injection (tests): drop every Nth imported event batch; 0: off")
 
 
 @dataclass
@@ -109,6 +116,12 @@ class PresenceSection:
     count_interval: float = _spec(1.0, lo=0.0, hi=3600.0, doc="dispatcher: at most one 'count' per interval")
     broadcast_max: int = _spec(1000, lo=0, hi=100000000,
                                doc="above this many viewers, per-user join/leave is not broadcast")
+    dc_flush: float = _spec(0.25, lo=0.01, hi=60.0,
+                            doc="dispatcher: seconds between changes of its DC's presence sent to peer DCs")
+    dc_refresh: float = _spec(5.0, lo=0.1, hi=600.0,
+                              doc="dispatcher: seconds between full summaries of its DC's presence to peer DCs")
+    dc_expiry: float = _spec(15.0, lo=0.3, hi=3600.0,
+                             doc="dispatcher: a peer DC's presence not refreshed this long is dropped")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Bridges find their peer DCs' bridges in the WAN-federated Consul catalog.
 
 Theory of operation.  Each DC is its own Consul datacenter; its bridge registers there as
-service ``livemesh-bridge`` with its export XPUB endpoint in the service Meta (``export``).
+service ``livemesh-bridge`` with its export XPUB endpoint and its history relay ROUTER in the
+service Meta (``export``, ``router``).
 WAN federation lets any agent read any datacenter's catalog (``?dc=``), so with
 ``bridge.peers = "consul"`` (or no peers at all on ``kv.backend = "consul"``) a bridge needs
 no peer list: every ``DISCOVERY_INTERVAL`` seconds it lists the datacenters
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .errors import ConfigError, KVError
 from .kv import ROLE_BRIDGE
@@ -41,7 +42,15 @@ CONSUL_PEERS = "consul"
 #: seconds between two readings of the federated catalog
 DISCOVERY_INTERVAL = 2.0
 
-Links = dict[str, str]  # dc -> export endpoint
+
+class PeerEndpoints(NamedTuple):
+    """What a bridge links to in a peer DC: its export XPUB and its history relay ROUTER
+    (None: that bridge has no relay, so gaps in that DC's chains reset)."""
+    export: str
+    relay: str | None
+
+
+Links = dict[str, PeerEndpoints]  # dc -> its bridge's endpoints
 
 
 def discovers_peers(peers: tuple | list, kv_backend: str) -> bool:
@@ -62,8 +71,8 @@ class PeerBridges:
         self.our_dc = our_dc
         self.linked: Links = {}
 
-    def update(self, found: dict[str, str | None]) -> tuple[Links, Links]:
-        """``found``: DC -> export endpoint of its healthy bridge, or None when it has none;
+    def update(self, found: dict) -> tuple[Links, Links]:
+        """``found``: DC -> endpoints of its healthy bridge, or None when it has none;
         a DC missing from ``found`` (unreadable) keeps its link.  Returns ``(to_link,
         to_unlink)``: a moved bridge is in both (old endpoint out, new one in)."""
         link: Links = {}
@@ -79,8 +88,8 @@ class PeerBridges:
         return link, unlink
 
 
-async def read_peer_bridges(kv, views: dict) -> tuple[dict[str, str | None], dict[str, str]]:
-    """``(dc -> export endpoint or None, dc -> why it could not be read)`` for every other DC
+async def read_peer_bridges(kv, views: dict) -> tuple[dict[str, PeerEndpoints | None], dict[str, str]]:
+    """``(dc -> its bridge's endpoints or None, dc -> why it could not be read)`` for every other DC
     ``kv`` (a ``ConsulKV``) knows; ``views`` caches one read-only view per DC (close them)."""
     others = [dc for dc in await kv.datacenters() if dc != kv.dc]
     for dc in others:
@@ -88,7 +97,7 @@ async def read_peer_bridges(kv, views: dict) -> tuple[dict[str, str | None], dic
             views[dc] = kv.in_datacenter(dc)
     readings = await asyncio.gather(*(views[dc].nodes(ROLE_BRIDGE) for dc in others),
                                     return_exceptions=True)
-    found: dict[str, str | None] = {}
+    found: dict[str, PeerEndpoints | None] = {}
     errors: dict[str, str] = {}
     for dc, bridges in zip(others, readings):
         if isinstance(bridges, KVError):
@@ -97,7 +106,7 @@ async def read_peer_bridges(kv, views: dict) -> tuple[dict[str, str | None], dic
             raise bridges
         else:
             healthy = [b for b in bridges if b.healthy and b.export and b.dc != kv.dc]
-            found[dc] = healthy[0].export if healthy else None
+            found[dc] = PeerEndpoints(healthy[0].export, healthy[0].router or None) if healthy else None
     return found, errors
 
 

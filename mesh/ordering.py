@@ -12,8 +12,10 @@ sends viewers an explicit ``reset`` event, never a silent gap.
 
 Events imported from another datacenter (multi-DC bridges) belong to a remote owner's chain,
 which no local dispatcher can repair: a frontend follows them with a separate follower per
-(video, origin DC) and :meth:`ChainFollower.offer_unrepairable`, which delivers at once and
-says ``reset`` when ``prev`` shows a gap (events stay in order: a bridge path is one FIFO).
+(video, origin DC).  With a bridge that relays history (``dispatcher.bridge``) that follower
+works as above, ``fetch_after`` going to the origin DC's owner through the bridges; without one,
+:meth:`ChainFollower.offer_unrepairable` delivers at once and says ``reset`` when ``prev`` shows
+a gap (events stay in order: a bridge path is one FIFO).
 """
 
 from __future__ import annotations

@@ -18,11 +18,32 @@ once per ``count_interval`` and only when the number changed.  A frontend that s
 (it died) is dropped after ``expiry`` seconds without an update, so its viewers leave within
 ``expiry + grace``.  A new owner (failover, rebalancing) learns the state from the next
 snapshots, within ``refresh``.
+
+Several datacenters.  Each DC's owner of a video also *exports* its DC's own presence of it
+(``export``): a summary -- the DC's count and its identified users, as deltas at most every
+``dc_flush`` seconds while they change and in full every ``dc_refresh`` seconds (and at once
+when someone new subscribes to the video, e.g. a peer DC's bridge) -- published on the video's
+topic, so it reaches only the DCs whose frontends subscribed to the video (``mesh.bridging``
+relays it to their owner).  A summary only ever holds the exporting DC's *own* frontends'
+presence, so nothing is re-exported.  The receiving owner merges each peer DC as one more
+contributor (``update_dc``): its users join the union, and its count minus its listed users is
+added like anonymous viewers.  So a user present in two DCs at once counts once, like a user with
+two tabs; anonymous viewers (and users beyond ``MAX_SUMMARY_USERS`` a DC lists) are summed.  A
+peer DC's users go through the same ``grace`` before ``leave``; a DC that stopped sending (its
+bridge or owner vanished) is dropped after ``dc_expiry``.  A delta that does not follow the last
+summary received from that owner (a lost message, an owner change) is not applied -- only its
+count is -- until the next full summary, within ``dc_refresh``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+from .protocol import MAX_SUMMARY_USERS
+
+#: prefix of a peer DC's contributor name on a board (no frontend name holds a NUL)
+DC_CONTRIBUTOR = "\x00dc:"
 
 
 @dataclass
@@ -97,6 +118,9 @@ class _Contribution:
     anon: int = 0
     users: set[str] = field(default_factory=set)
     seen: float = 0.0
+    remote: bool = False   # a peer DC's summary, not one of our frontends
+    origin: str = ""       # remote: the owner dispatcher whose summaries we follow
+    n: int = -1            # remote: number of the last summary applied (-1: wait for a full one)
 
 
 @dataclass
@@ -107,18 +131,32 @@ class _Board:
     announced: set[str] = field(default_factory=set)           # users announced as present
     broadcast_count: int | None = None
     broadcast_at: float = float("-inf")
+    # export of our own DC's presence to peer DCs
+    local_dirty: bool = True
+    exported: set[str] | None = None   # our DC's users as of the last summary (None: none sent)
+    exported_count: int = 0
+    export_at: float = float("-inf")
+    export_full_at: float = float("-inf")
+    export_full_now: bool = False
+    export_n: int = -1
 
 
 class PresenceBoard:
     """The owner dispatcher's merged presence of its videos."""
 
     def __init__(self, grace: float = 5.0, expiry: float = 6.0, count_interval: float = 1.0,
-                 broadcast_max: int = 1000):
+                 broadcast_max: int = 1000, dc: str = "dc1", dc_flush: float = 0.25,
+                 dc_refresh: float = 5.0, dc_expiry: float = 15.0):
         self.grace = grace
         self.expiry = expiry
         self.count_interval = count_interval
         self.broadcast_max = broadcast_max
+        self.dc = dc
+        self.dc_flush = dc_flush
+        self.dc_refresh = dc_refresh
+        self.dc_expiry = dc_expiry
         self.videos: dict[str, _Board] = {}
+        self.stale_deltas = 0
 
     def count(self, video: str) -> int:
         board = self.videos.get(video)
@@ -137,23 +175,50 @@ class PresenceBoard:
         contrib = board.frontends.setdefault(frontend, _Contribution())
         contrib.anon = upd.get("anon", 0)
         contrib.seen = now
+        board.local_dirty = True
         if upd.get("full"):
             wanted = set(upd.get("users", ()))
             joined, left = wanted - contrib.users, contrib.users - wanted
         else:
             joined, left = set(upd.get("joined", ())), set(upd.get("left", ()))
+        return self._merge(video, board, frontend, contrib, joined, left, now)
+
+    def update_dc(self, video: str, summary: dict, now: float) -> list[dict]:
+        """Merge a peer DC's summary of its own presence (``export`` there, checked by
+        ``protocol.check_dc_summary``); returns presence events to broadcast now (joins)."""
+        if summary["dc"] == self.dc:
+            return []  # our own summary back (misconfigured peers): never count it twice
+        board = self.videos.setdefault(video, _Board())
+        name = DC_CONTRIBUTOR + summary["dc"]
+        contrib = board.frontends.setdefault(name, _Contribution(remote=True))
+        contrib.seen = now
+        if summary["full"]:
+            contrib.origin, contrib.n = summary["from"], summary["n"]
+            target = set(summary["users"])
+        elif summary["from"] == contrib.origin and summary["n"] == contrib.n + 1:
+            contrib.n = summary["n"]
+            target = (contrib.users | set(summary["joined"])) - set(summary["left"])
+        else:
+            self.stale_deltas += 1  # a summary was lost (or a new owner): wait for a full one
+            contrib.n = -1
+            target = contrib.users
+        contrib.anon = max(0, summary["count"] - len(target))  # the count is always current
+        return self._merge(video, board, name, contrib, target - contrib.users, contrib.users - target, now)
+
+    def _merge(self, video: str, board: _Board, name: str, contrib: _Contribution,
+               joined: set[str], left: set[str], now: float) -> list[dict]:
         out = []
         for user in sorted(joined):
             contrib.users.add(user)
             holders = board.holders.setdefault(user, set())
-            holders.add(frontend)
+            holders.add(name)
             board.leaving.pop(user, None)  # back within the grace period: nothing to say
             if user not in board.announced and self.count(video) <= self.broadcast_max:
                 board.announced.add(user)  # only users whose join was broadcast get a leave
                 out.append({"kind": "join", "user": user})
         for user in sorted(left):
             contrib.users.discard(user)
-            self._drop_holder(board, user, frontend, now)
+            self._drop_holder(board, user, name, now)
         return out
 
     def _drop_holder(self, board: _Board, user: str, frontend: str, now: float) -> None:
@@ -172,10 +237,11 @@ class PresenceBoard:
         for video, board in list(self.videos.items()):
             events = []
             for name, contrib in list(board.frontends.items()):
-                if now - contrib.seen > self.expiry:
+                if now - contrib.seen > (self.dc_expiry if contrib.remote else self.expiry):
                     for user in list(contrib.users):
                         self._drop_holder(board, user, name, now - self.grace)  # no grace: it died
                     del board.frontends[name]
+                    board.local_dirty |= not contrib.remote
             for user, due in list(board.leaving.items()):
                 if due <= now:
                     del board.leaving[user]
@@ -189,9 +255,76 @@ class PresenceBoard:
                 events.append({"kind": "count", "count": count})
             if events:
                 out[video] = events
-            if not board.frontends and not board.leaving and count == 0 and board.broadcast_count == 0:
+            if (not board.frontends and not board.leaving and count == 0 and board.broadcast_count == 0
+                    and not board.exported_count):
                 del self.videos[video]
         return out
+
+    # --- several datacenters: our own DC's presence, for the others --------------------------
+
+    def want_full_export(self, video: str) -> None:
+        """Someone (a peer DC's bridge, among others) subscribed to the video: send it our
+        full summary at the next ``export`` instead of making it wait for ``dc_refresh``."""
+        board = self.videos.get(video)
+        if board is not None:
+            board.export_full_now = True
+
+    def export(self, now: float, owns: Callable[[str], bool] = lambda video: True) -> dict[str, dict]:
+        """Our DC's own presence summaries due now: video -> summary (``check_dc_summary``
+        without ``from``, which the dispatcher adds).  A delta when our DC's users or count
+        changed (at most every ``dc_flush``), a full summary every ``dc_refresh`` while the
+        DC has viewers (the last change to none goes out once).  Only videos we ``owns``: a
+        former owner's board goes stale (its frontends moved on) and must not speak for the DC."""
+        out = {}
+        for video, board in self.videos.items():
+            full = board.export_full_now or now - board.export_full_at >= self.dc_refresh
+            if not full and not (board.local_dirty and now - board.export_at >= self.dc_flush):
+                continue
+            if not owns(video):
+                board.exported, board.exported_count, board.export_n = None, 0, -1  # back: full first
+                board.export_full_at, board.export_full_now = now, False
+                continue
+            users, count = self._local(board)
+            board.local_dirty = False
+            if full:
+                board.export_full_at, board.export_full_now = now, False
+            if not count and not board.exported_count:
+                continue  # nobody here, and the peers were told so (or never heard of us)
+            if not full and users == board.exported and count == board.exported_count:
+                continue  # a frontend's snapshot that changed nothing
+            # a first summary, and any past the user cap (deltas of a truncated list would lie)
+            full = full or board.exported is None or len(users) > MAX_SUMMARY_USERS
+            board.export_n += 1
+            summary = {"dc": self.dc, "n": board.export_n, "count": count, "full": full}
+            if full:
+                summary["users"] = sorted(users)[:MAX_SUMMARY_USERS]
+                board.export_full_at = now
+            else:
+                summary["joined"] = sorted(users - board.exported)
+                summary["left"] = sorted(board.exported - users)
+            board.exported, board.exported_count, board.export_at = users, count, now
+            out[video] = summary
+        return out
+
+    @staticmethod
+    def _local(board: _Board) -> tuple[set[str], int]:
+        """Our own DC's users and count of a video (without peer DCs' summaries)."""
+        users: set[str] = set()
+        anon = 0
+        for contrib in board.frontends.values():
+            if not contrib.remote:
+                users |= contrib.users
+                anon += contrib.anon
+        return users, len(users) + anon
+
+    def dcs(self, video: str) -> dict[str, int]:
+        """Viewers per DC, each DC's own count (ours, and the peers' whose summary we hold)."""
+        board = self.videos.get(video)
+        if board is None:
+            return {}
+        return {self.dc: self._local(board)[1],
+                **{name[len(DC_CONTRIBUTOR):]: c.anon + len(c.users)
+                   for name, c in board.frontends.items() if c.remote}}
 
     def page(self, video: str, offset: int, limit: int) -> dict:
         users = self.users(video)

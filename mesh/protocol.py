@@ -30,6 +30,9 @@ Fan-out, XPUB (dispatcher) -> SUB (frontend), two frames::
                           video's last event notices without waiting for the next one.
                 k == "P": "presence": [{"kind": "count", "count": int} |
                           {"kind": "join"|"leave", "user": str}, ...] (mesh.presence)
+                k == "D": "summary": one DC's own presence of the video, for the other DCs
+                          (owner -> its DC's bridge -> peer bridges -> their owners, see
+                          ``check_dc_summary``); frontends ignore it.
 
 An event is a msgpack map::
 
@@ -68,13 +71,17 @@ MSG_HISTORY = b"HIST"
 MSG_REPLICATE = b"REPL"
 MSG_PRESENCE = b"PRES"
 MSG_PRESENCE_QUERY = b"PRSQ"
+MSG_PRESENCE_DC = b"PRDC"   # bridge -> owner dispatcher: a peer DC's presence summary
 CONTROL_TYPES = frozenset({MSG_PUBLISH, MSG_ACK, MSG_ERROR, MSG_PING, MSG_PONG, MSG_HISTORY,
-                           MSG_REPLICATE, MSG_PRESENCE, MSG_PRESENCE_QUERY})
+                           MSG_REPLICATE, MSG_PRESENCE, MSG_PRESENCE_QUERY, MSG_PRESENCE_DC})
 
 FANOUT_EVENTS = "E"
 FANOUT_SYNC = "S"
 FANOUT_TAIL = "T"
 FANOUT_PRESENCE = "P"
+FANOUT_DC_PRESENCE = "D"
+#: most users one DC's presence summary lists (beyond: counted, not listed; see mesh.presence)
+MAX_SUMMARY_USERS = 10000
 PRESENCE_KINDS = frozenset({"count", "join", "leave"})
 
 KIND_LIKE = "like"
@@ -275,6 +282,44 @@ def presence_updates(msg: Control) -> tuple[str, list[dict]]:
     return frontend, updates
 
 
+def valid_dc(dc: object) -> bool:
+    return isinstance(dc, str) and 0 < len(dc) <= 64
+
+
+def _user_list(items: Any) -> bool:
+    return (isinstance(items, list) and len(items) <= MAX_SUMMARY_USERS
+            and all(isinstance(u, str) and 0 < len(u) <= USER_MAX for u in items))
+
+
+def check_dc_summary(obj: Any) -> dict:
+    """One DC's own presence of a video (``mesh.presence.PresenceBoard.export``)::
+
+        {"dc": str, "from": owner dispatcher, "n": int (per owner and video, +1 per summary),
+         "count": int (viewers of that DC), "full": bool,
+         "users": [str, ...]                 # full: the DC's identified users (at most 10,000)
+         "joined": [...], "left": [...]}     # not full: changes since summary n - 1
+    """
+    try:
+        ok = (isinstance(obj, dict) and valid_dc(obj["dc"]) and isinstance(obj["from"], str)
+              and type(obj["n"]) is int and obj["n"] >= 0
+              and type(obj["count"]) is int and obj["count"] >= 0 and isinstance(obj["full"], bool)
+              and (_user_list(obj["users"]) if obj["full"]
+                   else _user_list(obj["joined"]) and _user_list(obj["left"])))
+    except KeyError:
+        ok = False
+    if not ok:
+        raise RemoteProtocolError(f"malformed DC presence summary {str(obj)[:200]}")
+    return obj
+
+
+def presence_dc_update(msg: Control) -> tuple[str, dict]:
+    """The video and the summary of a ``PRDC`` message (bridge -> owner dispatcher)."""
+    video = msg.body.get("video")
+    if not valid_video_id(video):
+        raise RemoteProtocolError("DC presence update needs a video")
+    return video, check_dc_summary(msg.body.get("summary"))
+
+
 def history_body(video: str, after: tuple[int, int] | None) -> dict:
     return {"video": video, "after": list(after) if after else None}
 
@@ -284,6 +329,19 @@ def history_request(msg: Control) -> tuple[str, tuple[int, int] | None]:
     if not valid_video_id(video) or not valid_position(after, allow_none=True):
         raise RemoteProtocolError("history request needs a video and an 'after' position or nil")
     return video, tuple(after) if after else None
+
+
+def relay_history_body(video: str, after: tuple[int, int] | None, dc: str) -> dict:
+    """``HIST`` to a bridge: the chain of ``video`` sequenced in datacenter ``dc``."""
+    return {**history_body(video, after), "dc": dc}
+
+
+def relay_history_request(msg: Control) -> tuple[str, tuple[int, int] | None, str]:
+    video, after = history_request(msg)
+    dc = msg.body.get("dc")
+    if not valid_dc(dc):
+        raise RemoteProtocolError("history request to a bridge needs the chain's origin 'dc'")
+    return video, after, dc
 
 
 def history_reply(msg: Control) -> list[dict] | None:
@@ -296,6 +354,17 @@ def history_reply(msg: Control) -> list[dict] | None:
     if not isinstance(events, list):
         raise RemoteProtocolError("history reply without events")
     return [check_event(e) for e in events]
+
+
+def chain_reply(msg: Control, video: str, dc: str) -> list[dict] | None:
+    """``history_reply`` for another DC's chain (relayed by bridges): every event must be of
+    ``video`` and sequenced in ``dc``."""
+    events = history_reply(msg)
+    for event in events or ():
+        if event["video"] != video or origin_dc(event, dc) != dc:
+            raise RemoteProtocolError(f"history of {video}@{dc} holds event {event['id']!r} "
+                                      f"of {event['video']}@{event.get('dc')}")
+    return events
 
 
 def error_body(code: str, message: str) -> dict:
@@ -314,6 +383,7 @@ class Fanout:
     events: list[dict] = field(default_factory=list)
     tail: tuple[int, int] | None = None
     presence: list[dict] = field(default_factory=list)
+    summary: dict | None = None
 
     def to_frames(self) -> list[bytes]:
         payload: dict[str, Any] = {"v": PROTOCOL_VERSION, "k": self.kind, "from": self.sender}
@@ -321,6 +391,8 @@ class Fanout:
             payload["events"] = self.events
         elif self.kind == FANOUT_PRESENCE:
             payload["presence"] = self.presence
+        elif self.kind == FANOUT_DC_PRESENCE:
+            payload["summary"] = self.summary
         elif self.kind == FANOUT_TAIL:
             payload["tail"] = list(self.tail)
         elif self.kind != FANOUT_SYNC:
@@ -344,6 +416,8 @@ class Fanout:
             return cls(video, kind, sender)
         if kind == FANOUT_PRESENCE:
             return cls(video, kind, sender, presence=check_presence(payload.get("presence")))
+        if kind == FANOUT_DC_PRESENCE:
+            return cls(video, kind, sender, summary=check_dc_summary(payload.get("summary")))
         if kind == FANOUT_TAIL:
             if not valid_position(payload.get("tail")):
                 raise RemoteProtocolError("tail announcement without a valid position")

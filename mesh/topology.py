@@ -229,7 +229,7 @@ def _describe(node: NodeProcess) -> str:
 @click.option("--base-port", default=8080, show_default=True, type=click.IntRange(0, 65000),
               help="frontend i listens on P+i, dispatcher j on P+100+3j (router), +1 (pub), "
                    "+2 (http); with --dcs, DC k adds 1000k and its bridge uses P+90 (export), "
-                   "+91 (import), +92 (http); 0: any free ports")
+                   "+91 (import), +92 (http), +93 (history relay); 0: any free ports")
 @click.option("--kv", "kv_backend", default="embedded", show_default=True,
               type=click.Choice(["embedded", "consul"]))
 @click.option("--kv-path", default=None, help="embedded KV file (default: a new temporary file; "
@@ -279,12 +279,13 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
     signal.signal(signal.SIGTERM, on_signal)
     try:
         nodes: list[NodeProcess] = []
-        exports = {}
-        if dcs > 1:  # on embedded KVs every bridge must know the others' export endpoints when
-            # it starts; on federated Consul they find each other in the catalog
+        exports, relays = {}, {}
+        if dcs > 1:  # on embedded KVs every bridge must know the others' export and relay
+            # endpoints when it starts; on federated Consul they find each other in the catalog
             for k in range(dcs):
-                port = base_port + k * DC_PORT_STRIDE + 90 if base_port else 0 if agents else free_port()
-                exports[f"dc{k + 1}"] = f"tcp://127.0.0.1:{port}"
+                base = base_port + k * DC_PORT_STRIDE if base_port else 0
+                exports[f"dc{k + 1}"] = f"tcp://127.0.0.1:{base + 90 if base else 0 if agents else free_port()}"
+                relays[f"dc{k + 1}"] = f"tcp://127.0.0.1:{base + 93 if base else 0 if agents else free_port()}"
         for k, topo in enumerate(topos):
             base = base_port + k * DC_PORT_STRIDE if base_port else 0
             prefix = f"dc{k + 1}-" if dcs > 1 else ""
@@ -296,11 +297,14 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
             if dcs > 1:
                 dc = f"dc{k + 1}"
                 peers = ["consul"] if agents else [f"{d}={ep}" for d, ep in exports.items() if d != dc]
+                relaying = {} if agents else {  # on Consul the relays are discovered with the peers
+                    "bridge.relay_peers": ";".join(f"{d}={ep}" for d, ep in relays.items() if d != dc)}
                 batch.append(topo.bridge(
                     f"bridge-{dc}", peers,
                     export_port=int(exports[dc].rsplit(":", 1)[1]),
                     import_port=base + 91 if base else 0, wait=False,
-                    **{"bridge.http_port": base + 92 if base else 0}))
+                    **{"bridge.http_port": base + 92 if base else 0,
+                       "bridge.relay_port": int(relays[dc].rsplit(":", 1)[1]), **relaying}))
             batch += [topo.frontend(f"{prefix}frontend-{i + 1}", base + i if base else 0, wait=False)
                       for i in range(frontends)]
             nodes += batch

@@ -90,6 +90,9 @@ async def test_like_in_dc1_reaches_dc2_and_dc3_once_in_order(federation):
                     await wait_until(lambda: _peer_of(federation.bridges[dc], peer,
                                                       federation.bridges[peer].info["export"]),
                                      timeout=DISCOVERY_INTERVAL + 5, what=f"{dc}'s bridge linked to {peer}")
+                    # and to its history relay (gaps in that DC's chains are fetched through it)
+                    relay = (await health(federation.bridges[peer].url))["relay"]
+                    assert (await health(federation.bridges[dc].url))["relay_peers"].get(peer) == relay
         await _warm_up(federation.fronts["dc1"], "launch", [viewers["dc2"], viewers["dc3"]])
         await _likes_arrive_once_in_order(federation, viewers)
 
