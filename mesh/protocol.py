@@ -228,11 +228,33 @@ def publish_body(events: list[dict]) -> dict:
     return {"events": events}
 
 
-def publish_events(msg: Control) -> list[dict]:
+def _body_events(msg: Control) -> list:
     events = msg.body.get("events")
     if not isinstance(events, list) or not events:
         raise RemoteProtocolError("publish body needs a non-empty 'events' list")
-    return [check_event(e) for e in events]
+    return events
+
+
+def publish_events(msg: Control) -> list[dict]:
+    """Every event of a PUB/REPL body, validated; one bad event rejects the message."""
+    return [check_event(e) for e in _body_events(msg)]
+
+
+def publish_items(msg: Control) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """The events of a PUB request, validated one by one: ``(events, rejected)``, each a list
+    of ``(position, ...)``: the valid events, and for each bad one its ACK result (code
+    ``malformed``, ``id`` empty when it had none), so one bad event rejects just itself.
+    Raises RemoteProtocolError when the body has no events list at all."""
+    events: list[tuple[int, dict]] = []
+    rejected: list[tuple[int, dict]] = []
+    for i, event in enumerate(_body_events(msg)):
+        try:
+            events.append((i, check_event(event)))
+        except RemoteProtocolError as exc:
+            event_id = event.get("id") if isinstance(event, dict) else None
+            rejected.append((i, {"id": event_id if isinstance(event_id, str) else "",
+                                 "error": {"code": "malformed", "message": str(exc)[:200]}}))
+    return events, rejected
 
 
 def ack_body(results: list[dict]) -> dict:
