@@ -69,11 +69,12 @@ class Sequencer:
         again); and, per input event, the stored event with its placement."""
         now = time.monotonic() if now is None else now
         log = self._log(video)
-        recent, epoch, dc = self._recent, self.epoch, self.dc
+        recent, epoch, dc, history = self._recent, self.epoch, self.dc, log.history
         new: list[dict] = []
         again: list[dict] = []
         placed: list[dict] = []
-        for event in events:
+        seq, tail = log.seq, log.tail
+        for event in events:  # _append, inlined: this loop runs for every published event
             seen = recent.get(event["id"])
             if seen is not None:
                 self.duplicates += 1
@@ -81,14 +82,24 @@ class Sequencer:
                     again.append(seen)
                 placed.append(seen)
                 continue
-            log.seq += 1
-            event["epoch"], event["seq"], event["prev"] = epoch, log.seq, (
-                list(log.tail) if log.tail else None)
+            seq += 1
+            event["epoch"], event["seq"], event["prev"] = epoch, seq, list(tail) if tail else None
+            tail = (epoch, seq)
             if dc:
                 event["dc"] = dc
-            self._append(log, event, now)
+            if self.dedupe_size:
+                recent[event["id"]] = event
+            if self.history_size:
+                history.append((now, event))
             new.append(event)
             placed.append(event)
+        log.seq, log.tail = seq, tail
+        if self.dedupe_size:
+            while len(recent) > self.dedupe_size:
+                recent.popitem(last=False)
+        if self.history_size:
+            while len(history) > self.history_size:
+                history.popleft()
         return new, again, placed
 
     def store(self, events: list[dict], now: float | None = None) -> int:
