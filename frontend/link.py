@@ -50,6 +50,9 @@ from mesh.sockets import make_socket
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
 
+#: most videos whose owner the publish path caches
+OWNER_CACHE_MAX = 100000
+
 
 def _consume(fut: asyncio.Future) -> None:
     if not fut.cancelled():
@@ -85,7 +88,9 @@ class MeshLink:
         self.remote_followers: dict[str, dict[str, ChainFollower]] = {}  # video -> origin dc ->
         self._synced: dict[str, set[str]] = {}
         self._sync_waiters: dict[str, list[asyncio.Future]] = {}
-        self._queues: dict[str, list[tuple[dict, asyncio.Future]]] = {}
+        self._queues: dict[str, list[tuple[list[dict], asyncio.Future]]] = {}
+        self._owners: dict[str, str | None] = {}  # publish: video -> owner (see _owner_of)
+        self._owners_for: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._inflight: set[asyncio.Task] = set()
 
@@ -367,13 +372,9 @@ class MeshLink:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            owners: dict[str, str | None] = {}
             groups: dict[str, list[int]] = {}
             for i in pending:
-                video = events[i]["video"]
-                if video not in owners:
-                    owners[video] = owner(video, self.peers)
-                target = owners[video]
+                target = self._owner_of(events[i]["video"])
                 if target is not None:
                     groups.setdefault(target, []).append(i)
             if not groups:
@@ -407,6 +408,18 @@ class MeshLink:
                 results[i] = {"id": events[i]["id"], "error": {
                     "code": "no_dispatcher", "message": "no dispatcher acknowledged the event in time"}}
         return results
+
+    def _owner_of(self, video: str) -> str | None:
+        """The video's owner, cached until discovery changes the dispatcher set (each change
+        replaces ``dispatchers.changed``): publishing computes no hash per event."""
+        if self._owners_for is not self.dispatchers.changed or len(self._owners) > OWNER_CACHE_MAX:
+            self._owners.clear()
+            self._owners_for = self.dispatchers.changed
+        try:
+            return self._owners[video]
+        except KeyError:
+            own = self._owners[video] = owner(video, self.peers)
+            return own
 
     def _enqueue(self, target: str, events: list[dict]) -> asyncio.Future:
         """Queue ``events`` for ``target``'s next request; the future gets one result per

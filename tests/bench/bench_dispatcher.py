@@ -1,7 +1,7 @@
 """Benchmark: published likes/s through one dispatcher process to its frontends.
 
     python tests/bench/bench_dispatcher.py [--frontends 2] [--videos 1000] [--hot]
-        [--rate 150000] [--duration 5] [--batch 100] [--window 32] [--backup]
+        [--rate 150000] [--duration 5] [--batch 100] [--window 32] [--watched 1.0] [--backup]
         [--baseline-ref REF | --no-baseline] [--json]
 
 HTTP cannot offer 100 k likes/s on two cores (Tornado parses ~5 k requests/s per process), so
@@ -14,8 +14,11 @@ no viewers.  Frontend i publishes ``rate / frontends`` likes/s for ``duration`` 
 batches of ``batch`` events (``window`` batches in flight at most: beyond it the publisher
 waits, so an overloaded dispatcher shows as fewer likes/s, not as an unbounded queue), spread
 round-robin over ``videos`` videos (``--hot``: all on one), and watches its share of the
-videos (video j is watched by frontend j mod N), so every acknowledged like is delivered to
-exactly one emulated frontend.  All video ids are chosen so that the first dispatcher owns
+videos (video j is watched by frontend j mod N), so every acknowledged like of a watched video
+is delivered to exactly one emulated frontend.  ``--watched F`` leaves all but the first
+share F of the videos unwatched: the dispatcher sequences, replicates and encodes their events
+all the same (its XPUB drops them for want of a subscriber), so the load generator can offer
+more than it could receive on the same two cores.  All video ids are chosen so that the first dispatcher owns
 them; ``--backup`` starts a second dispatcher, which then is their backup (every acknowledged
 batch is replicated to it first: the replication cost).
 
@@ -86,10 +89,12 @@ async def emulate(args) -> None:
     from frontend.link import MeshLink
     from mesh import protocol as P
     from mesh.kv_embedded import EmbeddedKV
+    from mesh.node import settle_gc
 
     dispatchers = list(DISPATCHERS[: args.dispatchers])
     videos = bench_videos(1 if args.hot else args.videos, dispatchers)
-    watched = [v for j, v in enumerate(videos) if j % args.frontends == args.index]
+    watched = [v for j, v in enumerate(videos)
+               if j % args.frontends == args.index and j < max(1, round(args.watched * len(videos)))]
     received: dict[str, int] = {}
     seen: set[str] = set()
     counts = {"duplicates": 0, "last_delivery": 0.0}
@@ -118,6 +123,7 @@ async def emulate(args) -> None:
         for video in watched:
             link.subscribe(video)
         synced = await asyncio.gather(*(link.wait_synced(v, 10.0) for v in watched))
+        settle_gc()  # as a frontend process does once it serves
         print(json.dumps({"ready": True, "synced": sum(synced), "watched": len(watched)}), flush=True)
         start_at = float(await loop.run_in_executor(None, sys.stdin.readline))
 
@@ -176,7 +182,7 @@ async def emulate(args) -> None:
             await asyncio.sleep(0.1)
         latencies.sort()
         print(json.dumps({
-            **result, "errors": errors, "acked_by_video": acked, "received_by_video": received,
+            **result, "errors": errors, "acked_by_video": acked, "watched_videos": watched, "received_by_video": received,
             "received": sum(received.values()), "duplicates": counts["duplicates"],
             "last_delivery": counts["last_delivery"], "publish_end": publish_end,
             "latencies": latencies[:: max(1, len(latencies) // 2000)],
@@ -215,7 +221,7 @@ def start_emulator(args, index: int, kv_path: str, log_dir: str) -> subprocess.P
     cmd = [sys.executable, os.path.abspath(__file__), "--emulate", "--index", str(index),
            "--kv-path", kv_path, "--frontends", str(args.frontends), "--videos", str(args.videos),
            "--rate", str(args.rate / args.frontends), "--duration", str(args.duration),
-           "--batch", str(args.batch), "--window", str(args.window),
+           "--batch", str(args.batch), "--window", str(args.window), "--watched", str(args.watched),
            "--dispatchers", str(2 if args.backup else 1)] + (["--hot"] if args.hot else [])
     with open(os.path.join(log_dir, f"emulator-{index}.log"), "ab") as log:
         return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
@@ -268,6 +274,7 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
                 p.wait(10)
         for node in nodes:
             node.close()
+    watched = {v for r in reports for v in r["watched_videos"]}
     acked_by_video: dict[str, int] = {}
     received_by_video: dict[str, int] = {}
     for r in reports:
@@ -291,7 +298,7 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
         "errors": errors, "acked_per_s": acked / ack_span if ack_span > 0 else 0.0,
         "received": received, "received_per_s": received / max(1e-9, last_delivery - start_at),
         "latency_p50_ms": percentile(latencies, 0.50), "latency_p99_ms": percentile(latencies, 0.99),
-        "lost": sum(max(0, c - received_by_video.get(v, 0)) for v, c in acked_by_video.items()),
+        "lost": sum(max(0, c - received_by_video.get(v, 0)) for v, c in acked_by_video.items() if v in watched),
         "duplicates": sum(r["duplicates"] for r in reports),
         "gaps_repaired": link["gaps_repaired"], "resets": link["resets"],
         "publish_retries": link["publish_retries"], "publish_requests": link["publish_requests"],
@@ -338,6 +345,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of publishing (at most 60)")
     ap.add_argument("--batch", type=int, default=100, help="events per publish call of a frontend")
     ap.add_argument("--window", type=int, default=32, help="publish calls in flight per frontend")
+    ap.add_argument("--watched", type=float, default=1.0,
+                    help="share of the videos the frontends watch (the rest reach no subscriber)")
     ap.add_argument("--backup", action="store_true", help="a second dispatcher: the videos' backup")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the baseline dispatcher")
     ap.add_argument("--no-baseline", action="store_true", help="only this tree's dispatcher")
@@ -352,8 +361,9 @@ def main() -> None:
         asyncio.run(emulate(args))
         return
     if not (0 < args.duration <= 60 and 0 < args.rate <= 1e6 and 1 <= args.frontends <= 16
-            and 1 <= args.batch <= 10000 and 1 <= args.videos <= 100000):
-        ap.error("bounds: duration 0..60 s, rate <= 1e6/s, 1..16 frontends, batch 1..10000, videos 1..100000")
+            and 1 <= args.batch <= 10000 and 1 <= args.videos <= 100000 and 0 < args.watched <= 1):
+        ap.error("bounds: duration 0..60 s, rate <= 1e6/s, 1..16 frontends, batch 1..10000, "
+                 "videos 1..100000, watched 0..1")
     tmp = tempfile.mkdtemp(prefix="livemesh-bench-disp-")
     variants = [] if args.no_baseline else [
         (f"baseline {args.baseline_ref}", export_tree(args.baseline_ref, os.path.join(tmp, "baseline-tree")))]
@@ -363,7 +373,8 @@ def main() -> None:
         for label, tree in variants:
             print(f"== {label}: {args.frontends} frontends, {1 if args.hot else args.videos} video(s), "
                   f"{args.rate:,.0f} likes/s offered for {args.duration:g} s in batches of {args.batch}"
-                  f"{', with a backup' if args.backup else ''}", file=sys.stderr, flush=True)
+                  f"{', with a backup' if args.backup else ''}, {args.watched:.0%} of the videos watched",
+                  file=sys.stderr, flush=True)
             results.append(run_variant(args, label.split()[0] if label.startswith("baseline") else "optimised",
                                        tree, tmp))
     finally:
