@@ -296,10 +296,11 @@ class Dispatcher:
         at = asyncio.get_running_loop().time()
         for video, events in burst.fanout.items():
             self._active[video] = at
-            self._send_fanout(P.Fanout(video, P.FANOUT_EVENTS, self.name, events))
+            for batch in P.chunked(events):
+                self._send_fanout(P.Fanout(video, P.FANOUT_EVENTS, self.name, batch))
+                self.stats["fanout_msgs"] += 1
         self.stats["events_in"] += burst.new
         self.stats["republished"] += burst.again
-        self.stats["fanout_msgs"] += len(burst.fanout)
         self.stats["publish_bursts"] += 1
         for ack, i, result in burst.results:
             ack.fill(i, result)
@@ -374,8 +375,8 @@ class Dispatcher:
     async def _replicate(self, burst: "_Burst") -> None:
         """A burst's new events to their backups, one REPL request per backup, concurrently."""
         if burst.replicas:
-            await asyncio.gather(*(self._replicate_to(backup, events)
-                                   for backup, events in burst.replicas.items()))
+            await asyncio.gather(*(self._replicate_to(backup, batch)
+                                   for backup, events in burst.replicas.items() for batch in P.chunked(events)))
 
     async def _replicate_to(self, backup: str, events: list[dict]) -> None:
         if self.peers.is_suspect(backup):

@@ -439,14 +439,17 @@ class MeshLink:
             self._spawn(self._send_batch(target, batch))
 
     async def _send_batch(self, target: str, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
-        events = [e for part, _ in batch for e in part]
+        # one request, or a few when the loop turn's events exceed one message (P.chunked)
+        chunks = P.chunked([e for part, _ in batch for e in part])
+        results: dict[str, dict] = {}
         try:
-            reply = await self.dispatchers.request(target, P.MSG_PUBLISH, P.publish_body(events),
-                                                   self.publish_timeout)
-            if reply.msg_type == P.MSG_ERROR:
-                results = {e["id"]: {"id": e["id"], "error": reply.body} for e in events}
-            else:
-                results = {r["id"]: r for r in P.ack_results(reply)}
+            replies = await asyncio.gather(*(self.dispatchers.request(
+                target, P.MSG_PUBLISH, P.publish_body(c), self.publish_timeout) for c in chunks))
+            for events, reply in zip(chunks, replies):
+                if reply.msg_type == P.MSG_ERROR:
+                    results.update((e["id"], {"id": e["id"], "error": reply.body}) for e in events)
+                else:
+                    results.update((r["id"], r) for r in P.ack_results(reply))
         except asyncio.TimeoutError:
             return  # the publishers' own attempt deadlines have fired and retried
         except (PeerGone, RemoteProtocolError) as exc:

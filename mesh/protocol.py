@@ -294,6 +294,31 @@ def publish_items(msg: Control) -> tuple[list[tuple[int, dict]], list[tuple[int,
     return events, rejected
 
 
+#: most events, and most estimated bytes, in one PUB, REPL or fan-out message: a batch stays far
+#: below the MAXMSGSIZE every node sets (mesh.sockets, 4 MiB), over which ZeroMQ drops the link
+MAX_BATCH_EVENTS = 2000
+MAX_BATCH_BYTES = 1024 * 1024
+
+
+def chunked(events: list[dict]) -> list[list[dict]]:
+    """``events`` cut into batches of at most MAX_BATCH_EVENTS events and about
+    MAX_BATCH_BYTES (an event's size is estimated from its strings, 4 bytes per character at
+    worst in UTF-8), in order.  Likes are small: one batch unless there are very many."""
+    if len(events) <= MAX_BATCH_EVENTS and sum(len(e["text"] or "") for e in events) * 4 \
+            + 400 * len(events) <= MAX_BATCH_BYTES:
+        return [events]
+    out: list[list[dict]] = [[]]
+    size = 0
+    for event in events:
+        cost = 400 + 4 * len(event["text"] or "")
+        if out[-1] and (len(out[-1]) >= MAX_BATCH_EVENTS or size + cost > MAX_BATCH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(event)
+        size += cost
+    return out
+
+
 def ack_body(results: list[dict]) -> dict:
     """results: one map per published event, in order: {"id", "epoch", "seq"} or
     {"id", "error": {"code", "message"}}."""

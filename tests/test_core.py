@@ -201,6 +201,17 @@ def test_publish_items_rejects_bad_events_one_by_one():
         P.publish_items(P.Control(P.MSG_PUBLISH, b"r", {"events": []}))
 
 
+def test_chunked_keeps_every_message_far_below_the_size_limit():
+    from mesh.sockets import MAX_MSG_SIZE
+    likes = [_ev() for _ in range(4500)]
+    assert [len(c) for c in P.chunked(likes)] == [2000, 2000, 500]
+    assert P.chunked(likes[:10]) == [likes[:10]]
+    comments = [P.make_event("v", "comment", "u" * 64, "\U0001f389" * 2000) for _ in range(300)]
+    chunks = P.chunked(comments)
+    assert [e for c in chunks for e in c] == comments and len(chunks) > 1
+    assert all(len(P.pack(P.publish_body(c))) < MAX_MSG_SIZE // 2 for c in chunks)
+
+
 def test_chain_follower_delivers_in_order_and_repairs_gaps():
     from mesh.ordering import ChainFollower
     seq = Sequencer(epoch=1)
