@@ -91,7 +91,9 @@ class Dispatcher:
         self._ranks_for: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self._inflight: set[asyncio.Task] = set()
-        self._active: dict[str, float] = {}  # video -> loop time of its last publish here
+        # video -> (loop time, position) of the last event published on the XPUB here: tails
+        # announce what subscribers can have seen, never events still awaiting replication
+        self._active: dict[str, tuple[float, tuple[int, int]]] = {}
         pr = cfg.presence
         self.presence = PresenceBoard(grace=pr.grace, expiry=pr.expiry,
                                       count_interval=pr.count_interval, broadcast_max=pr.broadcast_max)
@@ -295,7 +297,7 @@ class Dispatcher:
     def _finish(self, burst: "_Burst") -> None:
         at = asyncio.get_running_loop().time()
         for video, events in burst.fanout.items():
-            self._active[video] = at
+            self._active[video] = (at, (events[-1]["epoch"], events[-1]["seq"]))
             for batch in P.chunked(events):
                 self._send_fanout(P.Fanout(video, P.FANOUT_EVENTS, self.name, batch))
                 self.stats["fanout_msgs"] += 1
@@ -458,19 +460,17 @@ class Dispatcher:
                 self._publish_presence(video, events)
 
     async def _announce_tails(self) -> None:
-        """Every TAIL_INTERVAL, the tail of each video published here in the last
-        TAIL_ACTIVE seconds: subscribers that lost a video's last event repair it now."""
+        """Every TAIL_INTERVAL, the last published event of each video published here in the
+        last TAIL_ACTIVE seconds: subscribers that lost a video's last event repair it now."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TAIL_INTERVAL)
             cutoff = loop.time() - TAIL_ACTIVE
-            for video, at in list(self._active.items()):
+            for video, (at, tail) in list(self._active.items()):
                 if at < cutoff:
                     del self._active[video]
                     continue
-                tail = self.seq.tail(video)
-                if tail is not None:
-                    self._send_fanout(P.Fanout(video, P.FANOUT_TAIL, self.name, tail=tail))
+                self._send_fanout(P.Fanout(video, P.FANOUT_TAIL, self.name, tail=tail))
 
     # --- subscriptions ----------------------------------------------------------------------
 

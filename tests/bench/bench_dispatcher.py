@@ -318,6 +318,7 @@ ROWS = [
     ("gaps repaired / resets", lambda r: f"{r['gaps_repaired']} / {r['resets']}"),
     ("publish requests / retries", lambda r: f"{r['publish_requests']:,} / {r['publish_retries']}"),
     ("dispatcher CPU (cores)", lambda r: f"{r['dispatcher_cores']:.2f}"),
+    ("dispatcher CPU per like (us)", lambda r: f"{1e6 * r['dispatcher_cores'] / max(r['acked_per_s'], 1e-9):.1f}"),
     ("backup CPU (cores)", lambda r: "-" if r["backup_cores"] is None else f"{r['backup_cores']:.2f}"),
     ("errors", lambda r: ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "-"),
 ]
