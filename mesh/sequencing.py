@@ -35,7 +35,8 @@ def position(event: dict) -> Position:
 class VideoLog:
     seq: int = 0                   # last seq this dispatcher assigned in its own epoch
     tail: Position | None = None   # last event of the chain known here (own or replicated)
-    history: deque = field(default_factory=deque)  # (monotonic time, event), chain order
+    history: deque = field(default_factory=deque)  # events, chain order
+    times: deque = field(default_factory=deque)    # their monotonic arrival times (pruning by age)
 
 
 class Sequencer:
@@ -69,7 +70,7 @@ class Sequencer:
         again); and, per input event, the stored event with its placement."""
         now = time.monotonic() if now is None else now
         log = self._log(video)
-        recent, epoch, dc, history = self._recent, self.epoch, self.dc, log.history
+        recent, epoch, dc, history, times = self._recent, self.epoch, self.dc, log.history, log.times
         new: list[dict] = []
         again: list[dict] = []
         placed: list[dict] = []
@@ -90,7 +91,8 @@ class Sequencer:
             if self.dedupe_size:
                 recent[event["id"]] = event
             if self.history_size:
-                history.append((now, event))
+                history.append(event)
+                times.append(now)  # the same float for the whole batch: no allocation per event
             new.append(event)
             placed.append(event)
         log.seq, log.tail = seq, tail
@@ -100,6 +102,7 @@ class Sequencer:
         if self.history_size:
             while len(history) > self.history_size:
                 history.popleft()
+                times.popleft()
         return new, again, placed
 
     def store(self, events: list[dict], now: float | None = None) -> int:
@@ -125,10 +128,10 @@ class Sequencer:
             return None if pos is not None else []
         self.prune(video, now)
         if pos is None:
-            return [e for _, e in log.history]
+            return list(log.history)
         if log.tail == pos:
             return []
-        events = [e for _, e in log.history]
+        events = list(log.history)
         if events and events[0].get("prev") is not None and tuple(events[0]["prev"]) == pos:
             return events  # pos itself was pruned, but its successor is the oldest we keep
         for i, e in enumerate(events):
@@ -145,8 +148,9 @@ class Sequencer:
         if log is None or not self.history_age:
             return
         cutoff = (time.monotonic() if now is None else now) - self.history_age
-        while log.history and log.history[0][0] < cutoff:
+        while log.times and log.times[0] < cutoff:
             log.history.popleft()
+            log.times.popleft()
 
     def _log(self, video: str) -> VideoLog:
         log = self.videos.get(video)
@@ -161,6 +165,8 @@ class Sequencer:
             if len(self._recent) > self.dedupe_size:
                 self._recent.popitem(last=False)
         if self.history_size:
-            log.history.append((time.monotonic() if now is None else now, event))
+            log.history.append(event)
+            log.times.append(time.monotonic() if now is None else now)
             if len(log.history) > self.history_size:
                 log.history.popleft()
+                log.times.popleft()
