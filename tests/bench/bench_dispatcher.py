@@ -154,6 +154,7 @@ async def emulate(args) -> None:
             result["last_ack"] = now
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu0 = time.process_time()
         t0 = loop.time()
         interval = args.batch / args.rate
         n = 0
@@ -178,12 +179,13 @@ async def emulate(args) -> None:
         publish_end = time.time()
         if inflight:
             await asyncio.wait(inflight, timeout=10)
+        cpu = time.process_time() - cpu0  # publishing and receiving, until the last ack
         settle_deadline = time.time() + SETTLE_MAX
         while time.time() < settle_deadline and time.time() - max(counts["last_delivery"], publish_end) < SETTLE_QUIET:
             await asyncio.sleep(0.1)
         latencies.sort()
         print(json.dumps({
-            **result, "errors": errors, "acked_by_video": acked, "watched_videos": watched, "received_by_video": received,
+            **result, "errors": errors, "acked_by_video": acked, "watched_videos": watched, "cpu": cpu, "received_by_video": received,
             "received": sum(received.values()), "duplicates": counts["duplicates"],
             "last_delivery": counts["last_delivery"], "publish_end": publish_end,
             "latencies": latencies[:: max(1, len(latencies) // 2000)],
@@ -305,6 +307,7 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
         "publish_retries": link["publish_retries"], "publish_requests": link["publish_requests"],
         "synced": sum(r["synced"] for r in ready), "watched": sum(r["watched"] for r in ready),
         "dispatcher_cores": cpu[0] / max(1e-9, ack_span),
+        "frontend_cores": sum(r["cpu"] for r in reports) / max(1e-9, ack_span),
         "backup_cores": cpu[1] / max(1e-9, ack_span) if len(cpu) > 1 else None,
         "publish_seconds": wall,
     }
@@ -322,6 +325,7 @@ ROWS = [
     ("dispatcher CPU (cores)", lambda r: f"{r['dispatcher_cores']:.2f}"),
     ("dispatcher CPU per like (us)", lambda r: f"{1e6 * r['dispatcher_cores'] / max(r['acked_per_s'], 1e-9):.1f}"),
     ("backup CPU (cores)", lambda r: "-" if r["backup_cores"] is None else f"{r['backup_cores']:.2f}"),
+    ("emulated frontends CPU (cores)", lambda r: f"{r['frontend_cores']:.2f}"),
     ("errors", lambda r: ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "-"),
 ]
 
