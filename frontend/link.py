@@ -12,8 +12,10 @@ Incoming events pass through a ``ChainFollower`` per video (``mesh.ordering``): 
 duplicates; a gap (PUB/SUB drop, reconnect, owner change) is repaired from the owner's history
 within ``gap_timeout``, or announced to viewers as ``reset``.
 
-Publishes go to the owner by rendezvous hashing (``mesh.ownership``); publishes made in one
-loop turn to the same dispatcher travel in one request.  A publish whose ack does not come
+Publishes go to the owner by rendezvous hashing (``mesh.ownership``, cached per video until
+the dispatcher set changes); publishes made in one loop turn to the same dispatcher travel in
+one request (several when they exceed one message, ``protocol.chunked``), and
+``publish_many`` hands a whole batch over with one future per owner, not one per event.  A publish whose ack does not come
 within ``attempt_timeout`` is sent again -- always to the current owner, which changes once
 discovery says the owner left -- until ``publish_timeout``; the event id makes the retry
 idempotent.
