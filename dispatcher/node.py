@@ -249,24 +249,26 @@ class Dispatcher:
         path (see the module docstring)."""
         live = self.live()
         burst = _Burst()
+        slow = []
         now = time.monotonic()
         for (video, fwd), items in groups.items():
             order = self._rank(video, live)
             moved = bool(order) and order[0] != self.name and not fwd
             if moved or video in self._slow or not self.seq.has_log(video):
                 self._slow[video] = self._slow.get(video, 0) + 1
-                self._spawn(self._publish_slow(video, items, fwd, self._last_commit))
+                slow.append((video, items, fwd))
             else:
                 self._sequence(video, items, order, burst, now)
-        if not burst.results:
-            return
-        prev = self._last_commit
-        if not burst.replicas and (prev is None or prev.done()):
-            self._finish(burst)  # nothing to wait for: publish and acknowledge now
-            return
-        self._last_commit = asyncio.ensure_future(self._commit(burst, prev))
-        self._inflight.add(self._last_commit)
-        self._last_commit.add_done_callback(self._inflight.discard)
+        if burst.results:
+            prev = self._last_commit
+            if not burst.replicas and (prev is None or prev.done()):
+                self._finish(burst)  # nothing to wait for: publish and acknowledge now
+            else:
+                self._last_commit = asyncio.ensure_future(self._commit(burst, prev))
+                self._inflight.add(self._last_commit)
+                self._last_commit.add_done_callback(self._inflight.discard)
+        for video, items, fwd in slow:  # after this burst: a video's events may be in both
+            self._spawn(self._publish_slow(video, items, fwd, self._last_commit))
 
     def _sequence(self, video: str, items: list[tuple["_PendingAck", int, dict]], order: list[str],
                   burst: "_Burst", now: float) -> None:
