@@ -1,17 +1,27 @@
 """The dispatcher process: thin I/O around ``mesh.sequencing.Sequencer``.
 
-Publish path, per video (one ``asyncio.Lock`` each, so a video's events keep their order while
-different videos proceed concurrently):
+Publish path (theory of operation).  The ROUTER is served by a ``mesh.pump.SocketPump``:
+every burst of readable requests (up to ``DRAIN_MAX`` messages) is handled as one batch,
+synchronously, with no future, task or lock per event:
 
-1. A publish for a video another live dispatcher owns (views of the dispatcher set differ
-   for a moment after a change) is forwarded to that owner, once (``fwd``).
-2. A video this dispatcher has no chain for yet starts with a tail fetch from the dispatcher
-   that owned it before (the next in rendezvous order): the chain continues across owners.
-3. New events are sequenced, replicated to the backup (the next dispatcher in rendezvous
-   order) and only then published on XPUB and acknowledged: an acknowledged event is held by
-   two dispatchers.  A backup that misses the replication deadline is skipped (and counted)
-   for ``SUSPECT_FOR`` seconds: availability first, the window documented in the README.
-4. A retried event already known from a replica (its owner died after replicating it) is
+1. Each PUB request is decoded once; its events are validated one by one (a bad event gets
+   its own error result, the others go on) and grouped per video over the whole burst.
+2. Fast path -- a video this dispatcher owns (or that was forwarded to it), whose chain it
+   already holds, with no slow-path work pending: its events are appended to the chain at
+   once (``Sequencer.accept_many``: one chain append per video).
+3. The burst then commits as a unit: its new events go to each backup (the next dispatcher
+   in rendezvous order) in one ``REPL`` request per backup; once the backups answered (or were
+   skipped: a backup that misses ``REPLICATE_TIMEOUT`` is suspect for ``SUSPECT_FOR`` seconds,
+   counted), each video's events leave in one XPUB message and every request gets one ACK.
+   Bursts commit in arrival order (a burst waits for the one before it), so a video's events
+   reach the XPUB in chain order while the next burst is already being sequenced.  An
+   acknowledged event is held by two dispatchers.
+4. Slow path -- a publish for a video another live dispatcher owns (views of the dispatcher
+   set differ for a moment after a change) is forwarded there, once (``fwd``); a video with no
+   chain here yet first fetches its tail from the dispatcher that owned it before.  It runs as
+   a task under the video's ``asyncio.Lock``, after the bursts received before it have
+   committed; while it is pending, later events of that video take the slow path too.
+5. A retried event already known from a replica (its owner died after replicating it) is
    published again; frontends drop what they already delivered by event id.
 
 On SIGTERM the dispatcher leaves the registry first, then keeps serving ``drain_seconds``:
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 
 import tornado.web
@@ -38,6 +49,7 @@ from mesh.node import release, rss_kb, serve
 from mesh.ownership import owner, rank
 from mesh.peers import DispatcherPeers, PeerGone
 from mesh.presence import PresenceBoard
+from mesh.pump import SocketPump
 from mesh.sequencing import Sequencer
 from mesh.sockets import bind, make_socket
 
@@ -46,6 +58,8 @@ wire_log = logging.getLogger("mesh.wire")
 
 #: most messages taken from the ROUTER before their publishes are grouped per video
 DRAIN_MAX = 1000
+#: most videos whose rendezvous order is cached (the cache is dropped when the set changes)
+RANK_CACHE_MAX = 100000
 REPLICATE_TIMEOUT = 0.25
 FORWARD_TIMEOUT = 0.5
 TAIL_TIMEOUT = 0.3
@@ -64,16 +78,22 @@ class Dispatcher:
                              dedupe_size=d.dedupe_size, dc=cfg.node.dc)
         self.name = cfg.node.name
         self.stats = defaultdict(int)
-        self.router: zmq.asyncio.Socket | None = None
-        self.xpub: zmq.asyncio.Socket | None = None
+        self.router: SocketPump | None = None
+        self.xpub: SocketPump | None = None
         self.peers: DispatcherPeers | None = None
         self.http_server = None
         self.endpoints: dict[str, str] = {}
         self.leaving = False
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._slow: dict[str, int] = {}  # video -> slow-path publishes pending (forward, chain fetch)
+        self._last_commit: asyncio.Task | None = None  # the newest burst still committing
+        self._ranks: dict[str, list[str]] = {}  # video -> rendezvous order over _ranks_for
+        self._ranks_for: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self._inflight: set[asyncio.Task] = set()
-        self._active: dict[str, float] = {}  # video -> loop time of its last publish here
+        # video -> (loop time, position) of the last event published on the XPUB here: tails
+        # announce what subscribers can have seen, never events still awaiting replication
+        self._active: dict[str, tuple[float, tuple[int, int]]] = {}
         pr = cfg.presence
         self.presence = PresenceBoard(grace=pr.grace, expiry=pr.expiry, count_interval=pr.count_interval,
                                       broadcast_max=pr.broadcast_max, dc=cfg.node.dc, dc_flush=pr.dc_flush,
@@ -86,23 +106,28 @@ class Dispatcher:
     async def start(self) -> None:
         d = self.cfg.dispatcher
         self.curve, self.zap = secure_links(self.ctx, self.cfg, self.stats)  # before any bind
-        self.router = make_socket(self.ctx, zmq.ROUTER, curve=self.curve, curve_server=True)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.xpub = make_socket(self.ctx, zmq.XPUB, sndhwm=d.pub_hwm, curve=self.curve, curve_server=True)
+        # plain sockets on the async context's shadow, served by pumps (mesh.pump: no future
+        # per message); the pumps close them
+        sync_ctx = zmq.Context.shadow(self.ctx.underlying)
+        router = make_socket(sync_ctx, zmq.ROUTER, curve=self.curve, curve_server=True)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        xpub = make_socket(sync_ctx, zmq.XPUB, sndhwm=d.pub_hwm, curve=self.curve, curve_server=True)
         # every subscribe reaches us (not only a topic's first), so each new subscriber gets
         # its own sync marker
-        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        router_ep = bind(self.router, d.host, d.router_port)
-        pub_ep = bind(self.xpub, d.host, d.pub_port)
+        xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.router = SocketPump(router, self._handle_batch, DRAIN_MAX, "ROUTER")
+        self.xpub = SocketPump(xpub, self._handle_subscriptions, DRAIN_MAX, "XPUB")
+        router_ep = bind(router, d.host, d.router_port)
+        pub_ep = bind(xpub, d.host, d.pub_port)
         app = tornado.web.Application(self.http_routes())
         self.http_server = app.listen(d.http_port, address=d.host, xheaders=False)
         http_port = next(iter(self.http_server._sockets.values())).getsockname()[1]
         if not self.name:
             self.name = f"dispatcher-{router_ep.rsplit(':', 1)[1]}"
         self.endpoints = {"router": router_ep, "pub": pub_ep, "http": f"http://{d.host}:{http_port}"}
-        self._tasks = [asyncio.create_task(self._serve_router()),
-                       asyncio.create_task(self._serve_subscriptions()),
-                       asyncio.create_task(self._announce_tails()),
+        self.router.start()
+        self.xpub.start()
+        self._tasks = [asyncio.create_task(self._announce_tails()),
                        asyncio.create_task(self._presence_ticks())]
         await self.kv.open()
         self.peers = DispatcherPeers(self.ctx, self.kv, me=self.name, curve=self.curve)
@@ -124,7 +149,7 @@ class Dispatcher:
         await asyncio.sleep(self.cfg.dispatcher.drain_seconds)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._inflight]:
             task.cancel()
         if self.peers:
             await self.peers.stop()
@@ -143,20 +168,10 @@ class Dispatcher:
 
     # --- the ROUTER -------------------------------------------------------------------------
 
-    async def _serve_router(self) -> None:
-        router = self.router
-        while True:
-            batch = [await router.recv_multipart(copy=True)]
-            while len(batch) < DRAIN_MAX and router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                batch.append(await router.recv_multipart(copy=True))
-            try:
-                self._handle_batch(batch)
-            except Exception:  # noqa: BLE001 - a bug must not kill the serving loop
-                log.exception("request batch failed")
-
     def _handle_batch(self, batch: list[list[bytes]]) -> None:
-        groups: dict[tuple[str, bool], list[tuple[dict, asyncio.Future]]] = {}
-        loop = asyncio.get_running_loop()
+        """One burst of ROUTER messages (``SocketPump``): control requests answered, publishes
+        grouped per (video, forwarded) and published together."""
+        groups: dict[tuple[str, bool], list[tuple[_PendingAck, int, dict]]] = {}
         for frames in batch:
             peer = frames[0]
             try:
@@ -165,7 +180,9 @@ class Dispatcher:
                 self.stats["malformed"] += 1
                 wire_log.warning("dropped malformed control message from %r: %s", peer[:16], exc)
                 continue
-            if msg.msg_type == P.MSG_PING:
+            if msg.msg_type == P.MSG_PUBLISH:
+                self._take_publish(peer, msg, groups)
+            elif msg.msg_type == P.MSG_PING:
                 self._reply(peer, P.Control(P.MSG_PONG, msg.request_id, {"name": self.name}))
             elif msg.msg_type == P.MSG_HISTORY:
                 self._spawn(self._handle_history(peer, msg))
@@ -175,23 +192,34 @@ class Dispatcher:
                 self._handle_presence(peer, msg)
             elif msg.msg_type == P.MSG_PRESENCE_QUERY:
                 self._handle_presence_query(peer, msg)
-            elif msg.msg_type == P.MSG_PUBLISH:
-                try:
-                    events = P.publish_events(msg)
-                except RemoteProtocolError as exc:
-                    self._reject(peer, msg, "malformed", exc)
-                    continue
-                fwd = bool(msg.body.get("fwd"))
-                futures = []
-                for event in events:
-                    fut = loop.create_future()
-                    futures.append(fut)
-                    groups.setdefault((event["video"], fwd), []).append((event, fut))
-                self._spawn(self._ack_when_done(peer, msg.request_id, futures))
             else:
                 self._reject(peer, msg, "unexpected_type", RemoteProtocolError(f"{msg.msg_type!r} is not a request"))
-        for (video, fwd), items in groups.items():
-            self._spawn(self._publish_video(video, items, fwd))
+        if groups:
+            self._publish(groups)
+
+    def _take_publish(self, peer: bytes, msg: P.Control, groups: dict) -> None:
+        try:
+            events, rejected = P.publish_items(msg)
+            if not events:  # nothing usable: the whole request is rejected
+                raise RemoteProtocolError(rejected[0][1]["error"]["message"])
+        except RemoteProtocolError as exc:
+            self._reject(peer, msg, "malformed", exc)
+            return
+        ack = _PendingAck(self, peer, msg.request_id, len(events) + len(rejected))
+        if rejected:  # one line per request, not per event
+            self.stats["malformed"] += 1
+            self.stats["events_rejected"] += len(rejected)
+            wire_log.warning("rejected %d of %d events of a publish from %r: %s", len(rejected),
+                             len(events) + len(rejected), peer[:16], rejected[0][1]["error"]["message"])
+            for i, result in rejected:
+                ack.fill(i, result)
+        fwd = bool(msg.body.get("fwd"))
+        for i, event in events:
+            key = (event["video"], fwd)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = []
+            group.append((ack, i, event))
 
     def _reject(self, peer: bytes, msg: P.Control, code: str, exc: Exception) -> None:
         self.stats["malformed"] += 1
@@ -205,67 +233,129 @@ class Dispatcher:
             self.stats["unroutable"] += 1
             wire_log.info("reply to %r not routable: %s", peer[:16], exc)
 
-    async def _ack_when_done(self, peer: bytes, request_id: bytes, futures: list[asyncio.Future]) -> None:
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        out = []
-        for r in results:
-            if isinstance(r, BaseException):
-                log.error("publish failed: %r", r)
-                out.append({"id": "?", "error": {"code": "internal", "message": str(r)}})
-            else:
-                out.append(r)
-        self._reply(peer, P.Control(P.MSG_ACK, request_id, P.ack_body(out)))
-
     # --- publish ----------------------------------------------------------------------------
 
-    async def _publish_video(self, video: str, items: list[tuple[dict, asyncio.Future]], fwd: bool) -> None:
+    def _rank(self, video: str, live: list[str]) -> list[str]:
+        """The video's rendezvous order over ``live`` (cached until the set changes)."""
+        if live != self._ranks_for or len(self._ranks) > RANK_CACHE_MAX:
+            self._ranks.clear()
+            self._ranks_for = live
+        order = self._ranks.get(video)
+        if order is None:
+            order = self._ranks[video] = rank(video, live)
+        return order
+
+    def _publish(self, groups: dict[tuple[str, bool], list[tuple["_PendingAck", int, dict]]]) -> None:
+        """Sequence a burst's events (fast path) and commit them; hand the rest to the slow
+        path (see the module docstring)."""
+        live = self.live()
+        burst = _Burst()
+        slow = []
+        now = time.monotonic()
+        for (video, fwd), items in groups.items():
+            order = self._rank(video, live)
+            moved = bool(order) and order[0] != self.name and not fwd
+            if moved or video in self._slow or not self.seq.has_log(video):
+                self._slow[video] = self._slow.get(video, 0) + 1
+                slow.append((video, items, fwd))
+            else:
+                self._sequence(video, items, order, burst, now)
+        if burst.results:
+            prev = self._last_commit
+            if not burst.replicas and (prev is None or prev.done()):
+                self._finish(burst)  # nothing to wait for: publish and acknowledge now
+            else:
+                self._last_commit = asyncio.ensure_future(self._commit(burst, prev))
+                self._inflight.add(self._last_commit)
+                self._last_commit.add_done_callback(self._inflight.discard)
+        for video, items, fwd in slow:  # after this burst: a video's events may be in both
+            self._spawn(self._publish_slow(video, items, fwd, self._last_commit))
+
+    def _sequence(self, video: str, items: list[tuple["_PendingAck", int, dict]], order: list[str],
+                  burst: "_Burst", now: float) -> None:
+        new, again, placed = self.seq.accept_many(video, [event for _, _, event in items], now)
+        results = burst.results
+        for (ack, i, _), stored in zip(items, placed):
+            results.append((ack, i, {"id": stored["id"], "epoch": stored["epoch"], "seq": stored["seq"]}))
+        if new:
+            backup = next((d for d in order if d != self.name), None)
+            if backup is not None:
+                burst.replicas.setdefault(backup, []).extend(new)
+            burst.new += len(new)
+        if again or new:
+            burst.again += len(again)
+            burst.fanout.setdefault(video, []).extend(again + new)
+
+    async def _commit(self, burst: "_Burst", prev: asyncio.Task | None) -> None:
+        """Replicate, then -- once the burst before this one committed -- publish and ack."""
+        try:
+            await self._replicate(burst)
+        except Exception:  # noqa: BLE001 - a bug: count it like a replication failure, go on
+            self.stats["replication_failures"] += burst.new
+            log.exception("replicating a burst failed")
+        if prev is not None:
+            await asyncio.wait([prev])  # its outcome is its own: only its order matters here
+        self._finish(burst)
+
+    def _finish(self, burst: "_Burst") -> None:
+        at = asyncio.get_running_loop().time()
+        for video, events in burst.fanout.items():
+            self._active[video] = (at, (events[-1]["epoch"], events[-1]["seq"]))
+            for batch in P.chunked(events):
+                self._send_fanout(P.Fanout(video, P.FANOUT_EVENTS, self.name, batch))
+                self.stats["fanout_msgs"] += 1
+        self.stats["events_in"] += burst.new
+        self.stats["republished"] += burst.again
+        self.stats["publish_bursts"] += 1
+        for ack, i, result in burst.results:
+            ack.fill(i, result)
+
+    def _send_fanout(self, msg: P.Fanout) -> None:
+        try:
+            self.xpub.send_multipart(msg.to_frames())
+        except zmq.ZMQError as exc:  # XPUB drops at its high-water mark; this is a local failure
+            presence = msg.kind in (P.FANOUT_PRESENCE, P.FANOUT_DC_PRESENCE)
+            self.stats["presence_dropped" if presence else "fanout_send_errors"] += 1
+            wire_log.warning("%s of %s not sent: %s", "presence" if presence else "fan-out", msg.video, exc)
+
+    async def _publish_slow(self, video: str, items: list[tuple["_PendingAck", int, dict]], fwd: bool,
+                            prev: asyncio.Task | None) -> None:
         try:
             async with self._locks[video]:
-                own = owner(video, self.live())
+                if prev is not None:
+                    await asyncio.wait([prev])  # the bursts received before us are published first
+                live = self.live()
+                own = owner(video, live)
                 if own is not None and own != self.name and not fwd and await self._forward(own, video, items):
                     return
                 await self._ensure_chain(video)
-                new, again, results = [], [], []
-                for event, _ in items:
-                    stored, is_new = self.seq.accept(event)
-                    if is_new:
-                        new.append(stored)
-                    elif self.seq.is_replica(stored) and stored not in again:
-                        again.append(stored)  # its owner may have died before publishing it
-                    results.append({"id": stored["id"], "epoch": stored["epoch"], "seq": stored["seq"]})
-                if new:
-                    await self._replicate(video, new)
-                if again or new:
-                    self._active[video] = asyncio.get_running_loop().time()
-                    await self.xpub.send_multipart(P.Fanout(video, P.FANOUT_EVENTS, self.name,
-                                                            again + new).to_frames())
-                    self.stats["events_in"] += len(new)
-                    self.stats["republished"] += len(again)
-                    self.stats["fanout_msgs"] += 1
-                for (_, fut), result in zip(items, results):
-                    if not fut.done():
-                        fut.set_result(result)
+                burst = _Burst()
+                self._sequence(video, items, rank(video, live), burst, time.monotonic())
+                await self._replicate(burst)
+                self._finish(burst)
         except Exception as exc:  # noqa: BLE001 - every waiting request gets an answer
             log.exception("publishing to %s failed", video)
-            for _, fut in items:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for ack, i, event in items:
+                ack.fill(i, {"id": event["id"], "error": {"code": "internal", "message": str(exc)}})
+        finally:
+            left = self._slow.pop(video, 1) - 1
+            if left:
+                self._slow[video] = left
 
-    async def _forward(self, target: str, video: str, items) -> bool:
+    async def _forward(self, target: str, video: str, items: list[tuple["_PendingAck", int, dict]]) -> bool:
         try:
             reply = await self.peers.request(target, P.MSG_PUBLISH,
-                                             {"events": [e for e, _ in items], "fwd": True}, FORWARD_TIMEOUT)
+                                             {"events": [e for _, _, e in items], "fwd": True}, FORWARD_TIMEOUT)
             results = {r["id"]: r for r in P.ack_results(reply)} if reply.msg_type == P.MSG_ACK else {}
         except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
             log.warning("forwarding %s to its owner %s failed (%s); sequencing it here", video, target,
                         exc or type(exc).__name__)
             return False
-        if not all(e["id"] in results and "error" not in results[e["id"]] for e, _ in items):
+        if not all(e["id"] in results and "error" not in results[e["id"]] for _, _, e in items):
             return False
         self.stats["forwarded"] += len(items)
-        for event, fut in items:
-            if not fut.done():
-                fut.set_result(results[event["id"]])
+        for ack, i, event in items:
+            ack.fill(i, results[event["id"]])
         return True
 
     async def _ensure_chain(self, video: str) -> None:
@@ -288,20 +378,23 @@ class Dispatcher:
         self.seq.store(chain)
         self.seq._log(video)
 
-    async def _replicate(self, video: str, events: list[dict]) -> None:
-        backups = [d for d in rank(video, self.live()) if d != self.name]
-        if not backups:
-            return
-        backup = backups[0]
+    async def _replicate(self, burst: "_Burst") -> None:
+        """A burst's new events to their backups, one REPL request per backup, concurrently."""
+        if burst.replicas:
+            await asyncio.gather(*(self._replicate_to(backup, batch)
+                                   for backup, events in burst.replicas.items() for batch in P.chunked(events)))
+
+    async def _replicate_to(self, backup: str, events: list[dict]) -> None:
         if self.peers.is_suspect(backup):
             self.stats["replication_skipped"] += len(events)
             return
         try:
             await self.peers.request(backup, P.MSG_REPLICATE, {"events": events}, REPLICATE_TIMEOUT)
             self.stats["replicated"] += len(events)
+            self.stats["replication_msgs"] += 1
         except (asyncio.TimeoutError, PeerGone) as exc:
             self.stats["replication_failures"] += len(events)
-            log.warning("replicating %d events of %s to %s failed (%s)", len(events), video, backup,
+            log.warning("replicating %d events to %s failed (%s)", len(events), backup,
                         exc or type(exc).__name__)
 
     def _handle_replicate(self, peer: bytes, msg: P.Control) -> None:
@@ -373,13 +466,6 @@ class Dispatcher:
         self.stats["presence_dc_exports"] += 1
         self._send_fanout(P.Fanout(video, P.FANOUT_DC_PRESENCE, self.name, summary={**summary, "from": self.name}))
 
-    def _send_fanout(self, msg: P.Fanout) -> None:
-        try:
-            self.xpub.send_multipart(msg.to_frames(), flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            self.stats["presence_dropped"] += 1
-            wire_log.warning("presence of %s not sent: %s", msg.video, exc)
-
     async def _presence_ticks(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -392,26 +478,24 @@ class Dispatcher:
                 self._export_presence(video, summary)
 
     async def _announce_tails(self) -> None:
-        """Every TAIL_INTERVAL, the tail of each video published here in the last
-        TAIL_ACTIVE seconds: subscribers that lost a video's last event repair it now."""
+        """Every TAIL_INTERVAL, the last published event of each video published here in the
+        last TAIL_ACTIVE seconds: subscribers that lost a video's last event repair it now."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TAIL_INTERVAL)
             cutoff = loop.time() - TAIL_ACTIVE
-            for video, at in list(self._active.items()):
+            for video, (at, tail) in list(self._active.items()):
                 if at < cutoff:
                     del self._active[video]
                     continue
-                tail = self.seq.tail(video)
-                if tail is not None:
-                    await self.xpub.send_multipart(
-                        P.Fanout(video, P.FANOUT_TAIL, self.name, tail=tail).to_frames())
+                self._send_fanout(P.Fanout(video, P.FANOUT_TAIL, self.name, tail=tail))
 
     # --- subscriptions ----------------------------------------------------------------------
 
-    async def _serve_subscriptions(self) -> None:
-        while True:
-            msg = await self.xpub.recv()
+    def _handle_subscriptions(self, batch: list[list[bytes]]) -> None:
+        """Subscription messages from the XPUB (``SocketPump``): a sync marker per subscribe."""
+        for frames in batch:
+            msg = frames[0] if len(frames) == 1 else b""
             if not msg or msg[0] != 1:
                 continue  # an unsubscribe (or noise): ZeroMQ already updated its filter
             try:
@@ -422,7 +506,42 @@ class Dispatcher:
                 continue
             self.stats["subscribes"] += 1
             self.presence.want_full_export(video)  # a peer DC's bridge may be the new subscriber
-            await self.xpub.send_multipart(P.Fanout(video, P.FANOUT_SYNC, self.name).to_frames())
+            self._send_fanout(P.Fanout(video, P.FANOUT_SYNC, self.name))
+
+
+class _PendingAck:
+    """The ACK of one PUB request: sent once every event has its result (fast-path events
+    when their burst commits, slow-path ones when their forward or chain fetch is done)."""
+
+    __slots__ = ("node", "peer", "request_id", "results", "missing")
+
+    def __init__(self, node: Dispatcher, peer: bytes, request_id: bytes, size: int):
+        self.node = node
+        self.peer = peer
+        self.request_id = request_id
+        self.results: list[dict | None] = [None] * size
+        self.missing = size
+
+    def fill(self, i: int, result: dict) -> None:
+        if self.results[i] is not None:
+            return
+        self.results[i] = result
+        self.missing -= 1
+        if not self.missing:
+            self.node._reply(self.peer, P.Control(P.MSG_ACK, self.request_id, P.ack_body(self.results)))
+
+
+class _Burst:
+    """What one burst of publishes commits: replicas per backup, fan-out per video, results."""
+
+    __slots__ = ("replicas", "fanout", "results", "new", "again")
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, list[dict]] = {}
+        self.fanout: dict[str, list[dict]] = {}
+        self.results: list[tuple[_PendingAck, int, dict]] = []
+        self.new = 0
+        self.again = 0
 
 
 class HealthHandler(tornado.web.RequestHandler):

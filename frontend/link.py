@@ -12,8 +12,10 @@ Incoming events pass through a ``ChainFollower`` per video (``mesh.ordering``): 
 duplicates; a gap (PUB/SUB drop, reconnect, owner change) is repaired from the owner's history
 within ``gap_timeout``, or announced to viewers as ``reset``.
 
-Publishes go to the owner by rendezvous hashing (``mesh.ownership``); publishes made in one
-loop turn to the same dispatcher travel in one request.  A publish whose ack does not come
+Publishes go to the owner by rendezvous hashing (``mesh.ownership``, cached per video until
+the dispatcher set changes); publishes made in one loop turn to the same dispatcher travel in
+one request (several when they exceed one message, ``protocol.chunked``), and
+``publish_many`` hands a whole batch over with one future per owner, not one per event.  A publish whose ack does not come
 within ``attempt_timeout`` is sent again -- always to the current owner, which changes once
 discovery says the owner left -- until ``publish_timeout``; the event id makes the retry
 idempotent.
@@ -53,6 +55,14 @@ from mesh.sockets import make_socket
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
 
+#: most videos whose owner the publish path caches
+OWNER_CACHE_MAX = 100000
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
 
 class MeshLink:
     def __init__(self, ctx: zmq.asyncio.Context, kv: KV, name: str,
@@ -86,7 +96,9 @@ class MeshLink:
         self.remote_followers: dict[str, dict[str, ChainFollower]] = {}  # video -> origin dc ->
         self._synced: dict[str, set[str]] = {}
         self._sync_waiters: dict[str, list[asyncio.Future]] = {}
-        self._queues: dict[str, list[tuple[dict, asyncio.Future]]] = {}
+        self._queues: dict[str, list[tuple[list[dict], asyncio.Future]]] = {}
+        self._owners: dict[str, str | None] = {}  # publish: video -> owner (see _owner_of)
+        self._owners_for: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._inflight: set[asyncio.Task] = set()
 
@@ -388,51 +400,94 @@ class MeshLink:
 
     async def publish(self, event: dict) -> dict:
         """Send ``event`` to its owner and return the ack result ``{"id","epoch","seq"}``.
-        Raises ClientError(503) when no dispatcher acknowledges within ``publish_timeout``."""
+        Raises ClientError(503) when no dispatcher acknowledges within ``publish_timeout``
+        or the owner rejects it."""
+        result = (await self.publish_many([event]))[0]
+        error = result.get("error")
+        if error is None:
+            return result
+        if error.get("code") == "no_dispatcher":
+            raise ClientError(503, "no_dispatcher", error["message"], retryable=True)
+        raise ClientError(503, "publish_rejected", f"dispatcher rejected the event: "
+                          f"{error.get('message', '?')}", retryable=True)
+
+    async def publish_many(self, events: list[dict]) -> list[dict]:
+        """Send ``events`` to their owners; one result per event, in order: the ack result
+        ``{"id","epoch","seq"}``, or ``{"id","error": {"code","message"}}`` (the owner's
+        rejection, or ``no_dispatcher`` when no ack came within ``publish_timeout``).
+
+        Events are grouped by owner (computed once per video) and queued with whatever else
+        this loop turn publishes to that owner: one PUB request per owner per loop turn, one
+        future per group, not per event.  Unacknowledged events are sent again every
+        ``attempt_timeout``, always to the current owner (a retry goes elsewhere only once
+        discovery says the owner left: a slow owner retried elsewhere would sequence the event
+        twice); the event id makes the retry idempotent."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
-        while True:
+        results: list[dict | None] = [None] * len(events)
+        pending = list(range(len(events)))
+        while pending:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            order = rank(event["video"], self.peers)
-            if not order:
+            groups: dict[str, list[int]] = {}
+            for i in pending:
+                target = self._owner_of(events[i]["video"])
+                if target is not None:
+                    groups.setdefault(target, []).append(i)
+            if not groups:
                 # no dispatcher known yet: wait for discovery, within the deadline
                 try:
                     await asyncio.wait_for(self.dispatchers.changed.wait(), left)
                 except asyncio.TimeoutError:
                     break
                 continue
-            # always the current owner: a retry goes elsewhere only once discovery says the
-            # owner left (a slow owner retried elsewhere would sequence the event twice)
-            target = order[0]
-            fut = self._enqueue(target, event)
-            try:
-                result = await asyncio.wait_for(asyncio.shield(fut), min(self.attempt_timeout, left))
-            except asyncio.TimeoutError:
-                self.stats["publish_retries"] += 1
-                log.warning("no ack from %s for event %s within %.2fs; retrying", target, event["id"],
-                            self.attempt_timeout)
-                continue
-            except ConnectionError:
-                self.stats["publish_retries"] += 1
-                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
-                continue
-            if "error" in result:
-                raise ClientError(503, "publish_rejected", f"dispatcher rejected the event: "
-                                  f"{result['error'].get('message', '?')}", retryable=True)
-            return result
-        self.stats["publish_failures"] += 1
-        raise ClientError(503, "no_dispatcher", "no dispatcher acknowledged the event in time",
-                          retryable=True)
+            sent = {self._enqueue(target, [events[i] for i in idx]): idx for target, idx in groups.items()}
+            done, late = await asyncio.wait(sent, timeout=min(self.attempt_timeout, left))
+            for fut in late:  # a late reply or failure of a request we gave up on
+                fut.add_done_callback(_consume)
+            failed = False
+            for fut in done:
+                if fut.exception() is not None:
+                    failed = True
+                    continue
+                for i, res in zip(sent[fut], fut.result()):
+                    results[i] = res
+            pending = [i for i in pending if results[i] is None]
+            if pending:
+                self.stats["publish_retries"] += len(pending)
+                if failed:  # the link broke: give discovery a moment
+                    await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+                else:
+                    log.warning("no ack for %d events within %.2fs; retrying", len(pending), self.attempt_timeout)
+        if pending:
+            self.stats["publish_failures"] += len(pending)
+            for i in pending:
+                results[i] = {"id": events[i]["id"], "error": {
+                    "code": "no_dispatcher", "message": "no dispatcher acknowledged the event in time"}}
+        return results
 
-    def _enqueue(self, target: str, event: dict) -> asyncio.Future:
+    def _owner_of(self, video: str) -> str | None:
+        """The video's owner, cached until discovery changes the dispatcher set (each change
+        replaces ``dispatchers.changed``): publishing computes no hash per event."""
+        if self._owners_for is not self.dispatchers.changed or len(self._owners) > OWNER_CACHE_MAX:
+            self._owners.clear()
+            self._owners_for = self.dispatchers.changed
+        try:
+            return self._owners[video]
+        except KeyError:
+            own = self._owners[video] = owner(video, self.peers)
+            return own
+
+    def _enqueue(self, target: str, events: list[dict]) -> asyncio.Future:
+        """Queue ``events`` for ``target``'s next request; the future gets one result per
+        event (None for an event the ack did not cover)."""
         fut = asyncio.get_running_loop().create_future()
         queue = self._queues.get(target)
         if queue is None:
             queue = self._queues[target] = []
             asyncio.get_running_loop().call_soon(self._flush, target)
-        queue.append((event, fut))
+        queue.append((events, fut))
         return fut
 
     def _flush(self, target: str) -> None:
@@ -441,15 +496,18 @@ class MeshLink:
             self.stats["publish_requests"] += 1
             self._spawn(self._send_batch(target, batch))
 
-    async def _send_batch(self, target: str, batch: list[tuple[dict, asyncio.Future]]) -> None:
+    async def _send_batch(self, target: str, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
+        # one request, or a few when the loop turn's events exceed one message (P.chunked)
+        chunks = P.chunked([e for part, _ in batch for e in part])
+        results: dict[str, dict] = {}
         try:
-            reply = await self.dispatchers.request(target, P.MSG_PUBLISH,
-                                                   P.publish_body([e for e, _ in batch]),
-                                                   self.publish_timeout)
-            if reply.msg_type == P.MSG_ERROR:
-                results = {e["id"]: {"error": reply.body} for e, _ in batch}
-            else:
-                results = {r["id"]: r for r in P.ack_results(reply)}
+            replies = await asyncio.gather(*(self.dispatchers.request(
+                target, P.MSG_PUBLISH, P.publish_body(c), self.publish_timeout) for c in chunks))
+            for events, reply in zip(chunks, replies):
+                if reply.msg_type == P.MSG_ERROR:
+                    results.update((e["id"], {"id": e["id"], "error": reply.body}) for e in events)
+                else:
+                    results.update((r["id"], r) for r in P.ack_results(reply))
         except asyncio.TimeoutError:
             return  # the publishers' own attempt deadlines have fired and retried
         except (PeerGone, RemoteProtocolError) as exc:
@@ -457,10 +515,6 @@ class MeshLink:
                 if not fut.done():
                     fut.set_exception(ConnectionError(str(exc)))
             return
-        for event, fut in batch:
+        for part, fut in batch:
             if not fut.done():
-                res = results.get(event["id"])
-                if res is None:
-                    fut.set_exception(ConnectionError("ack did not cover the event"))
-                else:
-                    fut.set_result(res)
+                fut.set_result([results.get(e["id"]) for e in part])

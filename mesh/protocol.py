@@ -49,6 +49,7 @@ export only events of their own DC and never re-export imported ones.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import time
@@ -95,6 +96,8 @@ VIDEO_ID_MAX = 64
 VIDEO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 USER_MAX = 64
 MAX_REQUEST_ID = 32
+#: size bound of the per-process caches of validated video ids and their topics
+KNOWN_VIDEOS_MAX = 100000
 
 
 def valid_video_id(video: object) -> bool:
@@ -102,10 +105,18 @@ def valid_video_id(video: object) -> bool:
     return isinstance(video, str) and VIDEO_ID_RE.match(video) is not None
 
 
+_topics: dict[str, bytes] = {}
+
+
 def topic_for(video: str) -> bytes:
-    if not valid_video_id(video):
-        raise LocalProtocolError(f"invalid video id {video!r}")
-    return TOPIC_PREFIX + video.encode("ascii") + TOPIC_END
+    topic = _topics.get(video)
+    if topic is None:
+        if not valid_video_id(video):
+            raise LocalProtocolError(f"invalid video id {video!r}")
+        if len(_topics) >= KNOWN_VIDEOS_MAX:
+            _topics.clear()
+        topic = _topics[video] = TOPIC_PREFIX + video.encode("ascii") + TOPIC_END
+    return topic
 
 
 def video_from_topic(topic: bytes) -> str:
@@ -125,8 +136,11 @@ def new_event_id() -> str:
     return f"{int(time.time() * 1000):011x}{os.urandom(6).hex()}"
 
 
+_packer = msgpack.Packer(use_bin_type=True)  # one, reused: every node packs on its loop thread
+
+
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    return _packer.pack(obj)
 
 
 def unpack(data: bytes, what: str) -> Any:
@@ -172,21 +186,45 @@ def parse_sse_id(text: str) -> tuple[int, int] | None:
     return int(epoch), int(seq)
 
 
+#: event keys a peer must send (``prev`` and ``dc`` are optional)
+EVENT_KEYS = ("id", "video", "kind", "user", "text", "ts", "epoch", "seq")
+#: video ids already validated (``check_event`` runs for every event in and out of a
+#: dispatcher: a set lookup instead of a regex match); dropped whole past KNOWN_VIDEOS_MAX
+_known_videos: set[str] = set()
+
+
+def _known_video(video: Any) -> bool:
+    if type(video) is not str:
+        return False
+    if video in _known_videos:
+        return True
+    if VIDEO_ID_RE.match(video) is None:
+        return False
+    if len(_known_videos) >= KNOWN_VIDEOS_MAX:
+        _known_videos.clear()
+    _known_videos.add(video)
+    return True
+
+
 def check_event(obj: Any) -> dict:
-    """Validate an event received from a peer; returns it or raises RemoteProtocolError."""
-    if not isinstance(obj, dict):
+    """Validate an event received from a peer; returns it or raises RemoteProtocolError.
+    On the hot path of every node (each event in and out of a dispatcher): exact type checks
+    (msgpack makes exact types) and no helper calls for the common case."""
+    if type(obj) is not dict:
         raise RemoteProtocolError("event is not a map")
     try:
+        event_id, user, text, ts, prev, dc = (obj["id"], obj["user"], obj["text"], obj["ts"],
+                                              obj.get("prev"), obj.get("dc"))
         ok = (
-            isinstance(obj["id"], str) and 0 < len(obj["id"]) <= 64
-            and valid_video_id(obj["video"])
+            type(event_id) is str and 0 < len(event_id) <= 64
+            and _known_video(obj["video"])
             and obj["kind"] in EVENT_KINDS
-            and (obj["user"] is None or isinstance(obj["user"], str))
-            and (obj["text"] is None or isinstance(obj["text"], str))
-            and isinstance(obj["ts"], (int, float)) and not isinstance(obj["ts"], bool)
+            and (user is None or type(user) is str)
+            and (text is None or type(text) is str)
+            and (type(ts) is float or type(ts) is int)
             and type(obj["epoch"]) is int and type(obj["seq"]) is int
-            and valid_position(obj.get("prev"), allow_none=True)
-            and (obj.get("dc") is None or (isinstance(obj["dc"], str) and 0 < len(obj["dc"]) <= 64))
+            and (prev is None or valid_position(prev))
+            and (dc is None or (type(dc) is str and 0 < len(dc) <= 64))
         )
     except (KeyError, TypeError):
         ok = False
@@ -235,11 +273,61 @@ def publish_body(events: list[dict]) -> dict:
     return {"events": events}
 
 
-def publish_events(msg: Control) -> list[dict]:
+def _body_events(msg: Control) -> list:
     events = msg.body.get("events")
     if not isinstance(events, list) or not events:
         raise RemoteProtocolError("publish body needs a non-empty 'events' list")
-    return [check_event(e) for e in events]
+    return events
+
+
+def publish_events(msg: Control) -> list[dict]:
+    """Every event of a PUB/REPL body, validated; one bad event rejects the message."""
+    return [check_event(e) for e in _body_events(msg)]
+
+
+def publish_items(msg: Control) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """The events of a PUB request, validated one by one: ``(events, rejected)``, each a list
+    of ``(position, ...)``: the valid events, and for each bad one its ACK result (code
+    ``malformed``, ``id`` empty when it had none), so one bad event rejects just itself.
+    Raises RemoteProtocolError when the body has no events list at all."""
+    events: list[tuple[int, dict]] = []
+    rejected: list[tuple[int, dict]] = []
+    for i, event in enumerate(_body_events(msg)):
+        try:
+            events.append((i, check_event(event)))
+        except RemoteProtocolError as exc:
+            event_id = event.get("id") if isinstance(event, dict) else None
+            rejected.append((i, {"id": event_id if isinstance(event_id, str) else "",
+                                 "error": {"code": "malformed", "message": str(exc)[:200]}}))
+    return events, rejected
+
+
+#: most events, and most estimated bytes, in one PUB, REPL or fan-out message: a batch stays far
+#: below the MAXMSGSIZE every node sets (mesh.sockets, 4 MiB), over which ZeroMQ drops the link
+MAX_BATCH_EVENTS = 2000
+MAX_BATCH_BYTES = 1024 * 1024
+
+
+_text_of = operator.itemgetter("text")
+
+
+def chunked(events: list[dict]) -> list[list[dict]]:
+    """``events`` cut into batches of at most MAX_BATCH_EVENTS events and about
+    MAX_BATCH_BYTES (an event's size is estimated from its strings, 4 bytes per character at
+    worst in UTF-8), in order.  Likes are small: one batch unless there are very many."""
+    if len(events) <= MAX_BATCH_EVENTS and 4 * sum(map(len, filter(None, map(_text_of, events)))) \
+            + 400 * len(events) <= MAX_BATCH_BYTES:  # C-level loops: this runs for every batch
+        return [events]
+    out: list[list[dict]] = [[]]
+    size = 0
+    for event in events:
+        cost = 400 + 4 * len(event["text"] or "")
+        if out[-1] and (len(out[-1]) >= MAX_BATCH_EVENTS or size + cost > MAX_BATCH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(event)
+        size += cost
+    return out
 
 
 def ack_body(results: list[dict]) -> dict:

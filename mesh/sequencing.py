@@ -35,7 +35,8 @@ def position(event: dict) -> Position:
 class VideoLog:
     seq: int = 0                   # last seq this dispatcher assigned in its own epoch
     tail: Position | None = None   # last event of the chain known here (own or replicated)
-    history: deque = field(default_factory=deque)  # (monotonic time, event), chain order
+    history: deque = field(default_factory=deque)  # events, chain order
+    times: deque = field(default_factory=deque)    # their monotonic arrival times (pruning by age)
 
 
 class Sequencer:
@@ -57,18 +58,52 @@ class Sequencer:
         """Place ``event`` (mutated: epoch, seq, prev) at the end of its video's chain.
         Returns ``(event, is_new)``; a retry of a known event id returns the stored event with
         its original placement and ``is_new=False``."""
-        seen = self._recent.get(event["id"])
-        if seen is not None:
-            self.duplicates += 1
-            return seen, False
-        log = self._log(event["video"])
-        log.seq += 1
-        event["epoch"], event["seq"], event["prev"] = self.epoch, log.seq, (
-            list(log.tail) if log.tail else None)
-        if self.dc:
-            event["dc"] = self.dc
-        self._append(log, event, now)
-        return event, True
+        new, _, placed = self.accept_many(event["video"], [event], now)
+        return placed[0], bool(new)
+
+    def accept_many(self, video: str, events: list[dict],
+                    now: float | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+        """Append ``events`` (all of ``video``, in arrival order; mutated like ``accept``) to
+        the video's chain in one go: one log lookup and one clock read for the batch.
+        Returns ``(new, again, placed)``: the newly sequenced events; the retried events known
+        here only as replicas (their owner may have died before publishing them: publish them
+        again); and, per input event, the stored event with its placement."""
+        now = time.monotonic() if now is None else now
+        log = self._log(video)
+        recent, epoch, dc, history, times = self._recent, self.epoch, self.dc, log.history, log.times
+        new: list[dict] = []
+        again: list[dict] = []
+        placed: list[dict] = []
+        seq, tail = log.seq, log.tail
+        for event in events:  # _append, inlined: this loop runs for every published event
+            seen = recent.get(event["id"])
+            if seen is not None:
+                self.duplicates += 1
+                if seen["epoch"] != epoch and all(e is not seen for e in again):
+                    again.append(seen)
+                placed.append(seen)
+                continue
+            seq += 1
+            event["epoch"], event["seq"], event["prev"] = epoch, seq, list(tail) if tail else None
+            tail = (epoch, seq)
+            if dc:
+                event["dc"] = dc
+            if self.dedupe_size:
+                recent[event["id"]] = event
+            if self.history_size:
+                history.append(event)
+                times.append(now)  # the same float for the whole batch: no allocation per event
+            new.append(event)
+            placed.append(event)
+        log.seq, log.tail = seq, tail
+        if self.dedupe_size:
+            while len(recent) > self.dedupe_size:
+                recent.popitem(last=False)
+        if self.history_size:
+            while len(history) > self.history_size:
+                history.popleft()
+                times.popleft()
+        return new, again, placed
 
     def store(self, events: list[dict], now: float | None = None) -> int:
         """Store events sequenced elsewhere (a replica from the owner, or a chain tail handed
@@ -93,10 +128,10 @@ class Sequencer:
             return None if pos is not None else []
         self.prune(video, now)
         if pos is None:
-            return [e for _, e in log.history]
+            return list(log.history)
         if log.tail == pos:
             return []
-        events = [e for _, e in log.history]
+        events = list(log.history)
         if events and events[0].get("prev") is not None and tuple(events[0]["prev"]) == pos:
             return events  # pos itself was pruned, but its successor is the oldest we keep
         for i, e in enumerate(events):
@@ -113,8 +148,9 @@ class Sequencer:
         if log is None or not self.history_age:
             return
         cutoff = (time.monotonic() if now is None else now) - self.history_age
-        while log.history and log.history[0][0] < cutoff:
+        while log.times and log.times[0] < cutoff:
             log.history.popleft()
+            log.times.popleft()
 
     def _log(self, video: str) -> VideoLog:
         log = self.videos.get(video)
@@ -123,12 +159,14 @@ class Sequencer:
         return log
 
     def _append(self, log: VideoLog, event: dict, now: float | None) -> None:
-        log.tail = position(event)
+        log.tail = (event["epoch"], event["seq"])
         if self.dedupe_size:
             self._recent[event["id"]] = event
             if len(self._recent) > self.dedupe_size:
                 self._recent.popitem(last=False)
         if self.history_size:
-            log.history.append((time.monotonic() if now is None else now, event))
+            log.history.append(event)
+            log.times.append(time.monotonic() if now is None else now)
             if len(log.history) > self.history_size:
                 log.history.popleft()
+                log.times.popleft()

@@ -176,6 +176,42 @@ def test_chain_continues_across_owners_via_replica():
     assert [P.sse_id(e) for e in backup.after("v", (10, 1))] == ["10:2", "10:3", "20:1"]
 
 
+def test_accept_many_appends_a_batch_in_order_and_splits_new_retried_and_replicated():
+    owner1, backup = Sequencer(epoch=10), Sequencer(epoch=20)
+    replicated = [owner1.accept(_ev())[0] for _ in range(2)]
+    backup.store([dict(e) for e in replicated])
+    first = _ev()
+    batch = [first, dict(replicated[1]), _ev(), dict(first), dict(replicated[1])]
+    new, again, placed = backup.accept_many("v", batch, now=1.0)
+    assert [(e["epoch"], e["seq"]) for e in new] == [(20, 1), (20, 2)]
+    assert new[0]["prev"] == [10, 2] and new[1]["prev"] == [20, 1]   # one chain, in batch order
+    assert again == [replicated[1]]          # a replica's retry: published again, once
+    assert [(e["epoch"], e["seq"]) for e in placed] == [(20, 1), (10, 2), (20, 2), (20, 1), (10, 2)]
+    assert backup.duplicates == 3 and backup.tail("v") == (20, 2)
+    assert [P.sse_id(e) for e in backup.after("v", (10, 2))] == ["20:1", "20:2"]
+
+
+def test_publish_items_rejects_bad_events_one_by_one():
+    good, bad = _ev(), {**_ev(), "kind": "dislike"}
+    msg = P.Control(P.MSG_PUBLISH, b"r", P.publish_body([good, bad, "junk"]))
+    events, rejected = P.publish_items(msg)
+    assert events == [(0, good)]
+    assert [(i, r["id"], r["error"]["code"]) for i, r in rejected] == [(1, bad["id"], "malformed"), (2, "", "malformed")]
+    with pytest.raises(RemoteProtocolError):
+        P.publish_items(P.Control(P.MSG_PUBLISH, b"r", {"events": []}))
+
+
+def test_chunked_keeps_every_message_far_below_the_size_limit():
+    from mesh.sockets import MAX_MSG_SIZE
+    likes = [_ev() for _ in range(4500)]
+    assert [len(c) for c in P.chunked(likes)] == [2000, 2000, 500]
+    assert P.chunked(likes[:10]) == [likes[:10]]
+    comments = [P.make_event("v", "comment", "u" * 64, "\U0001f389" * 2000) for _ in range(300)]
+    chunks = P.chunked(comments)
+    assert [e for c in chunks for e in c] == comments and len(chunks) > 1
+    assert all(len(P.pack(P.publish_body(c))) < MAX_MSG_SIZE // 2 for c in chunks)
+
+
 def test_chain_follower_delivers_in_order_and_repairs_gaps():
     from mesh.ordering import ChainFollower
     seq = Sequencer(epoch=1)

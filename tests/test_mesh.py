@@ -361,3 +361,52 @@ async def test_killed_frontend_counts_vanish_within_the_liveness_bound(topology,
 
 async def _gone(kv, video, frontend):
     return frontend not in (await kv.read_counts(video)).get(video, {})
+
+
+async def test_publish_batch_of_several_videos_with_a_bad_event(mesh2):
+    """One PUB request with events of several videos, one of them malformed: the bad one gets
+    its own error result, the others are acknowledged in order and delivered.  The burst
+    travels as one REPL to the backup and one fan-out message per video; the event of a video
+    the other dispatcher owns is forwarded there."""
+    (d1, d2), (fa, _) = mesh2
+    names = ["d1", "d2"]
+    mine = [v for v in (f"batch-{i}" for i in range(200)) if owner(v, names) == "d1"][:2]
+    theirs = next(v for v in (f"batch-{i}" for i in range(200)) if owner(v, names) == "d2")
+    a, b = mine
+    viewers = {v: await viewer(fa.url, v) for v in (a, b, theirs)}
+    for v in (a, b, theirs):  # every chain exists now: the batch takes the fast path
+        await like(fa.url, v)
+        await viewers[v].events(1)
+    before = (await health(d1.url))["stats"]
+    events = [P.make_event(a, "like", "u1", None), P.make_event(a, "like", "u2", None),
+              P.make_event(b, "comment", "u3", "hi"), {**P.make_event(a, "like", None, None), "video": "bad video!"},
+              P.make_event(theirs, "like", "u4", None), P.make_event(a, "like", "u5", None)]
+    ctx = zmq.asyncio.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(d1.info["router"])
+        await dealer.send_multipart(P.Control(P.MSG_PUBLISH, b"mixed", P.publish_body(events)).to_frames())
+        reply = P.Control.from_frames(await asyncio.wait_for(dealer.recv_multipart(), 5))
+    finally:
+        ctx.destroy(linger=0)
+    assert reply.msg_type == P.MSG_ACK and reply.request_id == b"mixed"
+    results = P.ack_results(reply)
+    assert [r["id"] for r in results] == [e["id"] for e in events]
+    assert results[3]["error"]["code"] == "malformed" and "epoch" not in results[3]
+    assert all("error" not in r for i, r in enumerate(results) if i != 3)
+    seqs = [results[i]["seq"] for i in (0, 1, 5)]
+    assert seqs == [seqs[0], seqs[0] + 1, seqs[0] + 2]  # the batch's order is the chain's order
+    for v, idx in ((a, (0, 1, 5)), (b, (2,)), (theirs, (4,))):
+        got = [json.loads(e.data) for e in await viewers[v].events(len(idx))]
+        assert [g["id"] for g in got] == [events[i]["id"] for i in idx]
+        assert [g["seq"] for g in got] == [results[i]["seq"] for i in idx]
+    after = (await health(d1.url))["stats"]
+    assert after["replication_msgs"] - before["replication_msgs"] == 1  # a and b: one REPL to d2
+    assert after["replicated"] - before["replicated"] == 4
+    assert after["fanout_msgs"] - before["fanout_msgs"] == 2  # one message for a, one for b
+    assert after["forwarded"] - before.get("forwarded", 0) == 1
+    assert after["events_rejected"] - before.get("events_rejected", 0) == 1
+    assert "rejected 1 of 6 events" in open(d1.log_path).read()
+    for v in viewers.values():
+        v.close()
