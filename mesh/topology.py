@@ -39,11 +39,13 @@ class NodeProcess:
     log_path: str | None = None
     proc: subprocess.Popen | None = None
     info: dict = field(default_factory=dict)
+    #: a command the node runs under, e.g. ``("ip", "netns", "exec", NS)`` (it must exec the node)
+    prefix: tuple[str, ...] = ()
 
     def start(self) -> "NodeProcess":
         stderr = open(self.log_path, "ab") if self.log_path else None
-        self.proc = subprocess.Popen([sys.executable, "-m", MODULES[self.role], *self.args], env=self.env,
-                                     stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", MODULES[self.role], *self.args],
+                                     env=self.env, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL)
         if stderr:
             stderr.close()
         return self
@@ -113,11 +115,14 @@ class NodeProcess:
 
 
 class Topology:
-    """A set of node processes sharing one KV; ``close()`` stops every one of them."""
+    """A set of node processes sharing one KV; ``close()`` stops every one of them.
+    ``prefix``: a command every node runs under (see ``NodeProcess.prefix``)."""
 
     def __init__(self, kv: dict[str, str] | None = None, log_dir: str | None = None,
-                 host: str = "127.0.0.1", extra: dict[str, str] | None = None):
+                 host: str = "127.0.0.1", extra: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()):
         self.kv = kv or {}
+        self.prefix = tuple(prefix)
         self.log_dir = log_dir
         self.host = host
         self.extra = extra or {}
@@ -134,7 +139,7 @@ class Topology:
         args = [a for k, v in merged.items() for a in ("--set", f"{k}={v}")]
         args += ["--set", f"node.name={name}"]
         log_path = os.path.join(self.log_dir, f"{name}.log") if self.log_dir else None
-        node = NodeProcess(role, name, args, self._env(), log_path).start()
+        node = NodeProcess(role, name, args, self._env(), log_path, prefix=self.prefix).start()
         self.nodes.append(node)
         return node
 
