@@ -92,7 +92,7 @@ class Frontend:
             log.warning("deregister failed: %s", exc)
         viewers = [v for conns in self.table.by_video.values() for v in conns.values()]
         for viewer in viewers:
-            viewer.end_stream()
+            viewer.end()
         deadline = asyncio.get_running_loop().time() + timeout
         while len(self.table) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
@@ -110,8 +110,9 @@ class Frontend:
     def add_viewer(self, viewer) -> None:
         if self.table.add(viewer.conn_id, viewer.video, viewer):
             self.link.subscribe(viewer.video)
+        self.security.track_viewer(viewer)
         self.stats["viewers_opened"] += 1
-        self.presence.add(viewer.video, getattr(viewer, "user", None))
+        self.presence.add(viewer.video, viewer.user)
         self._count_changed(viewer.video)
 
     def remove_viewer(self, viewer) -> None:
@@ -120,7 +121,7 @@ class Frontend:
             return
         video, last = removed
         self.security.release_viewer(viewer)
-        self.presence.remove(video, getattr(viewer, "user", None))
+        self.presence.remove(video, viewer.user)
         if last:
             self.link.unsubscribe(video)
         self.stats["viewers_closed"] += 1

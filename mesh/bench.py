@@ -6,10 +6,11 @@ Theory of operation.  ``clients`` child processes (past the per-process open-fil
 ephemeral-port limit of one address pair) and over the target URLs, on ``videos`` videos (or
 all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s through the
 HTTP API for ``duration`` seconds and counts the acknowledged ones per video.  Readers stay
-cheap so they can keep up: they count ``event: like`` lines and SSE ids in raw bytes (C-speed
-``bytes.count`` and a regex, no per-event JSON), check per stream that ids strictly increase
-(a repeat is a duplicate), and parse the server timestamp of at most a few events per read for
-the publish-to-viewer latency (``ts`` is stamped by the accepting frontend; clients and
+cheap so they can keep up: each stream is a plain ``add_reader`` callback on a raw socket (no
+coroutine or StreamReader per read), they count ``event: like`` lines and SSE ids in raw bytes
+(C-speed ``bytes.count`` and a regex, no per-event JSON), check per stream that ids strictly
+increase (a repeat is a duplicate), and parse the server timestamp of the oldest, middle and
+newest like of each read for the publish-to-viewer latency (``ts`` is stamped by the accepting frontend; clients and
 servers share this machine's clock).  Lost = acknowledged events of a stream's video minus
 those it received.  Progress is printed every second; a table (or ``--json``) at the end.
 """
@@ -22,6 +23,7 @@ import math
 import multiprocessing as mp
 import re
 import resource
+import socket
 import statistics
 import sys
 import time
@@ -30,7 +32,7 @@ from urllib.parse import urlsplit
 
 ID_RE = re.compile(rb"\nid: (\d+):(\d+)\n")
 TS_RE = re.compile(rb'"kind":"like".*?"ts":([0-9.]+)')
-LATENCY_SAMPLES_PER_READ = 3
+MAX_LATENCY_SAMPLES = 200000
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Plan:
 class ClientResult:
     connected: int = 0
     failed: int = 0
+    why_failed: dict = field(default_factory=dict)  # reason -> count
     received: dict = field(default_factory=dict)   # video -> list of per-stream counts
     duplicates: int = 0
     reordered: int = 0
@@ -69,62 +72,115 @@ def _client_main(idx: int, plan: Plan, indices: list[int], progress, stop, resul
     results.put((idx, asdict(res)))
 
 
+#: Linux: choose the source port at connect() (per destination), not at bind(): thousands of
+#: streams from one 127.0.0.x to several frontends, and runs back to back despite TIME_WAIT
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+async def _open_stream(loop, host: str, port: int, source: str, request: bytes) -> tuple[socket.socket, bytes]:
+    """A connected non-blocking socket whose SSE response head (200) has been read, and the
+    body bytes that came with it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        await loop.sock_sendall(sock, request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                raise ConnectionError("closed before the response head")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        return sock, rest
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _Reader:
+    """One stream's reader: a plain ``add_reader`` callback (no coroutine per read), so one
+    client process keeps up with thousands of streams."""
+
+    __slots__ = ("sock", "res", "video", "count", "last", "carry")
+
+    def __init__(self, sock: socket.socket, res: ClientResult, video: str):
+        self.sock, self.res, self.video = sock, res, video
+        self.count, self.last, self.carry = 0, (0, 0), b""
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        data = self.carry + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.carry = data
+            return
+        block, self.carry = data[:end + 2], data[end + 2:]
+        n = block.count(b"\nevent: like\n")
+        if not n:
+            return
+        res = self.res
+        self.count += n
+        last = self.last
+        for m in ID_RE.finditer(block):
+            pos = (int(m.group(1)), int(m.group(2)))
+            if pos <= last:
+                if pos == last:
+                    res.duplicates += 1
+                else:
+                    res.reordered += 1
+            last = pos
+        self.last = last
+        if len(res.latencies) < MAX_LATENCY_SAMPLES:
+            now = time.time() * 1000.0
+            stamps = TS_RE.findall(block)
+            for ts in {stamps[0], stamps[len(stamps) // 2], stamps[-1]} if stamps else ():
+                res.latencies.append(now - float(ts))  # oldest, middle and newest of the read
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
 async def _client(idx: int, plan: Plan, indices: list[int], progress, stop) -> ClientResult:
     res = ClientResult()
-    streams: list[dict] = []
+    streams: list[_Reader] = []
     sources = plan.sources or max(1, math.ceil(plan.connections / 20000))
     loop = asyncio.get_running_loop()
 
     async def one(i: int) -> None:
         url = urlsplit(plan.urls[i % len(plan.urls)])
         video = plan.video(i)
-        st = {"video": video, "count": 0, "last": (0, 0)}
+        request = f"GET /v1/videos/{video}/events HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                url.hostname, url.port, local_addr=(f"127.0.0.{1 + i % sources}", 0)), 30)
-            writer.write(f"GET /v1/videos/{video}/events HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            sock, rest = await asyncio.wait_for(
+                _open_stream(loop, url.hostname, url.port, f"127.0.0.{1 + i % sources}", request), 30)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             res.failed += 1
+            why = str(exc) if isinstance(exc, ConnectionError) and str(exc).startswith("HTTP") else type(exc).__name__
+            res.why_failed[why] = res.why_failed.get(why, 0) + 1
             return
         res.connected += 1
-        streams.append(st)
-        carry = b""
-        try:
-            while True:
-                data = await reader.read(262144)
-                if not data:
-                    break
-                data = carry + data
-                end = data.rfind(b"\n\n")
-                if end < 0:
-                    carry = data
-                    continue
-                block, carry = data[:end + 2], data[end + 2:]
-                n = block.count(b"\nevent: like\n")
-                if not n:
-                    continue
-                st["count"] += n
-                last = st["last"]
-                for m in ID_RE.finditer(block):
-                    pos = (int(m.group(1)), int(m.group(2)))
-                    if pos <= last:
-                        if pos == last:
-                            res.duplicates += 1
-                        else:
-                            res.reordered += 1
-                    last = pos
-                st["last"] = last
-                if len(res.latencies) < 200000:
-                    now = time.time() * 1000.0
-                    for ts in TS_RE.findall(block)[-LATENCY_SAMPLES_PER_READ:]:
-                        res.latencies.append(now - float(ts))
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+        reader = _Reader(sock, res, video)
+        streams.append(reader)
+        reader.feed(rest)
+        loop.add_reader(sock.fileno(), reader.on_readable)
 
     tasks = []
     per_sec = max(1.0, plan.open_rate / max(1, plan.clients))
@@ -137,14 +193,15 @@ async def _client(idx: int, plan: Plan, indices: list[int], progress, stop) -> C
     last_report = 0.0
     while not stop.is_set():
         if loop.time() - last_report >= 0.5:
-            progress.put((idx, res.connected, res.failed, sum(s["count"] for s in streams)))
+            progress.put((idx, res.connected, res.failed, sum(r.count for r in streams)))
             last_report = loop.time()
         await asyncio.sleep(0.1)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for st in streams:
-        res.received.setdefault(st["video"], []).append(st["count"])
+    for reader in streams:
+        reader.close()
+        res.received.setdefault(reader.video, []).append(reader.count)
     return res
 
 
@@ -273,6 +330,8 @@ async def run(plan: Plan, echo=print) -> dict:
         _, r = results.get(timeout=60)
         merged.connected += r["connected"]
         merged.failed += r["failed"]
+        for why, n in r["why_failed"].items():
+            merged.why_failed[why] = merged.why_failed.get(why, 0) + n
         merged.duplicates += r["duplicates"]
         merged.reordered += r["reordered"]
         merged.latencies += r["latencies"]
@@ -289,6 +348,7 @@ async def run(plan: Plan, echo=print) -> dict:
     return {
         "plan": {k: v for k, v in asdict(plan).items()},
         "connections_held": merged.connected, "connections_failed": merged.failed,
+        "connections_failed_why": merged.why_failed,
         "published_acked": sum(acked.values()), "publish_errors": errors,
         "publish_seconds": round(publish_s, 2),
         "deliveries": deliveries, "deliveries_per_s": round(deliveries / max(publish_s, 1e-9)),
