@@ -147,8 +147,9 @@ class EventsHandler(JSONHandler):
         self.set_header("Connection", "close")  # the body ends when the connection does
         self.node.security.before_headers(self)  # CORS
         head = "".join(f"{k}: {v}\r\n" for k, v in self._headers.get_all())
-        stream = self.request.connection.detach()
+        stream = self.detach()
         self._finished = True  # Tornado must not finish a response it no longer owns
+        self._break_cycles()  # what finish() would do: no cycle left for the collector
         IOLoop.current().remove_handler(stream.socket.fileno())  # the IOStream's EOF watch
         sock, stream.socket = stream.socket, None
         viewer.attach(sock, f"HTTP/1.1 200 OK\r\n{head}\r\n".encode("latin-1"))

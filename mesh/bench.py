@@ -30,9 +30,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-ID_RE = re.compile(rb"\nid: (\d+):(\d+)\n")
+ID_RE = re.compile(rb"(?:^|\n)id: (\d+):(\d+)\n")
 TS_RE = re.compile(rb'"kind":"like".*?"ts":([0-9.]+)')
 MAX_LATENCY_SAMPLES = 200000
+HEARTBEAT = b": hb\n"
 
 
 @dataclass
@@ -57,10 +58,13 @@ class ClientResult:
     connected: int = 0
     failed: int = 0
     why_failed: dict = field(default_factory=dict)  # reason -> count
+    held_by_url: dict = field(default_factory=dict)  # url -> streams open
     received: dict = field(default_factory=dict)   # video -> list of per-stream counts
     duplicates: int = 0
     reordered: int = 0
     latencies: list = field(default_factory=list)  # ms
+    heartbeats: int = 0
+    heartbeat_gaps: list = field(default_factory=list)  # s between a stream's heartbeats
 
 
 # --- client processes ---------------------------------------------------------------------
@@ -106,11 +110,12 @@ class _Reader:
     """One stream's reader: a plain ``add_reader`` callback (no coroutine per read), so one
     client process keeps up with thousands of streams."""
 
-    __slots__ = ("sock", "res", "video", "count", "last", "carry")
+    __slots__ = ("sock", "res", "video", "count", "last", "carry", "last_hb")
 
     def __init__(self, sock: socket.socket, res: ClientResult, video: str):
         self.sock, self.res, self.video = sock, res, video
         self.count, self.last, self.carry = 0, (0, 0), b""
+        self.last_hb = 0.0
 
     def on_readable(self) -> None:
         try:
@@ -131,26 +136,41 @@ class _Reader:
             self.carry = data
             return
         block, self.carry = data[:end + 2], data[end + 2:]
+        res = self.res
+        if HEARTBEAT in block:
+            now = time.monotonic()
+            res.heartbeats += 1
+            if self.last_hb and len(res.heartbeat_gaps) < MAX_LATENCY_SAMPLES:
+                res.heartbeat_gaps.append(now - self.last_hb)
+            self.last_hb = now
         n = block.count(b"\nevent: like\n")
         if not n:
             return
-        res = self.res
         self.count += n
-        last = self.last
-        for m in ID_RE.finditer(block):
-            pos = (int(m.group(1)), int(m.group(2)))
-            if pos <= last:
-                if pos == last:
-                    res.duplicates += 1
-                else:
-                    res.reordered += 1
-            last = pos
-        self.last = last
+        ids = ID_RE.findall(block)
+        if ids:
+            first = (int(ids[0][0]), int(ids[0][1]))
+            last = (int(ids[-1][0]), int(ids[-1][1]))
+            if not (first > self.last and first[0] == last[0] and last[1] - first[1] + 1 == len(ids)):
+                self._check_order(ids)  # not one contiguous run after the last id: look closer
+            self.last = last
         if len(res.latencies) < MAX_LATENCY_SAMPLES:
             now = time.time() * 1000.0
-            stamps = TS_RE.findall(block)
-            for ts in {stamps[0], stamps[len(stamps) // 2], stamps[-1]} if stamps else ():
-                res.latencies.append(now - float(ts))  # oldest, middle and newest of the read
+            for start in {0, len(block) // 2, block.rfind(b'"kind":"like"')}:  # oldest, middle, newest
+                m = TS_RE.search(block, max(0, start))
+                if m:
+                    res.latencies.append(now - float(m.group(1)))
+
+    def _check_order(self, ids: list[tuple[bytes, bytes]]) -> None:
+        last = self.last
+        for epoch, seq in ids:
+            pos = (int(epoch), int(seq))
+            if pos <= last:
+                if pos == last:
+                    self.res.duplicates += 1
+                else:
+                    self.res.reordered += 1
+            last = pos
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
@@ -177,6 +197,7 @@ async def _client(idx: int, plan: Plan, indices: list[int], progress, stop) -> C
             res.why_failed[why] = res.why_failed.get(why, 0) + 1
             return
         res.connected += 1
+        res.held_by_url[url.geturl()] = res.held_by_url.get(url.geturl(), 0) + 1
         reader = _Reader(sock, res, video)
         streams.append(reader)
         reader.feed(rest)
@@ -216,11 +237,12 @@ async def _get_json(url: str) -> dict | None:
         return None
 
 
-async def _rss(urls: list[str]) -> dict[str, int | None]:
+async def _health_field(urls: list[str], key: str) -> dict[str, float | None]:
+    """``key`` of each server's ``/healthz`` (``rss_kb``, ``cpu_s``); None when it has none."""
     out = {}
     for u in urls:
         h = await _get_json(u.rstrip("/") + "/healthz")
-        out[u] = h.get("rss_kb") if h else None
+        out[u] = h.get(key) if h else None
     return out
 
 
@@ -270,13 +292,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q / 100.0 * len(values)))]
 
 
-async def run(plan: Plan, echo=print) -> dict:
+async def run(plan: Plan, echo=print, during=None) -> dict:
+    """One bench run; ``during`` (an async callable) runs beside the publishing, e.g. to
+    disturb the servers while the latency is being measured."""
     if not 1 <= plan.connections <= 200000 or not 0 < plan.duration <= 600 or not 0 < plan.rate <= 100000:
         raise ValueError("bench bounds: 1..200000 connections, 0..600 s, 0..100000 likes/s")
     plan.clients = plan.clients or max(1, math.ceil(plan.connections / 15000))
     ctx = mp.get_context("spawn")
     progress, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    rss_before = await _rss(plan.urls)
+    rss_before = await _health_field(plan.urls, "rss_kb")
     shares = [list(range(c, plan.connections, plan.clients)) for c in range(plan.clients)]
     procs = [ctx.Process(target=_client_main, args=(c, plan, shares[c], progress, stop, results), daemon=True)
              for c in range(plan.clients)]
@@ -303,9 +327,11 @@ async def run(plan: Plan, echo=print) -> dict:
             await asyncio.sleep(0.5)
             echo(f"bench: opening streams: {connected} open, {failed} failed")
         await asyncio.sleep(1.0)  # subscriptions settle (the server holds headers until they do)
-        rss_after = await _rss(plan.urls)
+        rss_after = await _health_field(plan.urls, "rss_kb")
+        cpu_before = await _health_field(plan.urls, "cpu_s")
         echo(f"bench: {connected} streams open; publishing {plan.rate:g} likes/s for {plan.duration:g} s")
         pub = asyncio.ensure_future(_publish(plan, echo))
+        side = asyncio.ensure_future(during()) if during is not None else None
         t0 = loop.time()
         last_events = 0
         while not pub.done():
@@ -314,6 +340,8 @@ async def run(plan: Plan, echo=print) -> dict:
             echo(f"bench: {loop.time() - t0:5.1f} s  {events - last_events:>10,} deliveries/s")
             last_events = events
         acked, errors = pub.result()
+        if side is not None:
+            await side
         publish_s = loop.time() - t0
         settle_deadline = loop.time() + plan.settle + 10
         expected = sum(acked.get(plan.video(i), 0) for i in range(plan.connections) if True)
@@ -323,6 +351,7 @@ async def run(plan: Plan, echo=print) -> dict:
                 break
             await asyncio.sleep(0.2)
         await asyncio.sleep(plan.settle / 4)
+        cpu_after = await _health_field(plan.urls, "cpu_s")
     finally:
         stop.set()
     merged = ClientResult()
@@ -332,9 +361,13 @@ async def run(plan: Plan, echo=print) -> dict:
         merged.failed += r["failed"]
         for why, n in r["why_failed"].items():
             merged.why_failed[why] = merged.why_failed.get(why, 0) + n
+        for u, n in r["held_by_url"].items():
+            merged.held_by_url[u] = merged.held_by_url.get(u, 0) + n
         merged.duplicates += r["duplicates"]
         merged.reordered += r["reordered"]
         merged.latencies += r["latencies"]
+        merged.heartbeats += r["heartbeats"]
+        merged.heartbeat_gaps += r["heartbeat_gaps"]
         for video, counts in r["received"].items():
             merged.received.setdefault(video, []).extend(counts)
     for p in procs:
@@ -342,9 +375,11 @@ async def run(plan: Plan, echo=print) -> dict:
     deliveries = sum(sum(c) for c in merged.received.values())
     lost = sum(max(0, acked.get(v, 0) - c) for v, counts in merged.received.items() for c in counts)
     lat = merged.latencies
-    rss_per_conn = {u: (round((rss_after[u] - rss_before[u]) * 1024 / max(1, merged.connected))
+    rss_per_conn = {u: (round((rss_after[u] - rss_before[u]) * 1024 / max(1, merged.held_by_url.get(u, 0)))
                         if rss_after.get(u) is not None and rss_before.get(u) is not None else None)
                     for u in plan.urls}
+    cpu = [cpu_after[u] - cpu_before[u] for u in plan.urls
+           if cpu_after.get(u) is not None and cpu_before.get(u) is not None]
     return {
         "plan": {k: v for k, v in asdict(plan).items()},
         "connections_held": merged.connected, "connections_failed": merged.failed,
@@ -356,8 +391,15 @@ async def run(plan: Plan, echo=print) -> dict:
         "latency_ms": {name: (round(percentile(lat, q), 2) if lat else None)
                        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))},
         "latency_samples": len(lat),
+        "heartbeats": merged.heartbeats,
+        "heartbeat_gap_s": {name: (round(percentile(merged.heartbeat_gaps, q), 3) if merged.heartbeat_gaps else None)
+                            for name, q in (("p50", 50), ("p99", 99), ("max", 100))},
         "rss_bytes_per_connection": rss_per_conn,
         "rss_kb_after_connect": rss_after,
+        # CPU the servers spent from the first publish until the last delivery: robust to
+        # other load on the machine, unlike deliveries/s and latency
+        "server_cpu_s": round(sum(cpu), 3) if cpu else None,
+        "server_cpu_us_per_delivery": round(sum(cpu) * 1e6 / deliveries, 3) if cpu and deliveries else None,
     }
 
 
@@ -370,6 +412,8 @@ def print_table(r: dict, echo=print) -> None:
         ("deliveries/s", f"{r['deliveries_per_s']:,}"),
         ("latency p50/p90/p99/p99.9 ms", " / ".join("-" if v is None else f"{v:.1f}" for v in lat.values())),
         ("lost / duplicated / reordered", f"{r['lost']:,} / {r['duplicates']:,} / {r['reordered']:,}"),
+        ("server CPU s (us per delivery)", "-" if r["server_cpu_s"] is None else
+         f"{r['server_cpu_s']:.2f} ({r['server_cpu_us_per_delivery']} us)"),
     ]
     for url, b in r["rss_bytes_per_connection"].items():
         rows.append((f"RSS per connection {url}", "-" if b is None else f"{b / 1024:.1f} KiB"))
