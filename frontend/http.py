@@ -150,8 +150,11 @@ class EventsHandler(JSONHandler):
         stream = self.detach()
         self._finished = True  # Tornado must not finish a response it no longer owns
         self._break_cycles()  # what finish() would do: no cycle left for the collector
-        IOLoop.current().remove_handler(stream.socket.fileno())  # the IOStream's EOF watch
         sock, stream.socket = stream.socket, None
+        if sock is None:  # closed just now; its close callback has not run yet
+            viewer.close()
+            return
+        IOLoop.current().remove_handler(sock.fileno())  # the IOStream's EOF watch
         viewer.attach(sock, f"HTTP/1.1 200 OK\r\n{head}\r\n".encode("latin-1"))
         self.viewer = None  # the handler is done; the stream lives on in the node's tables
 

@@ -148,6 +148,7 @@ class Frontend:
                 "connections": len(self.table), "videos": len(self.table.by_video), "rss_kb": rss_kb(),
                 "cpu_s": round(time.process_time(), 3), "gc": self.gc.stats(),
                 "stats": {**self.stats, **self.link.stats, "deliveries": self.fanout.deliveries,
+                          "fanout_rounds": self.fanout.rounds,
                           "kv_requests": getattr(self.kv, "kv_writes", 0)}}
 
     # --- background work ------------------------------------------------------------------

@@ -35,7 +35,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from mesh.sse import encode_event, encode_reset
+from mesh.sse import encode_event, encode_reset, recv_nowait
 
 if TYPE_CHECKING:
     from .node import Frontend
@@ -155,13 +155,7 @@ class ViewerStream:
                 self.close()
 
     def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if recv_nowait(self.sock, RECV_BYTES) == b"":
             self.close()
 
     def _cut(self) -> None:

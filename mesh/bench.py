@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
+from .sse import recv_nowait
+
 ID_RE = re.compile(rb"(?:^|\n)id: (\d+):(\d+)\n")
 TS_RE = re.compile(rb'"kind":"like".*?"ts":([0-9.]+)')
 MAX_LATENCY_SAMPLES = 200000
@@ -65,14 +67,15 @@ class ClientResult:
     latencies: list = field(default_factory=list)  # ms
     heartbeats: int = 0
     heartbeat_gaps: list = field(default_factory=list)  # s between a stream's heartbeats
+    measure_from: float = math.inf  # monotonic time publishing began (heartbeat gaps after it)
 
 
 # --- client processes ---------------------------------------------------------------------
 
-def _client_main(idx: int, plan: Plan, indices: list[int], progress, stop, results) -> None:
+def _client_main(idx: int, plan: Plan, indices: list[int], progress, stop, measuring, results) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    res = asyncio.run(_client(idx, plan, indices, progress, stop))
+    res = asyncio.run(_client(idx, plan, indices, progress, stop, measuring))
     results.put((idx, asdict(res)))
 
 
@@ -118,16 +121,11 @@ class _Reader:
         self.last_hb = 0.0
 
     def on_readable(self) -> None:
-        try:
-            data = self.sock.recv(262144)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
+        data = recv_nowait(self.sock, 262144)
+        if data == b"":
             self.close()
-            return
-        self.feed(data)
+        elif data:
+            self.feed(data)
 
     def feed(self, data: bytes) -> None:
         data = self.carry + data
@@ -140,7 +138,7 @@ class _Reader:
         if HEARTBEAT in block:
             now = time.monotonic()
             res.heartbeats += 1
-            if self.last_hb and len(res.heartbeat_gaps) < MAX_LATENCY_SAMPLES:
+            if self.last_hb >= res.measure_from and len(res.heartbeat_gaps) < MAX_LATENCY_SAMPLES:
                 res.heartbeat_gaps.append(now - self.last_hb)
             self.last_hb = now
         n = block.count(b"\nevent: like\n")
@@ -178,7 +176,7 @@ class _Reader:
             self.sock.close()
 
 
-async def _client(idx: int, plan: Plan, indices: list[int], progress, stop) -> ClientResult:
+async def _client(idx: int, plan: Plan, indices: list[int], progress, stop, measuring) -> ClientResult:
     res = ClientResult()
     streams: list[_Reader] = []
     sources = plan.sources or max(1, math.ceil(plan.connections / 20000))
@@ -213,6 +211,8 @@ async def _client(idx: int, plan: Plan, indices: list[int], progress, stop) -> C
         tasks.append(asyncio.ensure_future(one(i)))
     last_report = 0.0
     while not stop.is_set():
+        if res.measure_from == math.inf and measuring.is_set():
+            res.measure_from = time.monotonic()
         if loop.time() - last_report >= 0.5:
             progress.put((idx, res.connected, res.failed, sum(r.count for r in streams)))
             last_report = loop.time()
@@ -299,10 +299,10 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         raise ValueError("bench bounds: 1..200000 connections, 0..600 s, 0..100000 likes/s")
     plan.clients = plan.clients or max(1, math.ceil(plan.connections / 15000))
     ctx = mp.get_context("spawn")
-    progress, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    progress, results, stop, measuring = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
     rss_before = await _health_field(plan.urls, "rss_kb")
     shares = [list(range(c, plan.connections, plan.clients)) for c in range(plan.clients)]
-    procs = [ctx.Process(target=_client_main, args=(c, plan, shares[c], progress, stop, results), daemon=True)
+    procs = [ctx.Process(target=_client_main, args=(c, plan, shares[c], progress, stop, measuring, results), daemon=True)
              for c in range(plan.clients)]
     for p in procs:
         p.start()
@@ -330,6 +330,7 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         rss_after = await _health_field(plan.urls, "rss_kb")
         cpu_before = await _health_field(plan.urls, "cpu_s")
         echo(f"bench: {connected} streams open; publishing {plan.rate:g} likes/s for {plan.duration:g} s")
+        measuring.set()  # heartbeat gaps count from here: not while streams are being opened
         pub = asyncio.ensure_future(_publish(plan, echo))
         side = asyncio.ensure_future(during()) if during is not None else None
         t0 = loop.time()

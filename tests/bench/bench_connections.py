@@ -74,12 +74,16 @@ def main() -> None:
     ap.add_argument("--heartbeat", type=float, default=5.0, help="frontend.heartbeat_interval")
     ap.add_argument("--rate", type=float, default=2.0, help="likes/s while holding")
     ap.add_argument("--gc-every", type=float, default=2.0)
+    ap.add_argument("--open-rate", type=float, default=500.0,
+                    help="streams opened per second (a 2-core machine shared with the clients "
+                         "sets up ~1,000 Tornado connections/s at most)")
     ap.add_argument("--quiet-only", action="store_true", help="only run 1 (e.g. for 100 k streams)")
     args = ap.parse_args()
     if not 1 <= args.connections <= 200000 or not 0 < args.hold <= 600:
         ap.error("bounds: 1..200000 connections, 0..600 s hold")
     tmp = tempfile.mkdtemp(prefix="livemesh-bench-conn-")
-    extra = {"security.max_viewers_per_ip": "200000", "security.ip_rate": "0",
+    # max_viewers: as many as the open-file limit allows (the frontend clamps it under that)
+    extra = {"security.max_viewers_per_ip": "200000", "security.ip_rate": "0", "security.max_viewers": "200000",
              "frontend.heartbeat_interval": str(args.heartbeat)}
     topo = Topology(kv={"backend": "embedded", "path": os.path.join(tmp, "kv.db")}, log_dir=tmp, extra=extra)
     rows = []
@@ -94,7 +98,8 @@ def main() -> None:
                      (f"full GC every {args.gc_every:g} s, no gc.freeze", unfrozen, True)]
         for name, fronts, disturb in runs:
             pauses: list[float] = []
-            plan = Plan([f.url for f in fronts], args.connections, 100, False, args.rate, args.hold)
+            plan = Plan([f.url for f in fronts], args.connections, 100, False, args.rate, args.hold,
+                        sources=8, open_rate=args.open_rate)
             print(f"== {name}: {args.connections:,} streams over {len(fronts)} frontend(s), "
                   f"{args.rate:g} likes/s for {args.hold:g} s", flush=True)
             during = force_gc(fronts, args.gc_every, args.hold, pauses) if disturb else None
