@@ -414,7 +414,7 @@ def print_table(r: dict, echo=print) -> None:
         ("latency p50/p90/p99/p99.9 ms", " / ".join("-" if v is None else f"{v:.1f}" for v in lat.values())),
         ("lost / duplicated / reordered", f"{r['lost']:,} / {r['duplicates']:,} / {r['reordered']:,}"),
         ("server CPU s (us per delivery)", "-" if r["server_cpu_s"] is None else
-         f"{r['server_cpu_s']:.2f} ({r['server_cpu_us_per_delivery']} us)"),
+         f"{r['server_cpu_s']:.2f} ({r['server_cpu_us_per_delivery'] or '-'} us)"),
     ]
     for url, b in r["rss_bytes_per_connection"].items():
         rows.append((f"RSS per connection {url}", "-" if b is None else f"{b / 1024:.1f} KiB"))
