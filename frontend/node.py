@@ -23,7 +23,7 @@ from mesh.presence import LocalPresence
 from mesh.subscriptions import CountSync, SubscriptionTable
 
 from .fanout import Fanout
-from .gcpause import CHECK_INTERVAL, GCWatch
+from .gcpause import CHECK_INTERVAL, GCWatch, freeze_allowance
 from .http import NotFoundHandler, routes
 from .link import MeshLink
 from .security import FrontendSecurity
@@ -207,7 +207,9 @@ class Frontend:
         frozen_at = self.stats["viewers_opened"]
         while after:
             await asyncio.sleep(CHECK_INTERVAL)
-            if self.stats["viewers_opened"] - frozen_at >= after:
+            in_tornado = len(self.server._connections)  # requests, viewers before their head
+            if self.stats["viewers_opened"] - frozen_at >= after and \
+                    in_tornado <= freeze_allowance(len(self.table)):
                 frozen_at = self.stats["viewers_opened"]
                 self.gc.freeze()
 
