@@ -14,8 +14,9 @@ connections took ~1 s, during which no viewer gets anything.  Three things keep 
   streams hold no cycles, but Tornado's request objects do, so the freeze waits while many
   connections are still Tornado's (``freeze_allowance``: an open storm, many publishers):
   what it can pin is a few KB per request open at the moment of a freeze, and freezes happen
-  once per ``freeze_after`` new viewers (measured: 100 k viewers opened at 400/s over six
-  frontends left 0-15 k frozen objects behind per frontend, a few MB);
+  once per ``freeze_after`` new viewers (measured before this wait existed: 100 k viewers
+  opened at 400/s over six frontends left 0-15 k frozen objects behind per frontend, a few
+  MB);
 * ``GCWatch`` times every full pass (``gc.callbacks``) so ``/healthz`` shows the longest
   one, and ``SIGUSR2`` asks for a full pass on purpose (benchmarks, an operator checking
   the pause) and logs how long it took.
