@@ -1,15 +1,24 @@
 """Local fan-out: events of a video to every local viewer of it.
 
 Each batch of a video's events is SSE-encoded once (``mesh.sse``) and the same bytes are
-written to every viewer: one write per viewer per batch, never one encode per viewer.  A video
-with more viewers than ``slice_size`` is written in slices, yielding to the loop between
-slices so that one hot video never blocks the loop for long (one event to ~20 k connections in
-one turn blocked it ~0.9 s on our machines); batches that arrive meanwhile are queued behind,
-so per-video order holds.
+written to every viewer: one write per viewer per batch, never one encode per viewer.
 
-Latency: when ``observe_latency`` is set (``mesh.metrics`` installs it), each batch reports
-the ``ts`` of its oldest event once, when it is written to the video's viewers (for a sliced
-delivery: its first slice) -- once per batch, never per viewer.
+Tick coalescing.  What costs is the number of ``send()`` calls, not bytes (~13 us of kernel
+time each to a loopback socket), so a busy video's events are written at most once per
+``tick`` per viewer: the first event after a quiet spell goes out at once (light load pays no
+added latency), events arriving within ``tick`` of the video's last write wait for the next
+tick and go out together.  At 200 likes/s and a 50 ms tick a viewer gets ~20 writes/s of ~10
+events instead of 200 writes/s.  A video with more viewers than ``slice_size`` is written in
+slices, yielding to the loop between slices so that one hot video never blocks the loop for
+long (one event to ~20 k connections in one turn blocked it ~0.9 s on our machines); what
+arrives meanwhile waits for the next round, which starts no sooner than ``tick`` after the
+previous one -- so the tick stretches by itself to the time one round takes.  Order holds per
+video: everything of a video goes through its one queue; a ``reset`` queued behind events is
+written after them, as its own write.
+
+Latency: when ``observe_latency`` is set (``mesh.metrics`` installs it), each write round
+reports the ``ts`` of its oldest event once, when its first slice is written -- once per
+round, never per viewer.
 """
 
 from __future__ import annotations
@@ -29,30 +38,34 @@ class Viewer(Protocol):
 
 
 class Fanout:
-    def __init__(self, table: SubscriptionTable, slice_size: int = 500):
+    def __init__(self, table: SubscriptionTable, slice_size: int = 500, tick: float = 0.0):
         self.table = table
         self.slice_size = slice_size
-        self._backlog: dict[str, list[tuple[bytes, list, float | None]]] = {}  # data, events, oldest ts
+        self.tick = tick
+        #: video -> batches waiting for its next write round (data, events or None, oldest ts);
+        #: a key is present while a round of the video is running or scheduled
+        self._backlog: dict[str, list[tuple[bytes, list | None, float | None]]] = {}
+        self._last: dict[str, float] = {}  # video -> loop time its last write round started
         self.deliveries = 0
         self.events_out = 0
-        #: ``f(ts_ms)`` called once per written batch with its oldest event's ``ts``
+        self.rounds = 0
+        #: ``f(ts_ms)`` called once per write round with its oldest event's ``ts``
         self.observe_latency: Callable[[float], None] | None = None
 
     def deliver(self, video: str, events: list[dict]) -> None:
-        data = b"".join(encode_event(e) for e in events)
         self.events_out += len(events)
         oldest = min((e["ts"] for e in events if isinstance(e.get("ts"), (int, float))), default=None)
-        backlog = self._backlog.get(video)
-        if backlog is not None:  # a sliced delivery of this video is in progress
-            backlog.append((data, events, oldest))
-            return
-        viewers = self.table.viewers(video)
-        if len(viewers) <= self.slice_size:
-            self._write(list(viewers.values()), data, events)
-            self._observe(oldest, viewers)
-            return
-        self._backlog[video] = [(data, events, oldest)]
-        asyncio.get_running_loop().create_task(self._sliced(video))
+        self._enqueue(video, b"".join(encode_event(e) for e in events), events, oldest)
+
+    def reset(self, video: str, reason: str) -> None:
+        """Tell every viewer of ``video`` that continuity is lost (SSE ``reset``, no id), after
+        the events queued before it."""
+        self._enqueue(video, encode_reset(video, reason), None, None)
+
+    def presence(self, video: str, events: list[dict]) -> None:
+        """Presence events (count, join, leave) of ``video`` to its local viewers: state, not
+        part of the chain, so they go out at once."""
+        self._write(list(self.table.viewers(video).values()), encode_presence(video, events), None)
 
     def broadcast(self, data: bytes) -> asyncio.Task:
         """Write ``data`` (e.g. a heartbeat comment) to every local viewer, in slices."""
@@ -63,19 +76,48 @@ class Fanout:
                 await asyncio.sleep(0)
         return asyncio.get_running_loop().create_task(run())
 
-    async def _sliced(self, video: str) -> None:
+    def _enqueue(self, video: str, data: bytes, events: list | None, oldest: float | None) -> None:
+        backlog = self._backlog.get(video)
+        if backlog is not None:  # a round of this video is running or scheduled: join the next
+            backlog.append((data, events, oldest))
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        viewers = self.table.viewers(video)
+        if now - self._last.get(video, -1e18) >= self.tick and len(viewers) <= self.slice_size:
+            self._stamp(video, now)
+            self._write(list(viewers.values()), data, events)
+            self._observe(oldest, viewers)
+            return
+        self._backlog[video] = [(data, events, oldest)]
+        loop.create_task(self._rounds(video))
+
+    def _stamp(self, video: str, now: float) -> None:
+        self.rounds += 1
+        self._last[video] = now
+        if len(self._last) > 2 * len(self.table.by_video) + 1000:  # forget quiet videos
+            self._last = {v: t for v, t in self._last.items() if now - t < self.tick}
+
+    async def _rounds(self, video: str) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._backlog.get(video):
+                wait = self._last.get(video, -1e18) + self.tick - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 batches, self._backlog[video] = self._backlog[video], []
-                data = b"".join(d for d, _, _ in batches)
-                events = [e for _, evs, _ in batches for e in evs]
-                oldest = min((ts for _, _, ts in batches if ts is not None), default=None)
+                self._stamp(video, loop.time())
                 viewers = list(self.table.viewers(video).values())
+                oldest = min((ts for _, _, ts in batches if ts is not None), default=None)
+                writes = _merge(batches)
                 for i in range(0, len(viewers), self.slice_size):
-                    self._write(viewers[i:i + self.slice_size], data, events)
+                    part = viewers[i:i + self.slice_size]
+                    for data, events in writes:
+                        self._write(part, data, events)
                     if i == 0:
                         self._observe(oldest, viewers)
-                    await asyncio.sleep(0)
+                    if len(viewers) > self.slice_size:
+                        await asyncio.sleep(0)
         finally:
             self._backlog.pop(video, None)
 
@@ -83,17 +125,9 @@ class Fanout:
         if self.observe_latency is not None and oldest_ts is not None and viewers:
             self.observe_latency(oldest_ts)
 
-    def presence(self, video: str, events: list[dict]) -> None:
-        """Presence events (count, join, leave) of ``video`` to its local viewers."""
-        self._write(list(self.table.viewers(video).values()), encode_presence(video, events), None)
-
-    def reset(self, video: str, reason: str) -> None:
-        """Tell every viewer of ``video`` that continuity is lost (SSE ``reset``, no id)."""
-        self._write(list(self.table.viewers(video).values()), encode_reset(video, reason), None)
-
     def _write(self, viewers: list, data: bytes, events: list | None) -> None:
-        """``data`` to each viewer; ``events`` (the decoded batch, None for comments and
-        resets) lets a viewer still catching up from history drop what it already has."""
+        """``data`` to each viewer; ``events`` (the decoded batch, None for resets, presence
+        and heartbeats) lets a viewer still catching up from history drop what it already has."""
         for viewer in viewers:
             try:
                 viewer.send(data, events)
@@ -101,3 +135,16 @@ class Fanout:
                 log.exception("write to a viewer failed")
         if events:
             self.deliveries += len(events) * len(viewers)
+
+
+def _merge(batches: list[tuple[bytes, list | None, float | None]]) -> list[tuple[bytes, list | None]]:
+    """A round's batches as few writes as order allows: consecutive event batches become one
+    write; a reset (no events) stays a write of its own, in its place."""
+    writes: list[tuple[list[bytes], list | None]] = []
+    for data, events, _ in batches:
+        if events is not None and writes and writes[-1][1] is not None:
+            writes[-1][0].append(data)
+            writes[-1][1].extend(events)
+        else:
+            writes.append(([data], None if events is None else list(events)))
+    return [(b"".join(parts), events) for parts, events in writes]

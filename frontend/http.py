@@ -13,7 +13,6 @@ Every error is JSON: ``{"error": {"code": str, "message": str, "retryable": bool
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
@@ -21,14 +20,15 @@ import unicodedata
 from typing import TYPE_CHECKING
 
 import tornado.web
-from tornado.iostream import StreamClosedError
+from tornado.ioloop import IOLoop
 
 from mesh import protocol as P
 from mesh.errors import ClientError
-from mesh.sse import encode_event, encode_reset, encode_retry
+from mesh.sse import encode_retry
 
 from .page import page_routes
 from .security import check_comment_text, check_json_depth
+from .stream import ViewerStream
 
 if TYPE_CHECKING:
     from .node import Frontend
@@ -101,119 +101,69 @@ class HealthHandler(JSONHandler):
 
 
 class EventsHandler(JSONHandler):
-    """One viewer's SSE stream.
+    """A viewer's SSE request, up to its response head; then the connection is handed to a
+    ``ViewerStream`` (``frontend/stream.py``), which the fan-out writes to.
 
-    A viewer that reconnects with ``Last-Event-ID`` (header, or ``?lastEventId=`` for clients
-    that cannot set headers) first gets the events it missed from the owner's history; live
-    events arriving meanwhile wait in ``_held`` and are passed on after the history, without
-    the ones history already gave.  When history cannot say, the viewer gets ``reset``.
+    The head waits until the owner confirmed the subscription (the slow joiner).  A viewer
+    that reconnects with ``Last-Event-ID`` (header, or ``?lastEventId=`` for clients that
+    cannot set headers) first gets the events it missed from the owner's history; live events
+    arriving meanwhile are held by the stream and passed on after the history, without the
+    ones history already gave.  When history cannot say, the viewer gets ``reset``.
     """
 
-    conn_id = None
-    is_open = False
-    closed = False
-    catching_up = False
+    viewer: ViewerStream | None = None
 
     async def get(self, video: str) -> None:
         check_video(video)
-        self.node.security.admit_viewer(self, video)  # limits, private videos: sets auth_user
         node = self.node
+        ip = node.security.admit_viewer(self, video)  # limits, private videos: sets auth_user
         last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", None)
         after = P.parse_sse_id(last_id) if last_id else None
-        self.user = viewer_identity(self)
-        self.video = video
-        self.conn_id = next(_conn_ids)
-        self.stream = self.request.connection.stream
-        self.catching_up = bool(last_id)
-        self._held: list[tuple[bytes, list | None]] = []
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
-        self.write(encode_retry(node.cfg.frontend.retry_ms))
-        self.done = asyncio.get_running_loop().create_future()
-        node.add_viewer(self)
-        synced = await node.link.wait_synced(video, node.cfg.frontend.sync_timeout)
-        if self.closed:
+        f = node.cfg.frontend
+        viewer = self.viewer = ViewerStream(node, next(_conn_ids), video, viewer_identity(self), ip,
+                                            bool(last_id), f.max_buffer_bytes)
+        viewer.send(encode_retry(f.retry_ms))
+        node.add_viewer(viewer)
+        synced = await node.link.wait_synced(video, f.sync_timeout)
+        if viewer.closed:
             return
         if not synced:
             log.warning("viewer %s of %s opened before the owner confirmed the subscription",
-                        self.conn_id, video)
-        if self.catching_up:
+                        viewer.conn_id, video)
+        if viewer.held is not None:
             chain = None
             if after is not None:
-                chain = await node.link.history(video, after, node.cfg.frontend.gap_timeout)
-            if self.closed:
+                chain = await node.link.history(video, after, f.gap_timeout)
+            if viewer.closed:
                 return
-            self._catch_up(chain)
-        self.is_open = True
-        self._flush()
-        await self.done
+            viewer.catch_up(chain)
+        self._open(viewer)
 
-    def _catch_up(self, chain: list[dict] | None) -> None:
-        node = self.node
-        if chain is None:
-            node.stats["resets_sent"] += 1
-            self.write(encode_reset(self.video, "history"))
-            given: set[str] = set()
-        else:
-            node.stats["events_recovered"] += len(chain)
-            self.write(b"".join(encode_event(e) for e in chain))
-            given = {e["id"] for e in chain}
-        held, self._held = self._held, []
-        self.catching_up = False
-        for data, events in held:
-            if events is None or not given:
-                self.write(data)
-            else:
-                fresh = [e for e in events if e["id"] not in given]
-                if fresh:
-                    self.write(b"".join(encode_event(e) for e in fresh))
-
-    def send(self, data: bytes, events: list | None = None) -> None:
-        """Queue ``data`` for this viewer (before open, it waits in the handler's buffer)."""
-        if self.closed:
+    def _open(self, viewer: ViewerStream) -> None:
+        """Write the response head ourselves and hand the socket to ``viewer``."""
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.set_header("Connection", "close")  # the body ends when the connection does
+        self.node.security.before_headers(self)  # CORS
+        head = "".join(f"{k}: {v}\r\n" for k, v in self._headers.get_all())
+        stream = self.detach()
+        self._finished = True  # Tornado must not finish a response it no longer owns
+        self._break_cycles()  # what finish() would do: no cycle left for the collector
+        sock, stream.socket = stream.socket, None
+        if sock is None:  # closed just now; its close callback has not run yet
+            viewer.close()
             return
-        if self.catching_up:
-            self._held.append((data, events))
-            return
-        self.write(data)
-        if not self.is_open:
-            return
-        pending = len(self.stream._write_buffer) if hasattr(self.stream, "_write_buffer") else 0
-        if pending > self.node.cfg.frontend.max_buffer_bytes:
-            self.node.stats["slow_viewers_cut"] += 1
-            log.warning("viewer %s of %s is %d bytes behind; disconnecting it",
-                        self.conn_id, self.video, pending)
-            self.stream.close()
-            self.on_connection_close()
-            return
-        self._flush()
-
-    def end_stream(self) -> None:
-        """Finish the response (graceful shutdown): the browser reconnects after ``retry``."""
-        if not self.closed and self.done is not None and not self.done.done():
-            self.done.set_result(None)
-
-    def _flush(self) -> None:
-        fut = self.flush()
-        fut.add_done_callback(_ignore_closed)
+        IOLoop.current().remove_handler(sock.fileno())  # the IOStream's EOF watch
+        viewer.attach(sock, f"HTTP/1.1 200 OK\r\n{head}\r\n".encode("latin-1"))
+        self.viewer = None  # the handler is done; the stream lives on in the node's tables
 
     def on_connection_close(self) -> None:
-        if self.closed or self.conn_id is None:
-            return
-        self.closed = True
-        self.node.remove_viewer(self)
-        if not self.done.done():
-            self.done.set_result(None)
+        if self.viewer is not None:  # the viewer left before its head went out
+            self.viewer.close()
 
     def on_finish(self) -> None:
         self.on_connection_close()
-
-
-def _ignore_closed(fut) -> None:
-    exc = fut.exception()
-    if exc is not None and not isinstance(exc, StreamClosedError):
-        log.warning("SSE write failed: %r", exc)
 
 
 class PublishHandler(JSONHandler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections import defaultdict
 
@@ -22,6 +23,7 @@ from mesh.presence import LocalPresence
 from mesh.subscriptions import CountSync, SubscriptionTable
 
 from .fanout import Fanout
+from .gcpause import CHECK_INTERVAL, GCWatch, freeze_allowance
 from .http import NotFoundHandler, routes
 from .link import MeshLink
 from .security import FrontendSecurity
@@ -40,7 +42,7 @@ class Frontend:
         self.ctx = ctx
         self.name = cfg.node.name
         self.table = SubscriptionTable()
-        self.fanout = Fanout(self.table, cfg.frontend.fanout_slice)
+        self.fanout = Fanout(self.table, cfg.frontend.fanout_slice, cfg.frontend.fanout_tick)
         self.counts = CountSync(cfg.frontend.count_flush_interval)
         self.presence = LocalPresence()
         self.stats = defaultdict(int)
@@ -49,6 +51,7 @@ class Frontend:
         self.server: tornado.httpserver.HTTPServer | None = None
         self._kv_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.gc = GCWatch()
 
     async def start(self) -> None:
         f = self.cfg.frontend
@@ -73,7 +76,10 @@ class Frontend:
         await self.link.start()
         self._tasks = [asyncio.create_task(self._sync_counts()),
                        asyncio.create_task(self._heartbeats()),
-                       asyncio.create_task(self._sync_presence())]
+                       asyncio.create_task(self._sync_presence()),
+                       asyncio.create_task(self._freeze_viewers())]
+        self.gc.install()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, self.gc.collect_now)
         log.info("frontend %s serving on %s", self.name, self.url)
 
     @property
@@ -92,7 +98,7 @@ class Frontend:
             log.warning("deregister failed: %s", exc)
         viewers = [v for conns in self.table.by_video.values() for v in conns.values()]
         for viewer in viewers:
-            viewer.end_stream()
+            viewer.end()
         deadline = asyncio.get_running_loop().time() + timeout
         while len(self.table) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
@@ -101,6 +107,7 @@ class Frontend:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self.gc.uninstall()
         if self.link:
             await self.link.stop()
         await release(self.kv, http_server=self.server)
@@ -110,8 +117,9 @@ class Frontend:
     def add_viewer(self, viewer) -> None:
         if self.table.add(viewer.conn_id, viewer.video, viewer):
             self.link.subscribe(viewer.video)
+        self.security.track_viewer(viewer)
         self.stats["viewers_opened"] += 1
-        self.presence.add(viewer.video, getattr(viewer, "user", None))
+        self.presence.add(viewer.video, viewer.user)
         self._count_changed(viewer.video)
 
     def remove_viewer(self, viewer) -> None:
@@ -120,7 +128,7 @@ class Frontend:
             return
         video, last = removed
         self.security.release_viewer(viewer)
-        self.presence.remove(video, getattr(viewer, "user", None))
+        self.presence.remove(video, viewer.user)
         if last:
             self.link.unsubscribe(video)
         self.stats["viewers_closed"] += 1
@@ -138,7 +146,9 @@ class Frontend:
         return {"status": "ok" if self.link.peers else "degraded", "role": ROLE_FRONTEND,
                 "name": self.name, "url": self.url, "dispatchers": sorted(self.link.peers),
                 "connections": len(self.table), "videos": len(self.table.by_video), "rss_kb": rss_kb(),
+                "cpu_s": round(time.process_time(), 3), "gc": self.gc.stats(),
                 "stats": {**self.stats, **self.link.stats, "deliveries": self.fanout.deliveries,
+                          "fanout_rounds": self.fanout.rounds,
                           "kv_requests": getattr(self.kv, "kv_writes", 0)}}
 
     # --- background work ------------------------------------------------------------------
@@ -189,6 +199,19 @@ class Frontend:
                 next_full = loop.time() + pr.refresh
             if updates:
                 await self.link.send_presence(list(updates.values()), timeout=pr.refresh)
+
+    async def _freeze_viewers(self) -> None:
+        """``gc.freeze()`` once ``gc_freeze_after`` viewers opened since the last freeze
+        (``frontend.gcpause``): a settled audience leaves the collector's full passes."""
+        after = self.cfg.frontend.gc_freeze_after
+        frozen_at = self.stats["viewers_opened"]
+        while after:
+            await asyncio.sleep(CHECK_INTERVAL)
+            in_tornado = len(self.server._connections)  # requests, viewers before their head
+            if self.stats["viewers_opened"] - frozen_at >= after and \
+                    in_tornado <= freeze_allowance(len(self.table)):
+                frozen_at = self.stats["viewers_opened"]
+                self.gc.freeze()
 
     async def _heartbeats(self) -> None:
         data = encode_comment("hb")

@@ -162,7 +162,8 @@ class FrontendSecurity:
             self.max_viewers = max(1, self.max_connections - VIEWER_HEADROOM)
             log.warning("security.max_viewers %d lowered to %d: the open-file limit is %d "
                         "(fd_reserve %d)", sec.max_viewers, self.max_viewers, nofile, sec.fd_reserve)
-        self._by_ip: dict[str, set] = {}  # ip -> its open SSE handlers (released on close)
+        self._by_ip: dict[str, set] = {}  # ip -> its open SSE streams (released on close)
+        self.raw_streams = 0  # streams handed over from Tornado to frontend.stream
         self._swept = 0.0
         self._reserve_fd: int | None = None
         self._shed_since_log = 0
@@ -209,9 +210,10 @@ class FrontendSecurity:
 
     # --- viewers ----------------------------------------------------------------------------
 
-    def admit_viewer(self, handler: tornado.web.RequestHandler, video: str) -> None:
+    def admit_viewer(self, handler: tornado.web.RequestHandler, video: str) -> str:
         """Connection limits and subscribe policy of a new SSE stream (raises ClientError).
-        Sets ``handler.auth_user`` (the verified user, or None)."""
+        Sets ``handler.auth_user`` (the verified user, or None); returns the client IP, which
+        the stream counts against once ``track_viewer`` sees it."""
         request = handler.request
         query_token = handler.get_query_argument("access_token", None)
         if query_token is not None:  # never let the token reach a log line
@@ -224,7 +226,7 @@ class FrontendSecurity:
             self._sweep(now)
         mine = self._by_ip.get(ip)
         if mine and len(mine) >= self.sec.max_viewers_per_ip:
-            mine.difference_update([h for h in mine if not _streaming(h)])  # only at the limit: O(1) per admit
+            mine.difference_update([v for v in mine if v.closed])  # only at the limit: O(1) per admit
         if mine and len(mine) >= self.sec.max_viewers_per_ip:
             self.stats["viewers_refused_ip"] += 1
             handler._security_headers = {"Retry-After": "10"}
@@ -242,21 +244,35 @@ class FrontendSecurity:
             else:
                 grant = self._authorize(handler, query_token, video, ACTION_SUBSCRIBE, True)
             handler.auth_user = grant.user
-        self._by_ip.setdefault(ip, set()).add(handler)
+        return ip
 
-    def release_viewer(self, handler: tornado.web.RequestHandler) -> None:
+    def track_viewer(self, viewer) -> None:
+        """An admitted stream (``frontend.stream.ViewerStream``) counts against its address."""
+        self._by_ip.setdefault(viewer.ip, set()).add(viewer)
+
+    def release_viewer(self, viewer) -> None:
         """A stream closed: it no longer counts against its address."""
-        ip = handler.request.remote_ip or "?"
-        mine = self._by_ip.get(ip)
+        mine = self._by_ip.get(viewer.ip)
         if mine is not None:
-            mine.discard(handler)
+            mine.discard(viewer)
             if not mine:
-                del self._by_ip[ip]
+                del self._by_ip[viewer.ip]
+
+    def stream_attached(self) -> None:
+        """A stream left Tornado (``HTTPServer`` no longer counts its connection): count it
+        here, so the connection limit still sees every socket."""
+        self.raw_streams += 1
+
+    def stream_detached(self) -> None:
+        self.raw_streams -= 1
+
+    def open_connections(self) -> int:
+        return len(self._server._connections) + self.raw_streams
 
     def _sweep(self, now: float) -> None:
         self._swept = now
         for ip in list(self._by_ip):
-            alive = {h for h in self._by_ip[ip] if _streaming(h)}
+            alive = {v for v in self._by_ip[ip] if not v.closed}
             if alive:
                 self._by_ip[ip] = alive
             else:
@@ -351,8 +367,7 @@ class FrontendSecurity:
                         state["registered"] = False
                         loop.call_later(ACCEPT_PAUSE, resume)
                     return
-                if self.max_connections is not None and \
-                        len(self._server._connections) >= self.max_connections:
+                if self.max_connections is not None and self.open_connections() >= self.max_connections:
                     self._shed(conn, "the connection limit")
                     continue
                 callback(conn, address)
@@ -407,7 +422,7 @@ class FrontendSecurity:
         now = time.monotonic()
         if now - self._shed_logged_at >= SHED_LOG_INTERVAL:
             log.warning("at %s (%d open connections, open-file limit %d): shed %d new connections "
-                        "in the last %.0f s with 503", why, len(self._server._connections),
+                        "in the last %.0f s with 503", why, self.open_connections(),
                         open_file_limit(), self._shed_since_log, SHED_LOG_INTERVAL)
             self._shed_logged_at = now
             self._shed_since_log = 0
@@ -419,10 +434,3 @@ def _open_reserve() -> int | None:
     except OSError:
         return None
 
-
-def _streaming(handler) -> bool:
-    """An SSE handler whose response is still going (closed streams drop out lazily)."""
-    if handler._finished or getattr(handler, "closed", False):
-        return False
-    stream = getattr(handler.request.connection, "stream", None)
-    return stream is not None and not stream.closed()

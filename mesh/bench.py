@@ -6,10 +6,11 @@ Theory of operation.  ``clients`` child processes (past the per-process open-fil
 ephemeral-port limit of one address pair) and over the target URLs, on ``videos`` videos (or
 all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s through the
 HTTP API for ``duration`` seconds and counts the acknowledged ones per video.  Readers stay
-cheap so they can keep up: they count ``event: like`` lines and SSE ids in raw bytes (C-speed
-``bytes.count`` and a regex, no per-event JSON), check per stream that ids strictly increase
-(a repeat is a duplicate), and parse the server timestamp of at most a few events per read for
-the publish-to-viewer latency (``ts`` is stamped by the accepting frontend; clients and
+cheap so they can keep up: each stream is a plain ``add_reader`` callback on a raw socket (no
+coroutine or StreamReader per read), they count ``event: like`` lines and SSE ids in raw bytes
+(C-speed ``bytes.count`` and a regex, no per-event JSON), check per stream that ids strictly
+increase (a repeat is a duplicate), and parse the server timestamp of the oldest, middle and
+newest like of each read for the publish-to-viewer latency (``ts`` is stamped by the accepting frontend; clients and
 servers share this machine's clock).  Lost = acknowledged events of a stream's video minus
 those it received.  Progress is printed every second; a table (or ``--json``) at the end.
 """
@@ -22,15 +23,19 @@ import math
 import multiprocessing as mp
 import re
 import resource
+import socket
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-ID_RE = re.compile(rb"\nid: (\d+):(\d+)\n")
+from .sse import recv_nowait
+
+ID_RE = re.compile(rb"(?:^|\n)id: (\d+):(\d+)\n")
 TS_RE = re.compile(rb'"kind":"like".*?"ts":([0-9.]+)')
-LATENCY_SAMPLES_PER_READ = 3
+MAX_LATENCY_SAMPLES = 200000
+HEARTBEAT = b": hb\n"
 
 
 @dataclass
@@ -54,77 +59,147 @@ class Plan:
 class ClientResult:
     connected: int = 0
     failed: int = 0
+    why_failed: dict = field(default_factory=dict)  # reason -> count
+    held_by_url: dict = field(default_factory=dict)  # url -> streams open
     received: dict = field(default_factory=dict)   # video -> list of per-stream counts
     duplicates: int = 0
     reordered: int = 0
     latencies: list = field(default_factory=list)  # ms
+    heartbeats: int = 0
+    heartbeat_gaps: list = field(default_factory=list)  # s between a stream's heartbeats
+    measure_from: float = math.inf  # monotonic time publishing began (heartbeat gaps after it)
 
 
 # --- client processes ---------------------------------------------------------------------
 
-def _client_main(idx: int, plan: Plan, indices: list[int], progress, stop, results) -> None:
+def _client_main(idx: int, plan: Plan, indices: list[int], progress, stop, measuring, results) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    res = asyncio.run(_client(idx, plan, indices, progress, stop))
+    res = asyncio.run(_client(idx, plan, indices, progress, stop, measuring))
     results.put((idx, asdict(res)))
 
 
-async def _client(idx: int, plan: Plan, indices: list[int], progress, stop) -> ClientResult:
+#: Linux: choose the source port at connect() (per destination), not at bind(): thousands of
+#: streams from one 127.0.0.x to several frontends, and runs back to back despite TIME_WAIT
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+async def _open_stream(loop, host: str, port: int, source: str, request: bytes) -> tuple[socket.socket, bytes]:
+    """A connected non-blocking socket whose SSE response head (200) has been read, and the
+    body bytes that came with it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        await loop.sock_sendall(sock, request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                raise ConnectionError("closed before the response head")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        return sock, rest
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _Reader:
+    """One stream's reader: a plain ``add_reader`` callback (no coroutine per read), so one
+    client process keeps up with thousands of streams."""
+
+    __slots__ = ("sock", "res", "video", "count", "last", "carry", "last_hb")
+
+    def __init__(self, sock: socket.socket, res: ClientResult, video: str):
+        self.sock, self.res, self.video = sock, res, video
+        self.count, self.last, self.carry = 0, (0, 0), b""
+        self.last_hb = 0.0
+
+    def on_readable(self) -> None:
+        data = recv_nowait(self.sock, 262144)
+        if data == b"":
+            self.close()
+        elif data:
+            self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        data = self.carry + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.carry = data
+            return
+        block, self.carry = data[:end + 2], data[end + 2:]
+        res = self.res
+        if HEARTBEAT in block:
+            now = time.monotonic()
+            res.heartbeats += 1
+            if self.last_hb >= res.measure_from and len(res.heartbeat_gaps) < MAX_LATENCY_SAMPLES:
+                res.heartbeat_gaps.append(now - self.last_hb)
+            self.last_hb = now
+        n = block.count(b"\nevent: like\n")
+        if not n:
+            return
+        self.count += n
+        ids = ID_RE.findall(block)
+        if ids:
+            first = (int(ids[0][0]), int(ids[0][1]))
+            last = (int(ids[-1][0]), int(ids[-1][1]))
+            if not (first > self.last and first[0] == last[0] and last[1] - first[1] + 1 == len(ids)):
+                self._check_order(ids)  # not one contiguous run after the last id: look closer
+            self.last = last
+        if len(res.latencies) < MAX_LATENCY_SAMPLES:
+            now = time.time() * 1000.0
+            for start in {0, len(block) // 2, block.rfind(b'"kind":"like"')}:  # oldest, middle, newest
+                m = TS_RE.search(block, max(0, start))
+                if m:
+                    res.latencies.append(now - float(m.group(1)))
+
+    def _check_order(self, ids: list[tuple[bytes, bytes]]) -> None:
+        last = self.last
+        for epoch, seq in ids:
+            pos = (int(epoch), int(seq))
+            if pos <= last:
+                if pos == last:
+                    self.res.duplicates += 1
+                else:
+                    self.res.reordered += 1
+            last = pos
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+async def _client(idx: int, plan: Plan, indices: list[int], progress, stop, measuring) -> ClientResult:
     res = ClientResult()
-    streams: list[dict] = []
+    streams: list[_Reader] = []
     sources = plan.sources or max(1, math.ceil(plan.connections / 20000))
     loop = asyncio.get_running_loop()
 
     async def one(i: int) -> None:
         url = urlsplit(plan.urls[i % len(plan.urls)])
         video = plan.video(i)
-        st = {"video": video, "count": 0, "last": (0, 0)}
+        request = f"GET /v1/videos/{video}/events HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                url.hostname, url.port, local_addr=(f"127.0.0.{1 + i % sources}", 0)), 30)
-            writer.write(f"GET /v1/videos/{video}/events HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            sock, rest = await asyncio.wait_for(
+                _open_stream(loop, url.hostname, url.port, f"127.0.0.{1 + i % sources}", request), 30)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             res.failed += 1
+            why = str(exc) if isinstance(exc, ConnectionError) and str(exc).startswith("HTTP") else type(exc).__name__
+            res.why_failed[why] = res.why_failed.get(why, 0) + 1
             return
         res.connected += 1
-        streams.append(st)
-        carry = b""
-        try:
-            while True:
-                data = await reader.read(262144)
-                if not data:
-                    break
-                data = carry + data
-                end = data.rfind(b"\n\n")
-                if end < 0:
-                    carry = data
-                    continue
-                block, carry = data[:end + 2], data[end + 2:]
-                n = block.count(b"\nevent: like\n")
-                if not n:
-                    continue
-                st["count"] += n
-                last = st["last"]
-                for m in ID_RE.finditer(block):
-                    pos = (int(m.group(1)), int(m.group(2)))
-                    if pos <= last:
-                        if pos == last:
-                            res.duplicates += 1
-                        else:
-                            res.reordered += 1
-                    last = pos
-                st["last"] = last
-                if len(res.latencies) < 200000:
-                    now = time.time() * 1000.0
-                    for ts in TS_RE.findall(block)[-LATENCY_SAMPLES_PER_READ:]:
-                        res.latencies.append(now - float(ts))
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+        res.held_by_url[url.geturl()] = res.held_by_url.get(url.geturl(), 0) + 1
+        reader = _Reader(sock, res, video)
+        streams.append(reader)
+        reader.feed(rest)
+        loop.add_reader(sock.fileno(), reader.on_readable)
 
     tasks = []
     per_sec = max(1.0, plan.open_rate / max(1, plan.clients))
@@ -136,15 +211,18 @@ async def _client(idx: int, plan: Plan, indices: list[int], progress, stop) -> C
         tasks.append(asyncio.ensure_future(one(i)))
     last_report = 0.0
     while not stop.is_set():
+        if res.measure_from == math.inf and measuring.is_set():
+            res.measure_from = time.monotonic()
         if loop.time() - last_report >= 0.5:
-            progress.put((idx, res.connected, res.failed, sum(s["count"] for s in streams)))
+            progress.put((idx, res.connected, res.failed, sum(r.count for r in streams)))
             last_report = loop.time()
         await asyncio.sleep(0.1)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for st in streams:
-        res.received.setdefault(st["video"], []).append(st["count"])
+    for reader in streams:
+        reader.close()
+        res.received.setdefault(reader.video, []).append(reader.count)
     return res
 
 
@@ -159,11 +237,12 @@ async def _get_json(url: str) -> dict | None:
         return None
 
 
-async def _rss(urls: list[str]) -> dict[str, int | None]:
+async def _health_field(urls: list[str], key: str) -> dict[str, float | None]:
+    """``key`` of each server's ``/healthz`` (``rss_kb``, ``cpu_s``); None when it has none."""
     out = {}
     for u in urls:
         h = await _get_json(u.rstrip("/") + "/healthz")
-        out[u] = h.get("rss_kb") if h else None
+        out[u] = h.get(key) if h else None
     return out
 
 
@@ -213,15 +292,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q / 100.0 * len(values)))]
 
 
-async def run(plan: Plan, echo=print) -> dict:
+async def run(plan: Plan, echo=print, during=None) -> dict:
+    """One bench run; ``during`` (an async callable) runs beside the publishing, e.g. to
+    disturb the servers while the latency is being measured."""
     if not 1 <= plan.connections <= 200000 or not 0 < plan.duration <= 600 or not 0 < plan.rate <= 100000:
         raise ValueError("bench bounds: 1..200000 connections, 0..600 s, 0..100000 likes/s")
     plan.clients = plan.clients or max(1, math.ceil(plan.connections / 15000))
     ctx = mp.get_context("spawn")
-    progress, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    rss_before = await _rss(plan.urls)
+    progress, results, stop, measuring = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
+    rss_before = await _health_field(plan.urls, "rss_kb")
     shares = [list(range(c, plan.connections, plan.clients)) for c in range(plan.clients)]
-    procs = [ctx.Process(target=_client_main, args=(c, plan, shares[c], progress, stop, results), daemon=True)
+    procs = [ctx.Process(target=_client_main, args=(c, plan, shares[c], progress, stop, measuring, results), daemon=True)
              for c in range(plan.clients)]
     for p in procs:
         p.start()
@@ -246,9 +327,12 @@ async def run(plan: Plan, echo=print) -> dict:
             await asyncio.sleep(0.5)
             echo(f"bench: opening streams: {connected} open, {failed} failed")
         await asyncio.sleep(1.0)  # subscriptions settle (the server holds headers until they do)
-        rss_after = await _rss(plan.urls)
+        rss_after = await _health_field(plan.urls, "rss_kb")
+        cpu_before = await _health_field(plan.urls, "cpu_s")
         echo(f"bench: {connected} streams open; publishing {plan.rate:g} likes/s for {plan.duration:g} s")
+        measuring.set()  # heartbeat gaps count from here: not while streams are being opened
         pub = asyncio.ensure_future(_publish(plan, echo))
+        side = asyncio.ensure_future(during()) if during is not None else None
         t0 = loop.time()
         last_events = 0
         while not pub.done():
@@ -257,6 +341,8 @@ async def run(plan: Plan, echo=print) -> dict:
             echo(f"bench: {loop.time() - t0:5.1f} s  {events - last_events:>10,} deliveries/s")
             last_events = events
         acked, errors = pub.result()
+        if side is not None:
+            await side
         publish_s = loop.time() - t0
         settle_deadline = loop.time() + plan.settle + 10
         expected = sum(acked.get(plan.video(i), 0) for i in range(plan.connections) if True)
@@ -266,6 +352,7 @@ async def run(plan: Plan, echo=print) -> dict:
                 break
             await asyncio.sleep(0.2)
         await asyncio.sleep(plan.settle / 4)
+        cpu_after = await _health_field(plan.urls, "cpu_s")
     finally:
         stop.set()
     merged = ClientResult()
@@ -273,9 +360,15 @@ async def run(plan: Plan, echo=print) -> dict:
         _, r = results.get(timeout=60)
         merged.connected += r["connected"]
         merged.failed += r["failed"]
+        for why, n in r["why_failed"].items():
+            merged.why_failed[why] = merged.why_failed.get(why, 0) + n
+        for u, n in r["held_by_url"].items():
+            merged.held_by_url[u] = merged.held_by_url.get(u, 0) + n
         merged.duplicates += r["duplicates"]
         merged.reordered += r["reordered"]
         merged.latencies += r["latencies"]
+        merged.heartbeats += r["heartbeats"]
+        merged.heartbeat_gaps += r["heartbeat_gaps"]
         for video, counts in r["received"].items():
             merged.received.setdefault(video, []).extend(counts)
     for p in procs:
@@ -283,12 +376,15 @@ async def run(plan: Plan, echo=print) -> dict:
     deliveries = sum(sum(c) for c in merged.received.values())
     lost = sum(max(0, acked.get(v, 0) - c) for v, counts in merged.received.items() for c in counts)
     lat = merged.latencies
-    rss_per_conn = {u: (round((rss_after[u] - rss_before[u]) * 1024 / max(1, merged.connected))
+    rss_per_conn = {u: (round((rss_after[u] - rss_before[u]) * 1024 / max(1, merged.held_by_url.get(u, 0)))
                         if rss_after.get(u) is not None and rss_before.get(u) is not None else None)
                     for u in plan.urls}
+    cpu = [cpu_after[u] - cpu_before[u] for u in plan.urls
+           if cpu_after.get(u) is not None and cpu_before.get(u) is not None]
     return {
         "plan": {k: v for k, v in asdict(plan).items()},
         "connections_held": merged.connected, "connections_failed": merged.failed,
+        "connections_failed_why": merged.why_failed,
         "published_acked": sum(acked.values()), "publish_errors": errors,
         "publish_seconds": round(publish_s, 2),
         "deliveries": deliveries, "deliveries_per_s": round(deliveries / max(publish_s, 1e-9)),
@@ -296,8 +392,15 @@ async def run(plan: Plan, echo=print) -> dict:
         "latency_ms": {name: (round(percentile(lat, q), 2) if lat else None)
                        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))},
         "latency_samples": len(lat),
+        "heartbeats": merged.heartbeats,
+        "heartbeat_gap_s": {name: (round(percentile(merged.heartbeat_gaps, q), 3) if merged.heartbeat_gaps else None)
+                            for name, q in (("p50", 50), ("p99", 99), ("max", 100))},
         "rss_bytes_per_connection": rss_per_conn,
         "rss_kb_after_connect": rss_after,
+        # CPU the servers spent from the first publish until the last delivery: robust to
+        # other load on the machine, unlike deliveries/s and latency
+        "server_cpu_s": round(sum(cpu), 3) if cpu else None,
+        "server_cpu_us_per_delivery": round(sum(cpu) * 1e6 / deliveries, 3) if cpu and deliveries else None,
     }
 
 
@@ -310,6 +413,8 @@ def print_table(r: dict, echo=print) -> None:
         ("deliveries/s", f"{r['deliveries_per_s']:,}"),
         ("latency p50/p90/p99/p99.9 ms", " / ".join("-" if v is None else f"{v:.1f}" for v in lat.values())),
         ("lost / duplicated / reordered", f"{r['lost']:,} / {r['duplicates']:,} / {r['reordered']:,}"),
+        ("server CPU s (us per delivery)", "-" if r["server_cpu_s"] is None else
+         f"{r['server_cpu_s']:.2f} ({r['server_cpu_us_per_delivery'] or '-'} us)"),
     ]
     for url, b in r["rss_bytes_per_connection"].items():
         rows.append((f"RSS per connection {url}", "-" if b is None else f"{b / 1024:.1f} KiB"))

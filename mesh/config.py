@@ -65,6 +65,12 @@ class FrontendSection:
     max_buffer_bytes: int = _spec(1048576, lo=1024, hi=1 << 30,
                                   doc="per-viewer unsent bytes before the viewer is cut")
     fanout_slice: int = _spec(500, lo=1, hi=1000000, doc="connections written per loop turn")
+    fanout_tick: float = _spec(0.05, lo=0.0, hi=5.0,
+                               doc="a busy video's events are written at most once per tick per viewer "
+                                   "(the first after a quiet tick at once); 0: off")
+    gc_freeze_after: int = _spec(1000, lo=0, hi=100000000,
+                                 doc="gc.freeze() once this many viewers opened since the last freeze "
+                                     "(keeps them out of full collections); 0: never")
     coalesce_max: int = _spec(256, lo=1, hi=100000,
                               doc="most queued fan-out messages merged into one write per viewer (1: off)")
     fault_drop_every: int = _spec(0, lo=0, hi=1000000,

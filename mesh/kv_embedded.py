@@ -26,6 +26,8 @@ from typing import Mapping
 from .errors import KVError
 from .kv import KV, Counts, NodeInfo
 
+CONNECT_TIMEOUT = 10.0  # seconds to wait for a file another node holds locked
+
 log = logging.getLogger("mesh.kv")
 
 WATCH_POLL = 0.2
@@ -62,11 +64,23 @@ class EmbeddedKV(KV):
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
+            # Several nodes opening one new file at once: switching to WAL and creating the
+            # schema can fail with "database is locked" without SQLite's busy handler being
+            # consulted (WAL recovery, journal-mode change), so retry that until a deadline.
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            while True:
+                db = sqlite3.connect(self.path, timeout=CONNECT_TIMEOUT, isolation_level=None,
+                                     check_same_thread=False)
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.executescript(SCHEMA)
+                    break
+                except sqlite3.OperationalError as exc:
+                    db.close()
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             self._db = db
         return self._db
 

@@ -57,6 +57,17 @@ def encode_retry(ms: int) -> bytes:
     return f"retry: {ms}\n\n".encode("ascii")
 
 
+def recv_nowait(sock, size: int) -> bytes | None:
+    """What a non-blocking stream socket has now: None when nothing yet, ``b""`` when the
+    peer closed or the connection failed (both ends of an SSE stream treat them alike)."""
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 @dataclass
 class SSEEvent:
     id: str

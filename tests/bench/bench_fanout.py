@@ -1,10 +1,20 @@
 """Side by side: livemesh (one dispatcher + one frontend) against the naive Tornado broadcaster
-(``naive_broadcaster.py``), the same ``meshctl bench`` workload on each, in one process tree.
+(``naive_broadcaster.py``: one ``write`` + ``flush`` per event per viewer), the same
+``meshctl bench`` workloads on each, in one process tree.
 
-    python tests/bench/bench_fanout.py [--connections 2000] [--rate 100] [--duration 10] [--videos 1]
+    python tests/bench/bench_fanout.py [--connections 10000] [--rate 200] [--duration 10]
+                                       [--light-connections 1000] [--light-rate 1]
 
-Prints each run's table and the ratios (deliveries/s, latency).  Bounded by the bench's own
-limits; every process it starts is stopped at the end.
+Two workloads, the issue's targets:
+
+* fan-out: ``--connections`` viewers of one hot video, ``--rate`` likes/s for ``--duration``
+  seconds: deliveries/s, latency p50/p99, server CPU per delivery; livemesh, livemesh with
+  tick coalescing off (``frontend.fanout_tick = 0``) and the naive broadcaster; ratios;
+* light load: ``--light-connections`` viewers over 10 videos, ``--light-rate`` likes/s:
+  latency p50/p99 on livemesh and the naive broadcaster.
+
+Load generator, nodes and baseline share the machine's cores.  Bounded by the bench's own
+limits; every process it starts is stopped at the end, even on failure.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from mesh.bench import Plan, print_table, run  # noqa: E402
-from mesh.topology import NodeProcess, Topology  # noqa: E402
+from mesh.topology import Topology  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,39 +42,60 @@ def start_naive() -> tuple[subprocess.Popen, str]:
     return proc, json.loads(line)["http"]
 
 
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def bench(name: str, url: str, plan: Plan) -> dict:
+    print(f"== {name}: {plan.connections:,} streams, {'1 hot video' if plan.hot else f'{plan.videos} videos'}, "
+          f"{plan.rate:g} likes/s for {plan.duration:g} s", flush=True)
+    result = asyncio.run(run(plan, echo=lambda m: None))
+    print_table(result)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--connections", type=int, default=2000)
-    ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--connections", type=int, default=10000)
+    ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--duration", type=float, default=10.0)
-    ap.add_argument("--videos", type=int, default=1)
+    ap.add_argument("--light-connections", type=int, default=1000)
+    ap.add_argument("--light-rate", type=float, default=1.0)
+    ap.add_argument("--light-duration", type=float, default=10.0)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="livemesh-bench-")
     topo = Topology(kv={"backend": "embedded", "path": os.path.join(tmp, "kv.db")}, log_dir=tmp,
                     extra={"security.max_viewers_per_ip": "200000", "security.ip_rate": "0"})
     naive, naive_url = start_naive()
-    results = {}
     try:
         topo.dispatcher("d1")
         front = topo.frontend("f1")
-        plain = topo.frontend("f1-no-coalescing", **{"frontend.coalesce_max": "1"})
-        for name, url in (("livemesh", front.url), ("livemesh, coalescing off", plain.url),
-                          ("naive", naive_url)):
-            plan = Plan([url], args.connections, args.videos, args.videos == 1, args.rate, args.duration)
-            print(f"== {name}: {args.connections} streams, {args.videos} video(s), "
-                  f"{args.rate:g} likes/s for {args.duration:g} s", flush=True)
-            results[name] = asyncio.run(run(plan, echo=lambda m: None))
-            print_table(results[name])
-        a = results["livemesh"]
-        for other in ("livemesh, coalescing off", "naive"):
-            b = results[other]
-            print(f"== ratio livemesh / {other}")
-            print(f"deliveries/s      {a['deliveries_per_s'] / max(1, b['deliveries_per_s']):.2f}x")
-            for q in ("p50", "p99"):
-                la, lb = a["latency_ms"][q], b["latency_ms"][q]
-                if la and lb:
-                    print(f"latency {q:<8}  {lb / la:.2f}x lower" if la < lb else
-                          f"latency {q:<8}  {la / lb:.2f}x higher")
+        no_tick = topo.frontend("f1-tick-off", **{"frontend.fanout_tick": "0"})
+        heavy = {}
+        for name, url in (("livemesh", front.url), ("livemesh, tick off", no_tick.url), ("naive", naive_url)):
+            heavy[name] = bench(name, url, Plan([url], args.connections, 1, True, args.rate, args.duration))
+        light = {}
+        for name, url in (("livemesh", front.url), ("naive", naive_url)):
+            light[name] = bench(f"{name}, light load", url, Plan([url], args.light_connections, 10, False,
+                                                                  args.light_rate, args.light_duration))
+        print()
+        print(f"fan-out: {args.connections:,} viewers of one video, {args.rate:g} likes/s offered "
+              f"({args.connections * args.rate:,.0f} deliveries/s offered)")
+        print(f"{'':<22} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6} {'acked':>7} {'us CPU/delivery':>16}")
+        for name, r in heavy.items():
+            lat = r["latency_ms"]
+            cpu = r["server_cpu_us_per_delivery"]
+            print(f"{name:<22} {r['deliveries_per_s']:>13,} {lat['p50'] or 0:>8.1f} {lat['p99'] or 0:>8.1f} "
+                  f"{r['lost']:>6,} {r['published_acked']:>7,} {'-' if cpu is None else f'{cpu:.2f}':>16}")
+        a = heavy["livemesh"]
+        for other in ("livemesh, tick off", "naive"):
+            b = heavy[other]
+            print(f"livemesh / {other}: {ratio(a['deliveries_per_s'], b['deliveries_per_s'])} deliveries/s")
+        print(f"light load: {args.light_connections:,} viewers over 10 videos, {args.light_rate:g} likes/s")
+        for name, r in light.items():
+            lat = r["latency_ms"]
+            print(f"{name:<22} p50 {lat['p50'] or 0:.1f} ms  p99 {lat['p99'] or 0:.1f} ms  "
+                  f"({r['latency_samples']} samples, lost {r['lost']})")
     finally:
         topo.close()
         naive.terminate()

@@ -62,7 +62,8 @@ class Likes(tornado.web.RequestHandler):
 
 class Health(tornado.web.RequestHandler):
     def get(self):
-        self.write({"status": "ok", "connections": sum(len(v) for v in VIEWERS.values()), "rss_kb": rss_kb()})
+        self.write({"status": "ok", "connections": sum(len(v) for v in VIEWERS.values()), "rss_kb": rss_kb(),
+                    "cpu_s": round(time.process_time(), 3)})
 
 
 async def main(port: int) -> None:

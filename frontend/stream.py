@@ -1,0 +1,183 @@
+"""One viewer's SSE stream once its response head is out: a raw non-blocking socket.
+
+Theory of operation.  Tornado serves the request (routing, limits, tokens, the wait for the
+owner's sync marker, the Last-Event-ID catch-up); then ``EventsHandler`` writes the response
+head itself (``HTTP/1.1 200``, ``text/event-stream``, no chunked framing: the body ends when the
+connection closes, which EventSource and curl accept), ``detach()``es the connection and hands
+the socket to a ``ViewerStream``.  From then on the fan-out writes with ``socket.send``
+directly: no ``RequestHandler.write``/``flush``, no chunk framing, no future per write, and no
+Tornado objects per connection (a handler, a request, an HTTP connection and an IOStream with
+their dicts cost ~14 KB per idle viewer and long full garbage-collector passes; a
+``ViewerStream`` is one ``__slots__`` object plus the socket and its selector entry).  The same
+design as nginx's or Go's ``net/http`` ``Flusher`` after the headers: bytes straight to the
+kernel, one user-space buffer only when the kernel's is full.
+
+* Writing: ``send`` tries the socket at once; what the kernel does not take waits in one
+  ``bytearray`` and ``loop.add_writer`` drains it.  More than ``max_buffer_bytes`` unsent cuts
+  the viewer (it reconnects with its Last-Event-ID and catches up from history).
+* Closing: ``loop.add_reader`` watches the socket; ``recv`` returning ``b""`` or an error
+  means the viewer left, and it is removed from the node's tables at once (``close``).  A write
+  error does the same.
+* Before the head is out (``sock`` is None) everything sent is kept in ``buf`` and goes out
+  with the head; while a reconnecting viewer catches up from history, live events wait in
+  ``held`` (with their decoded events, so the ones history already gave are dropped).
+* ``end()`` (graceful shutdown) closes after the buffer drained: the browser reconnects
+  elsewhere after ``retry``.
+
+No reference cycles: a stream refers to the node (long-lived) and its socket; the node's
+tables refer to the stream; closing removes it from them, and refcounting frees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from mesh.sse import encode_event, encode_reset, recv_nowait
+
+if TYPE_CHECKING:
+    from .node import Frontend
+
+log = logging.getLogger("mesh.app")
+
+#: bytes read (and dropped) per readable event: a viewer has nothing to say after its request
+RECV_BYTES = 4096
+
+
+class ViewerStream:
+    __slots__ = ("node", "conn_id", "video", "user", "ip", "sock", "fd", "buf", "held",
+                 "closed", "ending", "limit")
+
+    def __init__(self, node: "Frontend", conn_id: int, video: str, user: str | None, ip: str,
+                 catching_up: bool, limit: int):
+        self.node = node
+        self.conn_id = conn_id
+        self.video = video
+        self.user = user
+        self.ip = ip
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.buf = bytearray()     # unsent bytes (before the head is out: all of them)
+        self.held: list | None = [] if catching_up else None
+        self.closed = False
+        self.ending = False
+        self.limit = limit         # max_buffer_bytes
+
+    # --- the fan-out's side -------------------------------------------------------------------
+
+    def send(self, data: bytes, events: list | None = None) -> None:
+        """Queue ``data`` for this viewer; ``events`` is the decoded batch (None for resets,
+        presence, heartbeats) so a viewer catching up can drop what history gave it."""
+        if self.closed:
+            return
+        if self.held is not None:
+            self.held.append((data, events))
+            return
+        if self.buf or self.sock is None:
+            self.buf += data
+            if self.sock is not None and len(self.buf) > self.limit:
+                self._cut()
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent < len(data):
+            self.buf += memoryview(data)[sent:]
+            if len(self.buf) > self.limit:
+                self._cut()
+                return
+            asyncio.get_running_loop().add_writer(self.fd, self._drain)
+
+    def end(self) -> None:
+        """Graceful end (shutdown): close once everything queued is written."""
+        if self.closed:
+            return
+        self.ending = True
+        if self.sock is not None and not self.buf:
+            self.close()
+
+    # --- the handler's side -------------------------------------------------------------------
+
+    def catch_up(self, chain: list[dict] | None) -> None:
+        """History after the viewer's Last-Event-ID arrived (None: it cannot say): it goes
+        first, then the live events held meanwhile, without the ones history gave."""
+        node = self.node
+        held, self.held = self.held or [], None
+        if chain is None:
+            node.stats["resets_sent"] += 1
+            self.send(encode_reset(self.video, "history"))
+            given: set[str] = set()
+        else:
+            node.stats["events_recovered"] += len(chain)
+            if chain:
+                self.send(b"".join(encode_event(e) for e in chain))
+            given = {e["id"] for e in chain}
+        for data, events in held:
+            if events is None or not given:
+                self.send(data)
+            else:
+                fresh = [e for e in events if e["id"] not in given]
+                if fresh:
+                    self.send(b"".join(encode_event(e) for e in fresh))
+
+    def attach(self, sock: socket.socket, head: bytes) -> None:
+        """Take over the connection: write ``head`` and whatever was queued, watch for EOF."""
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.node.security.stream_attached()
+        pending, self.buf = bytes(self.buf), bytearray()
+        asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
+        self.send(head + pending)
+        if self.ending and not self.buf and not self.closed:
+            self.close()
+
+    # --- I/O callbacks --------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        try:
+            sent = self.sock.send(self.buf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        del self.buf[:sent]
+        if not self.buf:
+            asyncio.get_running_loop().remove_writer(self.fd)
+            if self.ending:
+                self.close()
+
+    def _on_readable(self) -> None:
+        if recv_nowait(self.sock, RECV_BYTES) == b"":
+            self.close()
+
+    def _cut(self) -> None:
+        self.node.stats["slow_viewers_cut"] += 1
+        log.warning("viewer %s of %s is %d bytes behind; disconnecting it",
+                    self.conn_id, self.video, len(self.buf))
+        self.close()
+
+    def close(self) -> None:
+        """The viewer is gone (EOF, error, cut, end): release the socket and its place in
+        the node's tables.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.held = None
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.fd)
+            if self.buf:
+                loop.remove_writer(self.fd)
+            self.node.security.stream_detached()
+            sock.close()
+        self.buf = bytearray()
+        self.node.remove_viewer(self)
