@@ -1,7 +1,7 @@
 """Local fan-out: events of a video to every local viewer of it.
 
-Each batch of a video's events is SSE-encoded once (``mesh.sse``) and the same bytes are
-written to every viewer: one write per viewer per batch, never one encode per viewer.
+Each write of a video's events is SSE-encoded once (``mesh.sse``) and the same bytes are
+written to every viewer: one write per viewer per round, never one encode per viewer.
 
 Tick coalescing.  What costs is the number of ``send()`` calls, not bytes (~13 us of kernel
 time each to a loopback socket), so a busy video's events are written at most once per
@@ -16,6 +16,12 @@ previous one -- so the tick stretches by itself to the time one round takes.  Or
 video: everything of a video goes through its one queue; a ``reset`` queued behind events is
 written after them, as its own write.
 
+Like aggregation.  A write carrying more than ``aggregate_likes_above`` likes (0: off) is
+encoded with each run of consecutive likes as one ``likes`` event (``mesh.sse.encode_events``):
+encoding waits for the round so the decision sees the whole round; it is still done once per
+round for all viewers.  The decoded events travel with the bytes, so a viewer catching up
+from history drops (and re-encodes) only what history already gave it.
+
 Latency: when ``observe_latency`` is set (``mesh.metrics`` installs it), each write round
 reports the ``ts`` of its oldest event once, when its first slice is written -- once per
 round, never per viewer.
@@ -27,7 +33,7 @@ import asyncio
 import logging
 from typing import Callable, Protocol
 
-from mesh.sse import encode_event, encode_presence, encode_reset
+from mesh.sse import encode_events, encode_presence, encode_reset
 from mesh.subscriptions import SubscriptionTable
 
 log = logging.getLogger("mesh.app")
@@ -38,13 +44,15 @@ class Viewer(Protocol):
 
 
 class Fanout:
-    def __init__(self, table: SubscriptionTable, slice_size: int = 500, tick: float = 0.0):
+    def __init__(self, table: SubscriptionTable, slice_size: int = 500, tick: float = 0.0,
+                 aggregate_likes_above: int = 0):
         self.table = table
         self.slice_size = slice_size
         self.tick = tick
-        #: video -> batches waiting for its next write round (data, events or None, oldest ts);
-        #: a key is present while a round of the video is running or scheduled
-        self._backlog: dict[str, list[tuple[bytes, list | None, float | None]]] = {}
+        self.aggregate_likes_above = aggregate_likes_above
+        #: video -> batches waiting for its next write round (data for a reset or None, events
+        #: or None, oldest ts); a key is present while a round of the video is running or scheduled
+        self._backlog: dict[str, list[tuple[bytes | None, list | None, float | None]]] = {}
         self._last: dict[str, float] = {}  # video -> loop time its last write round started
         self.deliveries = 0
         self.events_out = 0
@@ -55,7 +63,7 @@ class Fanout:
     def deliver(self, video: str, events: list[dict]) -> None:
         self.events_out += len(events)
         oldest = min((e["ts"] for e in events if isinstance(e.get("ts"), (int, float))), default=None)
-        self._enqueue(video, b"".join(encode_event(e) for e in events), events, oldest)
+        self._enqueue(video, None, events, oldest)
 
     def reset(self, video: str, reason: str) -> None:
         """Tell every viewer of ``video`` that continuity is lost (SSE ``reset``, no id), after
@@ -76,7 +84,11 @@ class Fanout:
                 await asyncio.sleep(0)
         return asyncio.get_running_loop().create_task(run())
 
-    def _enqueue(self, video: str, data: bytes, events: list | None, oldest: float | None) -> None:
+    def encode(self, events: list[dict]) -> bytes:
+        """Events of one write as SSE, likes aggregated past the threshold."""
+        return encode_events(events, self.aggregate_likes_above)
+
+    def _enqueue(self, video: str, data: bytes | None, events: list | None, oldest: float | None) -> None:
         backlog = self._backlog.get(video)
         if backlog is not None:  # a round of this video is running or scheduled: join the next
             backlog.append((data, events, oldest))
@@ -86,7 +98,8 @@ class Fanout:
         viewers = self.table.viewers(video)
         if now - self._last.get(video, -1e18) >= self.tick and len(viewers) <= self.slice_size:
             self._stamp(video, now)
-            self._write(list(viewers.values()), data, events)
+            if viewers:
+                self._write(list(viewers.values()), self.encode(events) if data is None else data, events)
             self._observe(oldest, viewers)
             return
         self._backlog[video] = [(data, events, oldest)]
@@ -109,7 +122,8 @@ class Fanout:
                 self._stamp(video, loop.time())
                 viewers = list(self.table.viewers(video).values())
                 oldest = min((ts for _, _, ts in batches if ts is not None), default=None)
-                writes = _merge(batches)
+                writes = [(self.encode(events) if data is None else data, events)
+                          for data, events in _merge(batches)] if viewers else []
                 for i in range(0, len(viewers), self.slice_size):
                     part = viewers[i:i + self.slice_size]
                     for data, events in writes:
@@ -137,14 +151,14 @@ class Fanout:
             self.deliveries += len(events) * len(viewers)
 
 
-def _merge(batches: list[tuple[bytes, list | None, float | None]]) -> list[tuple[bytes, list | None]]:
+def _merge(batches: list[tuple[bytes | None, list | None, float | None]]) -> list[tuple[bytes | None, list | None]]:
     """A round's batches as few writes as order allows: consecutive event batches become one
-    write; a reset (no events) stays a write of its own, in its place."""
-    writes: list[tuple[list[bytes], list | None]] = []
+    write (its events, encoded later); a reset (its data, no events) stays a write of its own,
+    in its place."""
+    writes: list[tuple[bytes | None, list | None]] = []
     for data, events, _ in batches:
         if events is not None and writes and writes[-1][1] is not None:
-            writes[-1][0].append(data)
             writes[-1][1].extend(events)
         else:
-            writes.append(([data], None if events is None else list(events)))
-    return [(b"".join(parts), events) for parts, events in writes]
+            writes.append((data, None if events is None else list(events)))
+    return writes

@@ -42,7 +42,8 @@ class Frontend:
         self.ctx = ctx
         self.name = cfg.node.name
         self.table = SubscriptionTable()
-        self.fanout = Fanout(self.table, cfg.frontend.fanout_slice, cfg.frontend.fanout_tick)
+        self.fanout = Fanout(self.table, cfg.frontend.fanout_slice, cfg.frontend.fanout_tick,
+                             cfg.frontend.aggregate_likes_above)
         self.counts = CountSync(cfg.frontend.count_flush_interval)
         self.presence = LocalPresence()
         self.stats = defaultdict(int)

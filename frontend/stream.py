@@ -20,7 +20,8 @@ kernel, one user-space buffer only when the kernel's is full.
   error does the same.
 * Before the head is out (``sock`` is None) everything sent is kept in ``buf`` and goes out
   with the head; while a reconnecting viewer catches up from history, live events wait in
-  ``held`` (with their decoded events, so the ones history already gave are dropped).
+  ``held`` (with their decoded events, so the ones history already gave are dropped; what is
+  left is encoded again, likes aggregated as the fan-out does, ``Fanout.encode``).
 * ``end()`` (graceful shutdown) closes after the buffer drained: the browser reconnects
   elsewhere after ``retry``.
 
@@ -35,7 +36,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from mesh.sse import encode_event, encode_reset, recv_nowait
+from mesh.sse import encode_reset, recv_nowait
 
 if TYPE_CHECKING:
     from .node import Frontend
@@ -116,7 +117,7 @@ class ViewerStream:
         else:
             node.stats["events_recovered"] += len(chain)
             if chain:
-                self.send(b"".join(encode_event(e) for e in chain))
+                self.send(node.fanout.encode(chain))
             given = {e["id"] for e in chain}
         for data, events in held:
             if events is None or not given:
@@ -124,7 +125,7 @@ class ViewerStream:
             else:
                 fresh = [e for e in events if e["id"] not in given]
                 if fresh:
-                    self.send(b"".join(encode_event(e) for e in fresh))
+                    self.send(node.fanout.encode(fresh))
 
     def attach(self, sock: socket.socket, head: bytes) -> None:
         """Take over the connection: write ``head`` and whatever was queued, watch for EOF."""

@@ -12,7 +12,14 @@ coroutine or StreamReader per read), they count ``event: like`` lines and SSE id
 increase (a repeat is a duplicate), and parse the server timestamp of the oldest, middle and
 newest like of each read for the publish-to-viewer latency (``ts`` is stamped by the accepting frontend; clients and
 servers share this machine's clock).  Lost = acknowledged events of a stream's video minus
-those it received.  Progress is printed every second; a table (or ``--json``) at the end.
+those it received.
+
+Aggregated likes (``event: likes``, ``frontend.aggregate_likes_above``) count as ``count``
+deliveries, and the bench checks that claim: the bench publishes only likes, so a run's
+``first_id`` .. ``last_id`` are consecutive positions of one chain and ``count`` must equal
+their span (else ``aggregate_mismatch``); the run must start after the stream's last id (else
+its overlap counts as duplicates).  Latency of an aggregated event is taken from its ``ts``,
+the run's oldest like.  ``bytes_received`` (body bytes) compares encodings.  Progress is printed every second; a table (or ``--json``) at the end.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ from urllib.parse import urlsplit
 from .sse import recv_nowait
 
 ID_RE = re.compile(rb"(?:^|\n)id: (\d+):(\d+)\n")
-TS_RE = re.compile(rb'"kind":"like".*?"ts":([0-9.]+)')
+TS_RE = re.compile(rb'"(?:kind":"like"|first_id").*?"ts":([0-9.]+)')
+#: an aggregated like run: count, first id, last id (``mesh.sse.encode_likes``)
+LIKES_RE = re.compile(rb'\nevent: likes\ndata: \{"video":"[^"]*","count":(\d+),.*?'
+                      rb'"first_id":"(\d+):(\d+)","last_id":"(\d+):(\d+)"')
+#: one like or likes event: its id, its kind
+EVENT_RE = re.compile(rb"(?:^|\n)id: (\d+):(\d+)\nevent: (likes?)\n")
 MAX_LATENCY_SAMPLES = 200000
 HEARTBEAT = b": hb\n"
 
@@ -64,6 +76,9 @@ class ClientResult:
     received: dict = field(default_factory=dict)   # video -> list of per-stream counts
     duplicates: int = 0
     reordered: int = 0
+    aggregated: int = 0            # ``likes`` events received
+    aggregate_mismatch: int = 0    # ``likes`` events whose count is not their id span
+    bytes_received: int = 0
     latencies: list = field(default_factory=list)  # ms
     heartbeats: int = 0
     heartbeat_gaps: list = field(default_factory=list)  # s between a stream's heartbeats
@@ -128,6 +143,7 @@ class _Reader:
             self.feed(data)
 
     def feed(self, data: bytes) -> None:
+        self.res.bytes_received += len(data)
         data = self.carry + data
         end = data.rfind(b"\n\n")
         if end < 0:
@@ -142,8 +158,23 @@ class _Reader:
                 res.heartbeat_gaps.append(now - self.last_hb)
             self.last_hb = now
         n = block.count(b"\nevent: like\n")
-        if not n:
+        aggregated = b"\nevent: likes\n" in block
+        if not n and not aggregated:
             return
+        if aggregated:
+            self._feed_aggregated(block)
+        else:
+            self._feed_likes(block, n)
+        if len(res.latencies) < MAX_LATENCY_SAMPLES:
+            now = time.time() * 1000.0
+            newest = max(block.rfind(b'"kind":"like"'), block.rfind(b'"first_id"'))
+            for start in {0, len(block) // 2, newest}:  # oldest, middle, newest
+                m = TS_RE.search(block, max(0, start))
+                if m:
+                    res.latencies.append(now - float(m.group(1)))
+
+    def _feed_likes(self, block: bytes, n: int) -> None:
+        """A block of single ``like`` events: count them, check their ids."""
         self.count += n
         ids = ID_RE.findall(block)
         if ids:
@@ -152,12 +183,39 @@ class _Reader:
             if not (first > self.last and first[0] == last[0] and last[1] - first[1] + 1 == len(ids)):
                 self._check_order(ids)  # not one contiguous run after the last id: look closer
             self.last = last
-        if len(res.latencies) < MAX_LATENCY_SAMPLES:
-            now = time.time() * 1000.0
-            for start in {0, len(block) // 2, block.rfind(b'"kind":"like"')}:  # oldest, middle, newest
-                m = TS_RE.search(block, max(0, start))
-                if m:
-                    res.latencies.append(now - float(m.group(1)))
+
+    def _feed_aggregated(self, block: bytes) -> None:
+        """A block with ``likes`` events: count each event (a run as ``count``), check the
+        claimed range and the order of all ids, in place."""
+        runs = {m.start(): m.groups() for m in LIKES_RE.finditer(block)}
+        res, last = self.res, self.last
+        for m in EVENT_RE.finditer(block):
+            pos = (int(m.group(1)), int(m.group(2)))
+            first = pos
+            if m.group(3) == b"likes":
+                run = runs.get(m.end() - len(b"\nevent: likes\n"))
+                if run is None:  # an id but no parsable run: claims nothing checkable
+                    res.aggregate_mismatch += 1
+                    continue
+                count = int(run[0])
+                first = (int(run[1]), int(run[2]))
+                res.aggregated += 1
+                self.count += count
+                if first[0] != pos[0] or pos[1] - first[1] + 1 != count or (int(run[3]), int(run[4])) != pos:
+                    res.aggregate_mismatch += 1
+                elif first <= last and first[0] == last[0]:
+                    res.duplicates += min(count, last[1] - first[1] + 1)
+                    last = pos
+                    continue
+            else:
+                self.count += 1
+            if first <= last:
+                if first == last:
+                    res.duplicates += 1
+                else:
+                    res.reordered += 1
+            last = pos
+        self.last = last
 
     def _check_order(self, ids: list[tuple[bytes, bytes]]) -> None:
         last = self.last
@@ -366,6 +424,9 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
             merged.held_by_url[u] = merged.held_by_url.get(u, 0) + n
         merged.duplicates += r["duplicates"]
         merged.reordered += r["reordered"]
+        merged.aggregated += r["aggregated"]
+        merged.aggregate_mismatch += r["aggregate_mismatch"]
+        merged.bytes_received += r["bytes_received"]
         merged.latencies += r["latencies"]
         merged.heartbeats += r["heartbeats"]
         merged.heartbeat_gaps += r["heartbeat_gaps"]
@@ -389,6 +450,9 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         "publish_seconds": round(publish_s, 2),
         "deliveries": deliveries, "deliveries_per_s": round(deliveries / max(publish_s, 1e-9)),
         "lost": lost, "duplicates": merged.duplicates, "reordered": merged.reordered,
+        "aggregated_events": merged.aggregated, "aggregate_mismatch": merged.aggregate_mismatch,
+        "bytes_received": merged.bytes_received,
+        "bytes_per_delivery": round(merged.bytes_received / deliveries, 1) if deliveries else None,
         "latency_ms": {name: (round(percentile(lat, q), 2) if lat else None)
                        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))},
         "latency_samples": len(lat),
@@ -413,6 +477,8 @@ def print_table(r: dict, echo=print) -> None:
         ("deliveries/s", f"{r['deliveries_per_s']:,}"),
         ("latency p50/p90/p99/p99.9 ms", " / ".join("-" if v is None else f"{v:.1f}" for v in lat.values())),
         ("lost / duplicated / reordered", f"{r['lost']:,} / {r['duplicates']:,} / {r['reordered']:,}"),
+        ("aggregated likes events (mismatched)", f"{r['aggregated_events']:,} ({r['aggregate_mismatch']:,})"),
+        ("bytes received (per delivery)", f"{r['bytes_received']:,} ({r['bytes_per_delivery'] or '-'})"),
         ("server CPU s (us per delivery)", "-" if r["server_cpu_s"] is None else
          f"{r['server_cpu_s']:.2f} ({r['server_cpu_us_per_delivery'] or '-'} us)"),
     ]

@@ -68,6 +68,9 @@ class FrontendSection:
     fanout_tick: float = _spec(0.05, lo=0.0, hi=5.0,
                                doc="a busy video's events are written at most once per tick per viewer "
                                    "(the first after a quiet tick at once); 0: off")
+    aggregate_likes_above: int = _spec(20, lo=0, hi=1000000,
+                                       doc="a write carrying more likes than this sends each run of "
+                                           "consecutive likes as one 'likes' event; 0: off")
     gc_freeze_after: int = _spec(1000, lo=0, hi=100000000,
                                  doc="gc.freeze() once this many viewers opened since the last freeze "
                                      "(keeps them out of full collections); 0: never")

@@ -6,6 +6,14 @@ Encoding follows the WHATWG HTML "server-sent events" section: fields ``id``, ``
 Our ``data`` is one JSON object serialised without raw newlines (JSON escapes CR and LF inside
 strings), so multi-line comment text survives as one ``data:`` line and is byte-identical after
 ``JSON.parse`` in a browser.
+
+Like aggregation (``encode_events`` with ``aggregate_above``): when one write carries more
+than that many likes of our DC's chain, each run of consecutive such likes becomes one
+``event: likes`` whose ``id`` is the last like's SSE id (a browser's Last-Event-ID resumes
+after the run), data ``{"video", "count", "users", "first_id", "last_id", "ts"}``: ``users``
+up to ``LIKES_SAMPLE_USERS`` distinct named likers, ``first_id`` / ``last_id`` the SSE ids of
+the run's ends, ``ts`` the first (oldest) like's.  Every other event (comments, remote
+events, which have no SSE id) keeps its own event and its place, so a run ends at them.
 """
 
 from __future__ import annotations
@@ -29,6 +37,50 @@ def encode_event(event: dict) -> bytes:
     if event.get("remote"):  # another DC's chain (frontend.link): not replayable here, no id
         return f"event: {event['kind']}\ndata: {data}\n\n".encode("utf-8")
     return f"id: {sse_id(event)}\nevent: {event['kind']}\ndata: {data}\n\n".encode("utf-8")
+
+
+#: sample users named in an aggregated ``likes`` event
+LIKES_SAMPLE_USERS = 5
+
+
+def encode_events(events: list[dict], aggregate_above: int = 0) -> bytes:
+    """A batch of chain events as SSE, in order; with more than ``aggregate_above`` (> 0)
+    local likes in it, runs of consecutive local likes as ``likes`` events."""
+    if aggregate_above <= 0 or sum(1 for e in events if _aggregable(e)) <= aggregate_above:
+        return b"".join(encode_event(e) for e in events)
+    out: list[bytes] = []
+    run: list[dict] = []
+    for event in events:
+        if _aggregable(event):
+            run.append(event)
+            continue
+        if run:
+            out.append(encode_likes(run))
+            run = []
+        out.append(encode_event(event))
+    if run:
+        out.append(encode_likes(run))
+    return b"".join(out)
+
+
+def _aggregable(event: dict) -> bool:
+    return event["kind"] == "like" and not event.get("remote")
+
+
+def encode_likes(run: list[dict]) -> bytes:
+    """A run of consecutive likes of one video as one ``event: likes``."""
+    first, last = run[0], run[-1]
+    users: list[str] = []
+    for event in run:
+        user = event.get("user")
+        if user is not None and user not in users:
+            users.append(user)
+            if len(users) == LIKES_SAMPLE_USERS:
+                break
+    data = json.dumps({"video": first["video"], "count": len(run), "users": users,
+                       "first_id": sse_id(first), "last_id": sse_id(last), "ts": first["ts"]},
+                      ensure_ascii=False, separators=(",", ":"))
+    return f"id: {sse_id(last)}\nevent: likes\ndata: {data}\n\n".encode("utf-8")
 
 
 def encode_reset(video: str, reason: str) -> bytes:

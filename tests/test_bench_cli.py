@@ -26,3 +26,20 @@ def test_meshctl_bench_counts_every_delivery(topology, kv_path):
     assert r["latency_samples"] > 0 and r["latency_ms"]["p50"] > 0
     assert all(v is not None for v in r["rss_bytes_per_connection"].values())
     assert "deliveries/s" in out.stderr  # progress while it runs
+
+
+def test_meshctl_bench_counts_aggregated_likes_as_their_count(topology):
+    """A hot video past the aggregation threshold: ``likes`` events count as ``count``
+    deliveries, their claimed id ranges add up, nothing lost or counted twice."""
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"frontend.fanout_tick": "0.5", "frontend.aggregate_likes_above": "2"})
+    out = subprocess.run([sys.executable, "-m", "mesh.cli", "bench", "--frontend", f.url, "--hot",
+                          "-n", "20", "-r", "40", "-d", "2", "--clients", "1", "--sources", "1",
+                          "--json"], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["connections_held"] == 20 and r["published_acked"] == 80
+    assert r["deliveries"] == 20 * 80
+    assert r["aggregated_events"] > 0 and r["aggregate_mismatch"] == 0
+    assert (r["lost"], r["duplicates"], r["reordered"]) == (0, 0, 0)
+    assert r["latency_samples"] > 0 and r["bytes_per_delivery"] > 0

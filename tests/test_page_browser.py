@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from helpers import comment
+from helpers import comment, like
 
 pytestmark = [pytest.mark.browser, pytest.mark.topology]
 
@@ -58,7 +58,9 @@ async def test_page_likes_and_comments_cross_frontends(topology, browser_path, t
 
     topology.dispatcher("d1")
     topology.dispatcher("d2")
-    fa, fb = topology.frontend("f1"), topology.frontend("f2")
+    # a burst of likes within one (long) tick comes aggregated: the page shows it as "+N"
+    hot = {"frontend.fanout_tick": "0.5", "frontend.aggregate_likes_above": "5"}
+    fa, fb = topology.frontend("f1", **hot), topology.frontend("f2", **hot)
     video = "launch-42"
     problems: list[str] = []
 
@@ -125,6 +127,12 @@ async def test_page_likes_and_comments_cross_frontends(topology, browser_path, t
                 await page.click("#like")
             for page in (a, b):
                 await expect(page.locator("#like-total")).to_have_text("4", timeout=WAIT_MS)
+            # a hot burst through the API: aggregated "likes" events float up as "+N" bursts
+            # and add their counts to the total
+            await asyncio.gather(*(like(fa.url, video, user=f"fan{i}") for i in range(30)))
+            for page in (a, b):
+                await expect(page.locator("#like-total")).to_have_text("34", timeout=WAIT_MS)
+                await expect(page.locator("#likes-layer .like-burst").first).to_have_text(re.compile(r"^\+\d+ "))
             shot = tmp_path / "page.png"
             await b.screenshot(path=str(shot))
             print(f"\nscreenshot: {shot}")

@@ -70,6 +70,8 @@
       }
     });
     es.addEventListener("like", mine((e) => { const ev = parse(e); if (ev && fresh(ev)) onLike(ev); }));
+    // a hot video's likes may come aggregated: one "likes" event per run ({count, users, ...})
+    es.addEventListener("likes", mine((e) => { const ev = parse(e); if (ev && fresh({ id: `likes ${ev.last_id}` })) onLikes(ev); }));
     es.addEventListener("comment", mine((e) => { const ev = parse(e); if (ev && fresh(ev)) onComment(ev); }));
     es.addEventListener("count", mine((e) => { const ev = parse(e); if (ev) onCount(ev); }));
     es.addEventListener("join", mine((e) => { const ev = parse(e); if (ev) onPresence(ev, "joined"); }));
@@ -97,17 +99,28 @@
   // --- events ---------------------------------------------------------------------------
 
   function onLike(ev) {
-    state.likes += 1;
-    el.likeTotal.textContent = state.likes.toLocaleString();
-    el.lastLike.textContent = ev.user ? `♥ ${ev.user}` : "";
-    floatHeart(ev);
+    countLikes(1, ev.user ? [ev.user] : []);
+    floatHeart(ev, "❤");
   }
 
-  function floatHeart(ev) {
+  function onLikes(ev) {
+    const count = Number.isInteger(ev.count) && ev.count > 0 ? ev.count : 1;
+    const users = Array.isArray(ev.users) ? ev.users.filter((u) => typeof u === "string") : [];
+    countLikes(count, users);
+    floatHeart({ id: ev.last_id, user: users.join(" ") }, `+${count.toLocaleString()} ❤`, "like-burst");
+  }
+
+  function countLikes(count, users) {
+    state.likes += count;
+    el.likeTotal.textContent = state.likes.toLocaleString();
+    el.lastLike.textContent = users.length ? `♥ ${users.join(", ")}` : "";
+  }
+
+  function floatHeart(ev, text, extraClass) {
     while (el.likesLayer.childElementCount >= MAX_FLOATS) el.likesLayer.firstElementChild.remove();
     const heart = document.createElement("span");
-    heart.className = "like-float";
-    heart.textContent = "❤";
+    heart.className = extraClass ? `like-float ${extraClass}` : "like-float";
+    heart.textContent = text;
     heart.dataset.id = ev.id || "";
     heart.dataset.user = ev.user || "";
     heart.style.setProperty("left", `${10 + Math.random() * 70}%`);

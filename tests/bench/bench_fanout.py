@@ -4,6 +4,8 @@
 
     python tests/bench/bench_fanout.py [--connections 10000] [--rate 200] [--duration 10]
                                        [--light-connections 1000] [--light-rate 1]
+                                       [--agg-connections 2000] [--agg-rate 600] [--agg-repeats 2]
+                                       [--only-aggregation]
 
 Two workloads, the issue's targets:
 
@@ -11,7 +13,12 @@ Two workloads, the issue's targets:
   seconds: deliveries/s, latency p50/p99, server CPU per delivery; livemesh, livemesh with
   tick coalescing off (``frontend.fanout_tick = 0``) and the naive broadcaster; ratios;
 * light load: ``--light-connections`` viewers over 10 videos, ``--light-rate`` likes/s:
-  latency p50/p99 on livemesh and the naive broadcaster.
+  latency p50/p99 on livemesh and the naive broadcaster;
+* like aggregation: ``--agg-connections`` viewers of one hot video at ``--agg-rate`` likes/s
+  (above ``frontend.aggregate_likes_above`` = 20 per 50 ms tick from 400 likes/s), on a
+  frontend with aggregation on (the default) and one with it off, alternated
+  ``--agg-repeats`` times: medians of frontend CPU per like delivered, bytes received per like,
+  latency p50/p99, and the on/off ratios.  ``--only-aggregation`` runs just this one.
 
 Load generator, nodes and baseline share the machine's cores.  Bounded by the bench's own
 limits; every process it starts is stopped at the end, even on failure.
@@ -23,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +70,11 @@ def main() -> None:
     ap.add_argument("--light-connections", type=int, default=1000)
     ap.add_argument("--light-rate", type=float, default=1.0)
     ap.add_argument("--light-duration", type=float, default=10.0)
+    ap.add_argument("--agg-connections", type=int, default=2000)
+    ap.add_argument("--agg-rate", type=float, default=600.0)
+    ap.add_argument("--agg-duration", type=float, default=10.0)
+    ap.add_argument("--agg-repeats", type=int, default=2)
+    ap.add_argument("--only-aggregation", action="store_true")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="livemesh-bench-")
     topo = Topology(kv={"backend": "embedded", "path": os.path.join(tmp, "kv.db")}, log_dir=tmp,
@@ -69,6 +82,9 @@ def main() -> None:
     naive, naive_url = start_naive()
     try:
         topo.dispatcher("d1")
+        if args.only_aggregation:
+            aggregation(topo, args)
+            return
         front = topo.frontend("f1")
         no_tick = topo.frontend("f1-tick-off", **{"frontend.fanout_tick": "0"})
         heavy = {}
@@ -96,10 +112,48 @@ def main() -> None:
             lat = r["latency_ms"]
             print(f"{name:<22} p50 {lat['p50'] or 0:.1f} ms  p99 {lat['p99'] or 0:.1f} ms  "
                   f"({r['latency_samples']} samples, lost {r['lost']})")
+        aggregation(topo, args)
     finally:
         topo.close()
         naive.terminate()
         naive.wait(10)
+
+
+def aggregation(topo: Topology, args) -> None:
+    """Aggregation on vs off on one hot video, alternated, medians and ratios."""
+    fronts = {"aggregation on": topo.frontend("f1-agg-on").url,
+              "aggregation off": topo.frontend("f1-agg-off", **{"frontend.aggregate_likes_above": "0"}).url}
+    runs: dict[str, list[dict]] = {name: [] for name in fronts}
+    for _ in range(args.agg_repeats):
+        for name, url in fronts.items():
+            runs[name].append(bench(name, url, Plan([url], args.agg_connections, 1, True,
+                                                    args.agg_rate, args.agg_duration)))
+    rows = {}
+    for name, rs in runs.items():
+        rows[name] = {
+            "likes delivered/s": median(r["deliveries_per_s"] for r in rs),
+            "us CPU/like": median(r["server_cpu_us_per_delivery"] for r in rs),
+            "bytes/like": median(r["bytes_per_delivery"] for r in rs),
+            "p50 ms": median(r["latency_ms"]["p50"] for r in rs),
+            "p99 ms": median(r["latency_ms"]["p99"] for r in rs),
+            "likes events": median(r["aggregated_events"] for r in rs),
+            "lost": sum(r["lost"] for r in rs), "dup": sum(r["duplicates"] for r in rs),
+            "mismatch": sum(r["aggregate_mismatch"] for r in rs),
+        }
+    print()
+    print(f"aggregation: {args.agg_connections:,} viewers of one video, {args.agg_rate:g} likes/s, "
+          f"medians of {args.agg_repeats} alternated runs each")
+    cols = list(rows["aggregation on"])
+    print(f"{'':<18}" + "".join(f"{c:>18}" for c in cols))
+    for name, row in rows.items():
+        print(f"{name:<18}" + "".join(f"{'-' if v is None else f'{v:,.2f}':>18}" for v in row.values()))
+    on, off = rows["aggregation on"], rows["aggregation off"]
+    print("on / off: " + ", ".join(f"{c} {ratio(on[c], off[c])}" for c in ("us CPU/like", "bytes/like", "p50 ms", "p99 ms")))
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 if __name__ == "__main__":
