@@ -21,7 +21,11 @@ kernel, one user-space buffer only when the kernel's is full.
 * Before the head is out (``sock`` is None) everything sent is kept in ``buf`` and goes out
   with the head; while a reconnecting viewer catches up from history, live events wait in
   ``held`` (with their decoded events, so the ones history already gave are dropped; what is
-  left is encoded again, likes aggregated as the fan-out does, ``Fanout.encode``).
+  left is encoded again, likes aggregated as the fan-out does, ``Fanout.encode``).  History
+  can also be ahead of the live path (an event the frontend got but whose write waits for the
+  video's next tick, or one still in flight from the owner): until the first live write that
+  brings a local event history did not give, the ids history gave stay in ``given`` and live
+  writes drop them too.
 * ``end()`` (graceful shutdown) closes after the buffer drained: the browser reconnects
   elsewhere after ``retry``.
 
@@ -49,7 +53,7 @@ RECV_BYTES = 4096
 
 class ViewerStream:
     __slots__ = ("node", "conn_id", "video", "user", "ip", "sock", "fd", "buf", "held",
-                 "closed", "ending", "limit")
+                 "closed", "ending", "limit", "given")
 
     def __init__(self, node: "Frontend", conn_id: int, video: str, user: str | None, ip: str,
                  catching_up: bool, limit: int):
@@ -62,6 +66,7 @@ class ViewerStream:
         self.fd = -1
         self.buf = bytearray()     # unsent bytes (before the head is out: all of them)
         self.held: list | None = [] if catching_up else None
+        self.given: set[str] | None = None  # ids history gave that live writes may still bring
         self.closed = False
         self.ending = False
         self.limit = limit         # max_buffer_bytes
@@ -76,6 +81,10 @@ class ViewerStream:
         if self.held is not None:
             self.held.append((data, events))
             return
+        if self.given is not None and events:
+            data = self._without_given(data, events)
+            if not data:
+                return
         if self.buf or self.sock is None:
             self.buf += data
             if self.sock is not None and len(self.buf) > self.limit:
@@ -113,19 +122,22 @@ class ViewerStream:
         if chain is None:
             node.stats["resets_sent"] += 1
             self.send(encode_reset(self.video, "history"))
-            given: set[str] = set()
         else:
             node.stats["events_recovered"] += len(chain)
             if chain:
                 self.send(node.fanout.encode(chain))
-            given = {e["id"] for e in chain}
+                self.given = {e["id"] for e in chain}
         for data, events in held:
-            if events is None or not given:
-                self.send(data)
-            else:
-                fresh = [e for e in events if e["id"] not in given]
-                if fresh:
-                    self.send(node.fanout.encode(fresh))
+            self.send(data, events)
+
+    def _without_given(self, data: bytes, events: list) -> bytes:
+        """``data`` without the events history already gave (re-encoded when some were)."""
+        fresh = [e for e in events if e["id"] not in self.given]
+        if any(not e.get("remote") for e in fresh):  # the live path has passed history's end
+            self.given = None
+        if len(fresh) == len(events):
+            return data
+        return self.node.fanout.encode(fresh) if fresh else b""
 
     def attach(self, sock: socket.socket, head: bytes) -> None:
         """Take over the connection: write ``head`` and whatever was queued, watch for EOF."""

@@ -13,7 +13,9 @@ than that many likes of our DC's chain, each run of consecutive such likes becom
 after the run), data ``{"video", "count", "users", "first_id", "last_id", "ts"}``: ``users``
 up to ``LIKES_SAMPLE_USERS`` distinct named likers, ``first_id`` / ``last_id`` the SSE ids of
 the run's ends, ``ts`` the first (oldest) like's.  Every other event (comments, remote
-events, which have no SSE id) keeps its own event and its place, so a run ends at them.
+events, which have no SSE id) keeps its own event and its place, so a run ends at them; a
+run also ends where the epoch changes (an owner change), so ``first_id`` .. ``last_id`` is a
+range of one epoch's sequence numbers.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def encode_events(events: list[dict], aggregate_above: int = 0) -> bytes:
     run: list[dict] = []
     for event in events:
         if _aggregable(event):
+            if run and run[-1]["epoch"] != event["epoch"]:  # a run is a range of one epoch
+                out.append(encode_likes(run))
+                run = []
             run.append(event)
             continue
         if run:

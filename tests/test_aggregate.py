@@ -40,6 +40,10 @@ def test_encoder_aggregates_runs_of_local_likes_past_the_threshold():
     assert got[3].json()["count"] == 3 and got[3].json()["users"] == ["ann"]
     # at or below the threshold, or off: byte for byte what single events give
     assert encode_events(events, 11) == encode_events(events, 0) == encode_events(events)
+    # an owner change (new epoch) inside a run of likes: two runs, each a range of one epoch
+    moved = [_event(s) for s in (7, 8)] + [dict(_event(s), epoch=4) for s in (1, 2)]
+    runs = [e.json() for e in SSEParser().feed(encode_events(moved, 1))]
+    assert [(r["first_id"], r["last_id"], r["count"]) for r in runs] == [("3:7", "3:8", 2), ("4:1", "4:2", 2)]
     assert [e.event for e in SSEParser().feed(encode_events(events, 0))].count("like") == 12
 
 
@@ -142,3 +146,12 @@ async def test_last_event_id_of_an_aggregated_event_resumes_after_its_run(topolo
     fresh = await _collect(back, 6, 0)
     assert like_seqs(fresh) == sorted(s["seq"] for s in live)
     back.close()
+    # a reconnect while a burst is being published: live writes held during the catch-up
+    # (aggregated for everyone) are re-encoded without what history gave -- once each
+    resume_at = fresh[-1].id
+    again, burst = await asyncio.gather(viewer(f.url, "resume", only=KINDS, last_event_id=resume_at),
+                                        _burst(f.url, "resume", 15, "d"))
+    got = await _collect(again, 15, 0)
+    assert like_seqs(got) == sorted(s["seq"] for s in burst)
+    assert await again.no_event(0.5, kinds={"like", "likes"}) is None
+    again.close()
