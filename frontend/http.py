@@ -136,7 +136,7 @@ class EventsHandler(JSONHandler):
                 chain = await node.link.history(video, after, f.gap_timeout)
             if viewer.closed:
                 return
-            viewer.catch_up(chain)
+            viewer.catch_up(chain, after)
         self._open(viewer)
 
     def _open(self, viewer: ViewerStream) -> None:

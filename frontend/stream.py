@@ -23,9 +23,10 @@ kernel, one user-space buffer only when the kernel's is full.
   ``held`` (with their decoded events, so the ones history already gave are dropped; what is
   left is encoded again, likes aggregated as the fan-out does, ``Fanout.encode``).  History
   can also be ahead of the live path (an event the frontend got but whose write waits for the
-  video's next tick, or one still in flight from the owner): until the first live write that
-  brings a local event history did not give, the ids history gave stay in ``given`` and live
-  writes drop them too.
+  video's next tick, or one still in flight from the owner; on another frontend, even the
+  Last-Event-ID's own event): until the first live write that brings a local event after the
+  Last-Event-ID that history did not give, live writes drop those too (``given``: history's
+  ids; ``after``: the Last-Event-ID's position).
 * ``end()`` (graceful shutdown) closes after the buffer drained: the browser reconnects
   elsewhere after ``retry``.
 
@@ -53,7 +54,7 @@ RECV_BYTES = 4096
 
 class ViewerStream:
     __slots__ = ("node", "conn_id", "video", "user", "ip", "sock", "fd", "buf", "held",
-                 "closed", "ending", "limit", "given")
+                 "closed", "ending", "limit", "given", "after")
 
     def __init__(self, node: "Frontend", conn_id: int, video: str, user: str | None, ip: str,
                  catching_up: bool, limit: int):
@@ -67,6 +68,7 @@ class ViewerStream:
         self.buf = bytearray()     # unsent bytes (before the head is out: all of them)
         self.held: list | None = [] if catching_up else None
         self.given: set[str] | None = None  # ids history gave that live writes may still bring
+        self.after: tuple[int, int] | None = None  # the Last-Event-ID's (epoch, seq)
         self.closed = False
         self.ending = False
         self.limit = limit         # max_buffer_bytes
@@ -114,9 +116,9 @@ class ViewerStream:
 
     # --- the handler's side -------------------------------------------------------------------
 
-    def catch_up(self, chain: list[dict] | None) -> None:
-        """History after the viewer's Last-Event-ID arrived (None: it cannot say): it goes
-        first, then the live events held meanwhile, without the ones history gave."""
+    def catch_up(self, chain: list[dict] | None, after: tuple[int, int] | None = None) -> None:
+        """History after the viewer's Last-Event-ID (``after``) arrived (None: it cannot say):
+        it goes first, then the live events held meanwhile, without the ones the viewer has."""
         node = self.node
         held, self.held = self.held or [], None
         if chain is None:
@@ -126,13 +128,15 @@ class ViewerStream:
             node.stats["events_recovered"] += len(chain)
             if chain:
                 self.send(node.fanout.encode(chain))
-                self.given = {e["id"] for e in chain}
+            self.given, self.after = {e["id"] for e in chain}, after
         for data, events in held:
             self.send(data, events)
 
     def _without_given(self, data: bytes, events: list) -> bytes:
-        """``data`` without the events history already gave (re-encoded when some were)."""
-        fresh = [e for e in events if e["id"] not in self.given]
+        """``data`` without the events the viewer already has (re-encoded when some were)."""
+        after = self.after
+        fresh = [e for e in events if e.get("remote") or (
+            e["id"] not in self.given and (after is None or (e["epoch"], e["seq"]) > after))]
         if any(not e.get("remote") for e in fresh):  # the live path has passed history's end
             self.given = None
         if len(fresh) == len(events):

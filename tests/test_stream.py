@@ -75,3 +75,27 @@ async def test_a_busy_videos_likes_are_coalesced_per_tick_in_order(topology):
     assert (await health(f.url))["stats"]["fanout_rounds"] - rounds <= 3
     assert await v.no_event(0.3, kinds={"like"}) is None
     v.close()
+
+
+async def test_a_reconnect_drops_live_writes_it_already_has_while_they_wait_for_a_tick(topology):
+    """The viewer had event X from f1 and reconnects to f2, whose write of X still waits for
+    the video's next tick: history after X is empty, and the pending write must not give X
+    again; the next like arrives once."""
+    topology.dispatcher("d1")
+    f1 = topology.frontend("f1")
+    f2 = topology.frontend("f2", **{"frontend.fanout_tick": "1.0"})
+    watcher = await viewer(f2.url, "again")  # f2 subscribed; its writes of the video ticked
+    on_f1 = await viewer(f1.url, "again")
+    await like(f2.url, "again", user="warm")  # f2's write at once: the next waits ~1 s
+    await on_f1.events(1, timeout=5)
+    await watcher.events(1, timeout=5)
+    x = await like(f1.url, "again", user="x")
+    got = await on_f1.events(1, timeout=5)
+    assert json.loads(got[0].data)["id"] == x["id"]
+    back = await viewer(f2.url, "again", last_event_id=got[0].id)
+    y = await like(f1.url, "again", user="y")
+    after = await back.events(1, timeout=5)
+    assert json.loads(after[0].data)["id"] == y["id"]  # not X again
+    assert await back.no_event(1.2, kinds={"like"}) is None
+    for v in (watcher, on_f1, back):
+        v.close()
