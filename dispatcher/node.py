@@ -22,7 +22,9 @@ synchronously, with no future, task or lock per event:
    set differ for a moment after a change) is forwarded there, once (``fwd``); a video with no
    chain here yet first fetches its tail from the dispatcher that owned it before.  It runs as
    a task under the video's ``asyncio.Lock``, after the bursts received before it have
-   committed; while it is pending, later events of that video take the slow path too.
+   committed; while it is pending, later events of that video take the slow path too, joining
+   the video's slow publish that has not started yet (``_SlowBatch``: one more round under
+   sustained load, not one slow publish per burst for ever).
 5. A retried event already known from a replica (its owner died after replicating it) is
    published again; frontends drop what they already delivered by event id.
 
@@ -88,6 +90,7 @@ class Dispatcher:
         self.leaving = False
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slow: dict[str, int] = {}  # video -> slow-path publishes pending (forward, chain fetch)
+        self._slow_open: dict[tuple[str, bool], _SlowBatch] = {}  # (video, fwd) -> one not started yet
         self._last_commit: asyncio.Task | None = None  # the newest burst still committing
         self._ranks: dict[str, list[str]] = {}  # video -> rendezvous order over _ranks_for
         self._ranks_for: list[str] = []
@@ -274,7 +277,17 @@ class Dispatcher:
                 self._inflight.add(self._last_commit)
                 self._last_commit.add_done_callback(self._inflight.discard)
         for video, items, fwd in slow:  # after this burst: a video's events may be in both
-            self._spawn(self._publish_slow(video, items, fwd, self._last_commit))
+            batch = self._slow_open.get((video, fwd))
+            if batch is not None and len(batch.items) + len(items) <= P.MAX_BATCH_EVENTS:
+                # joins the video's pending slow publish that has not started yet: under
+                # sustained load a video leaves the slow path after one more round, instead of
+                # queueing one slow publish (with its own REPL) per burst for ever
+                batch.items.extend(items)
+                batch.prev = self._last_commit
+                self._slow[video] -= 1
+                continue
+            batch = self._slow_open[(video, fwd)] = _SlowBatch(items, fwd, self._last_commit)
+            self._spawn(self._publish_slow(video, batch))
 
     def _sequence(self, video: str, items: list[tuple["_PendingAck", int, dict]], order: list[str],
                   burst: "_Burst", now: float) -> None:
@@ -334,12 +347,14 @@ class Dispatcher:
             self.stats["presence_dropped" if presence else "fanout_send_errors"] += 1
             wire_log.warning("%s of %s not sent: %s", "presence" if presence else "fan-out", video, exc)
 
-    async def _publish_slow(self, video: str, items: list[tuple["_PendingAck", int, dict]], fwd: bool,
-                            prev: asyncio.Task | None) -> None:
+    async def _publish_slow(self, video: str, batch: "_SlowBatch") -> None:
+        items, fwd = batch.items, batch.fwd
         try:
             async with self._locks[video]:
-                if prev is not None:
-                    await asyncio.wait([prev])  # the bursts received before us are published first
+                while batch.prev is not None and not batch.prev.done():
+                    await asyncio.wait([batch.prev])  # the bursts received before us are published first
+                if self._slow_open.get((video, fwd)) is batch:
+                    del self._slow_open[(video, fwd)]  # from here on, later publishes wait for us
                 live = self.live()
                 own = owner(video, live)
                 if own is not None and own != self.name and not fwd and await self._forward(own, video, items):
@@ -560,6 +575,18 @@ class _PendingAck:
         if not self.sent and None not in self.results:
             self.sent = True
             self.node._reply(self.peer, P.Control(P.MSG_ACK, self.request_id, P.ack_body(self.results)))
+
+
+class _SlowBatch:
+    """A video's slow-path publishes, joined until the task serving them starts: the items,
+    whether they were forwarded to us, and the burst commit they must wait for."""
+
+    __slots__ = ("items", "fwd", "prev")
+
+    def __init__(self, items: list[tuple[_PendingAck, int, dict]], fwd: bool, prev: asyncio.Task | None):
+        self.items = items
+        self.fwd = fwd
+        self.prev = prev
 
 
 class _Burst:
