@@ -386,10 +386,9 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
     nodes: list[NodeProcess] = []
     emulators: list[subprocess.Popen] = []
     try:
-        for name in DISPATCHERS[: 2 if args.backup else 1]:
+        for name in DISPATCHERS[: 2 if args.backup else 1]:  # one by one: both create the KV file
             nodes.append(start_dispatcher(tree, name, kv_path, log_dir))
-        for node in nodes:
-            node.wait_ready()
+            nodes[-1].wait_ready()
         if args.feeder == "light":  # no MeshLink waits for the dispatcher set: the backup must be known
             asyncio.run(wait_until(lambda: len(health(nodes[0])["dispatchers"]) == len(nodes), 20,
                                    what="the dispatchers to see each other"))
