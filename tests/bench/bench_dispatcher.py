@@ -2,7 +2,7 @@
 
     python tests/bench/bench_dispatcher.py [--frontends 2] [--videos 1000] [--hot]
         [--rate 150000] [--duration 5] [--batch 100] [--window 32] [--watched 1.0] [--backup]
-        [--baseline-ref REF | --no-baseline] [--rounds 1] [--json]
+        [--feeder link|light] [--baseline-ref REF | --no-baseline] [--rounds 1] [--json]
 
 HTTP cannot offer 100 k likes/s on two cores (Tornado parses ~5 k requests/s per process), so
 the load reaches the dispatcher the way frontends send it: batched ``PUB`` requests over
@@ -21,6 +21,10 @@ all the same (its XPUB drops them for want of a subscriber), so the load generat
 more than it could receive on the same two cores.  All video ids are chosen so that the first dispatcher owns
 them; ``--backup`` starts a second dispatcher, which then is their backup (every acknowledged
 batch is replicated to it first: the replication cost).
+
+``--feeder light`` replaces MeshLink by a feeder that costs next to nothing (``emulate_light``:
+requests built and packed before the timed part, ACKs counted, fan-out decoded once, ids into
+a set): what one dispatcher process can do when its feeders are cheap.
 
 Side by side in one run: the dispatcher of ``--baseline-ref`` (default: the commit this
 branch's optimisation started from; its tree is exported with ``git archive`` to a temporary
