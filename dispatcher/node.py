@@ -292,8 +292,13 @@ class Dispatcher:
     def _sequence(self, video: str, items: list[tuple["_PendingAck", int, dict]], order: list[str],
                   burst: "_Burst", now: float) -> None:
         new, again, placed = self.seq.accept_many(video, [event for _, _, event in items], now)
+        deferred = burst.deferred
         for (ack, i, _), stored in zip(items, placed):  # sent when the burst commits (_finish)
-            ack.results[i] = {"id": stored["id"], "epoch": stored["epoch"], "seq": stored["seq"]}
+            result = {"id": stored["id"], "epoch": stored["epoch"], "seq": stored["seq"]}
+            if deferred is None:
+                ack.results[i] = result
+            else:
+                deferred.append((ack, i, result))
         burst.placed += len(placed)
         if not (again or new):
             return
@@ -335,6 +340,8 @@ class Dispatcher:
         self.stats["publish_bursts"] += 1
         for ack in burst.acks:
             ack.settle()
+        for ack, i, result in burst.deferred or ():
+            ack.fill(i, result)
 
     def _send_fanout(self, msg: P.Fanout) -> None:
         self._send_fanout_frames(msg.to_frames(), msg.kind, msg.video)
@@ -360,7 +367,7 @@ class Dispatcher:
                 if own is not None and own != self.name and not fwd and await self._forward(own, video, items):
                     return
                 await self._ensure_chain(video)
-                burst = _Burst(list({id(ack): ack for ack, _, _ in items}.values()))
+                burst = _Burst([], deferred=[])  # other slow publishes may settle these requests
                 self._sequence(video, items, rank(video, live), burst, time.monotonic())
                 await self._replicate(burst)
                 self._finish(burst)
@@ -545,10 +552,11 @@ class _PendingAck:
     """The ACK of one PUB request: sent once every event has its result (fast-path events
     when their burst commits, slow-path ones when their forward or chain fetch is done).
 
-    ``_sequence`` writes a placed event's result straight into ``results`` (no per-event
-    bookkeeping on the hot path); the burst that placed it calls ``settle`` once it committed.
-    That cannot send a result early: a request's events are all in one burst, and its
-    slow-path events are placed only after that burst committed."""
+    On the fast path ``_sequence`` writes a placed event's result straight into ``results``
+    (no per-event bookkeeping); the burst calls ``settle`` once it committed.  That cannot send
+    a result early: a request's events are all in one burst, and its slow-path events are
+    sequenced only after that burst committed.  Slow-path bursts defer their results to their
+    own commit (``fill``): two of them, for two videos of one request, run concurrently."""
 
     __slots__ = ("node", "peer", "request_id", "results", "sent")
 
@@ -594,13 +602,14 @@ class _Burst:
     batches of pre-packed events, ``protocol.pack_events``), each video's last event, the
     requests whose placed events it acknowledges."""
 
-    __slots__ = ("replicas", "fanout", "tails", "acks", "placed", "new", "again")
+    __slots__ = ("replicas", "fanout", "tails", "acks", "deferred", "placed", "new", "again")
 
-    def __init__(self, acks: list[_PendingAck]) -> None:
+    def __init__(self, acks: list[_PendingAck], deferred: list | None = None) -> None:
         self.replicas: dict[str, list[tuple[int, bytes]]] = {}
         self.fanout: dict[str, list[tuple[int, bytes]]] = {}
         self.tails: dict[str, tuple[int, int]] = {}
-        self.acks = acks
+        self.acks = acks  # settled on commit: their fast-path results are written in place
+        self.deferred = deferred  # slow path: (ack, position, result), filled on commit
         self.placed = 0
         self.new = 0
         self.again = 0
