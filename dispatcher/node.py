@@ -8,7 +8,9 @@ synchronously, with no future, task or lock per event:
    its own error result, the others go on) and grouped per video over the whole burst.
 2. Fast path -- a video this dispatcher owns (or that was forwarded to it), whose chain it
    already holds, with no slow-path work pending: its events are appended to the chain at
-   once (``Sequencer.accept_many``: one chain append per video).
+   once (``Sequencer.accept_many``: one chain append per video), packed once
+   (``protocol.pack_events``: the same bytes go into the ``REPL`` and the XPUB message), and
+   each event's ACK result is written into its request's ``_PendingAck``.
 3. The burst then commits as a unit: its new events go to each backup (the next dispatcher
    in rendezvous order) in one ``REPL`` request per backup; once the backups answered (or were
    skipped: a backup that misses ``REPLICATE_TIMEOUT`` is suspect for ``SUSPECT_FOR`` seconds,
@@ -20,7 +22,9 @@ synchronously, with no future, task or lock per event:
    set differ for a moment after a change) is forwarded there, once (``fwd``); a video with no
    chain here yet first fetches its tail from the dispatcher that owned it before.  It runs as
    a task under the video's ``asyncio.Lock``, after the bursts received before it have
-   committed; while it is pending, later events of that video take the slow path too.
+   committed; while it is pending, later events of that video take the slow path too, joining
+   the video's slow publish that has not started yet (``_SlowBatch``: one more round under
+   sustained load, not one slow publish per burst for ever).
 5. A retried event already known from a replica (its owner died after replicating it) is
    published again; frontends drop what they already delivered by event id.
 
@@ -86,6 +90,7 @@ class Dispatcher:
         self.leaving = False
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slow: dict[str, int] = {}  # video -> slow-path publishes pending (forward, chain fetch)
+        self._slow_open: dict[tuple[str, bool], _SlowBatch] = {}  # (video, fwd) -> one not started yet
         self._last_commit: asyncio.Task | None = None  # the newest burst still committing
         self._ranks: dict[str, list[str]] = {}  # video -> rendezvous order over _ranks_for
         self._ranks_for: list[str] = []
@@ -172,6 +177,7 @@ class Dispatcher:
         """One burst of ROUTER messages (``SocketPump``): control requests answered, publishes
         grouped per (video, forwarded) and published together."""
         groups: dict[tuple[str, bool], list[tuple[_PendingAck, int, dict]]] = {}
+        acks: list[_PendingAck] = []
         for frames in batch:
             peer = frames[0]
             try:
@@ -181,7 +187,7 @@ class Dispatcher:
                 wire_log.warning("dropped malformed control message from %r: %s", peer[:16], exc)
                 continue
             if msg.msg_type == P.MSG_PUBLISH:
-                self._take_publish(peer, msg, groups)
+                self._take_publish(peer, msg, groups, acks)
             elif msg.msg_type == P.MSG_PING:
                 self._reply(peer, P.Control(P.MSG_PONG, msg.request_id, {"name": self.name}))
             elif msg.msg_type == P.MSG_HISTORY:
@@ -195,9 +201,9 @@ class Dispatcher:
             else:
                 self._reject(peer, msg, "unexpected_type", RemoteProtocolError(f"{msg.msg_type!r} is not a request"))
         if groups:
-            self._publish(groups)
+            self._publish(groups, acks)
 
-    def _take_publish(self, peer: bytes, msg: P.Control, groups: dict) -> None:
+    def _take_publish(self, peer: bytes, msg: P.Control, groups: dict, acks: list["_PendingAck"]) -> None:
         try:
             events, rejected = P.publish_items(msg)
             if not events:  # nothing usable: the whole request is rejected
@@ -206,6 +212,7 @@ class Dispatcher:
             self._reject(peer, msg, "malformed", exc)
             return
         ack = _PendingAck(self, peer, msg.request_id, len(events) + len(rejected))
+        acks.append(ack)
         if rejected:  # one line per request, not per event
             self.stats["malformed"] += 1
             self.stats["events_rejected"] += len(rejected)
@@ -245,11 +252,12 @@ class Dispatcher:
             order = self._ranks[video] = rank(video, live)
         return order
 
-    def _publish(self, groups: dict[tuple[str, bool], list[tuple["_PendingAck", int, dict]]]) -> None:
+    def _publish(self, groups: dict[tuple[str, bool], list[tuple["_PendingAck", int, dict]]],
+                 acks: list["_PendingAck"]) -> None:
         """Sequence a burst's events (fast path) and commit them; hand the rest to the slow
         path (see the module docstring)."""
         live = self.live()
-        burst = _Burst()
+        burst = _Burst(acks)
         slow = []
         now = time.monotonic()
         for (video, fwd), items in groups.items():
@@ -260,7 +268,7 @@ class Dispatcher:
                 slow.append((video, items, fwd))
             else:
                 self._sequence(video, items, order, burst, now)
-        if burst.results:
+        if burst.placed:
             prev = self._last_commit
             if not burst.replicas and (prev is None or prev.done()):
                 self._finish(burst)  # nothing to wait for: publish and acknowledge now
@@ -269,22 +277,45 @@ class Dispatcher:
                 self._inflight.add(self._last_commit)
                 self._last_commit.add_done_callback(self._inflight.discard)
         for video, items, fwd in slow:  # after this burst: a video's events may be in both
-            self._spawn(self._publish_slow(video, items, fwd, self._last_commit))
+            batch = self._slow_open.get((video, fwd))
+            if batch is not None and len(batch.items) + len(items) <= P.MAX_BATCH_EVENTS:
+                # joins the video's pending slow publish that has not started yet: under
+                # sustained load a video leaves the slow path after one more round, instead of
+                # queueing one slow publish (with its own REPL) per burst for ever
+                batch.items.extend(items)
+                batch.prev = self._last_commit
+                self._slow[video] -= 1
+                continue
+            batch = self._slow_open[(video, fwd)] = _SlowBatch(items, fwd, self._last_commit)
+            self._spawn(self._publish_slow(video, batch))
 
     def _sequence(self, video: str, items: list[tuple["_PendingAck", int, dict]], order: list[str],
                   burst: "_Burst", now: float) -> None:
         new, again, placed = self.seq.accept_many(video, [event for _, _, event in items], now)
-        results = burst.results
-        for (ack, i, _), stored in zip(items, placed):
-            results.append((ack, i, {"id": stored["id"], "epoch": stored["epoch"], "seq": stored["seq"]}))
+        deferred = burst.deferred
+        for (ack, i, _), stored in zip(items, placed):  # sent when the burst commits (_finish)
+            result = {"id": stored["id"], "epoch": stored["epoch"], "seq": stored["seq"]}
+            if deferred is None:
+                ack.results[i] = result
+            else:
+                deferred.append((ack, i, result))
+        burst.placed += len(placed)
+        if not (again or new):
+            return
+        # each batch packed once: the same bytes go to the backup and to the fan-out
+        batches = burst.fanout.setdefault(video, [])
+        if again:
+            batches.extend(P.pack_events(again))
+            burst.again += len(again)
         if new:
+            packed = P.pack_events(new)
+            batches.extend(packed)
             backup = next((d for d in order if d != self.name), None)
             if backup is not None:
-                burst.replicas.setdefault(backup, []).extend(new)
+                burst.replicas.setdefault(backup, []).extend(packed)
             burst.new += len(new)
-        if again or new:
-            burst.again += len(again)
-            burst.fanout.setdefault(video, []).extend(again + new)
+        last = (new or again)[-1]
+        burst.tails[video] = (last["epoch"], last["seq"])
 
     async def _commit(self, burst: "_Burst", prev: asyncio.Task | None) -> None:
         """Replicate, then -- once the burst before this one committed -- publish and ack."""
@@ -299,44 +330,51 @@ class Dispatcher:
 
     def _finish(self, burst: "_Burst") -> None:
         at = asyncio.get_running_loop().time()
-        for video, events in burst.fanout.items():
-            self._active[video] = (at, (events[-1]["epoch"], events[-1]["seq"]))
-            for batch in P.chunked(events):
-                self._send_fanout(P.Fanout(video, P.FANOUT_EVENTS, self.name, batch))
-                self.stats["fanout_msgs"] += 1
+        for video, batches in burst.fanout.items():
+            self._active[video] = (at, burst.tails[video])
+            for count, data in batches:
+                self._send_fanout_frames(P.packed_fanout_events(video, self.name, count, data), P.FANOUT_EVENTS, video)
+            self.stats["fanout_msgs"] += len(batches)
         self.stats["events_in"] += burst.new
         self.stats["republished"] += burst.again
         self.stats["publish_bursts"] += 1
-        for ack, i, result in burst.results:
+        for ack in burst.acks:
+            ack.settle()
+        for ack, i, result in burst.deferred or ():
             ack.fill(i, result)
 
     def _send_fanout(self, msg: P.Fanout) -> None:
-        try:
-            self.xpub.send_multipart(msg.to_frames())
-        except zmq.ZMQError as exc:  # XPUB drops at its high-water mark; this is a local failure
-            presence = msg.kind in (P.FANOUT_PRESENCE, P.FANOUT_DC_PRESENCE)
-            self.stats["presence_dropped" if presence else "fanout_send_errors"] += 1
-            wire_log.warning("%s of %s not sent: %s", "presence" if presence else "fan-out", msg.video, exc)
+        self._send_fanout_frames(msg.to_frames(), msg.kind, msg.video)
 
-    async def _publish_slow(self, video: str, items: list[tuple["_PendingAck", int, dict]], fwd: bool,
-                            prev: asyncio.Task | None) -> None:
+    def _send_fanout_frames(self, frames: list[bytes], kind: str, video: str) -> None:
+        try:
+            self.xpub.send_multipart(frames)
+        except zmq.ZMQError as exc:  # XPUB drops at its high-water mark; this is a local failure
+            presence = kind in (P.FANOUT_PRESENCE, P.FANOUT_DC_PRESENCE)
+            self.stats["presence_dropped" if presence else "fanout_send_errors"] += 1
+            wire_log.warning("%s of %s not sent: %s", "presence" if presence else "fan-out", video, exc)
+
+    async def _publish_slow(self, video: str, batch: "_SlowBatch") -> None:
+        items, fwd = batch.items, batch.fwd
         try:
             async with self._locks[video]:
-                if prev is not None:
-                    await asyncio.wait([prev])  # the bursts received before us are published first
+                while batch.prev is not None and not batch.prev.done():
+                    await asyncio.wait([batch.prev])  # the bursts received before us are published first
+                if self._slow_open.get((video, fwd)) is batch:
+                    del self._slow_open[(video, fwd)]  # from here on, later publishes wait for us
                 live = self.live()
                 own = owner(video, live)
                 if own is not None and own != self.name and not fwd and await self._forward(own, video, items):
                     return
                 await self._ensure_chain(video)
-                burst = _Burst()
+                burst = _Burst([], deferred=[])  # other slow publishes may settle these requests
                 self._sequence(video, items, rank(video, live), burst, time.monotonic())
                 await self._replicate(burst)
                 self._finish(burst)
         except Exception as exc:  # noqa: BLE001 - every waiting request gets an answer
             log.exception("publishing to %s failed", video)
             for ack, i, event in items:
-                ack.fill(i, {"id": event["id"], "error": {"code": "internal", "message": str(exc)}})
+                ack.fail(i, {"id": event["id"], "error": {"code": "internal", "message": str(exc)}})
         finally:
             left = self._slow.pop(video, 1) - 1
             if left:
@@ -381,20 +419,21 @@ class Dispatcher:
     async def _replicate(self, burst: "_Burst") -> None:
         """A burst's new events to their backups, one REPL request per backup, concurrently."""
         if burst.replicas:
-            await asyncio.gather(*(self._replicate_to(backup, batch)
-                                   for backup, events in burst.replicas.items() for batch in P.chunked(events)))
+            await asyncio.gather(*(self._replicate_to(backup, group) for backup, batches in burst.replicas.items()
+                                   for group in P.packed_batches(batches)))
 
-    async def _replicate_to(self, backup: str, events: list[dict]) -> None:
+    async def _replicate_to(self, backup: str, batches: list[tuple[int, bytes]]) -> None:
+        count = sum(n for n, _ in batches)
         if self.peers.is_suspect(backup):
-            self.stats["replication_skipped"] += len(events)
+            self.stats["replication_skipped"] += count
             return
         try:
-            await self.peers.request(backup, P.MSG_REPLICATE, {"events": events}, REPLICATE_TIMEOUT)
-            self.stats["replicated"] += len(events)
+            await self.peers.request(backup, P.MSG_REPLICATE, P.packed_events_body(batches), REPLICATE_TIMEOUT)
+            self.stats["replicated"] += count
             self.stats["replication_msgs"] += 1
         except (asyncio.TimeoutError, PeerGone) as exc:
-            self.stats["replication_failures"] += len(events)
-            log.warning("replicating %d events to %s failed (%s)", len(events), backup,
+            self.stats["replication_failures"] += count
+            log.warning("replicating %d events to %s failed (%s)", count, backup,
                         exc or type(exc).__name__)
 
     def _handle_replicate(self, peer: bytes, msg: P.Control) -> None:
@@ -511,35 +550,67 @@ class Dispatcher:
 
 class _PendingAck:
     """The ACK of one PUB request: sent once every event has its result (fast-path events
-    when their burst commits, slow-path ones when their forward or chain fetch is done)."""
+    when their burst commits, slow-path ones when their forward or chain fetch is done).
 
-    __slots__ = ("node", "peer", "request_id", "results", "missing")
+    On the fast path ``_sequence`` writes a placed event's result straight into ``results``
+    (no per-event bookkeeping); the burst calls ``settle`` once it committed.  That cannot send
+    a result early: a request's events are all in one burst, and its slow-path events are
+    sequenced only after that burst committed.  Slow-path bursts defer their results to their
+    own commit (``fill``): two of them, for two videos of one request, run concurrently."""
+
+    __slots__ = ("node", "peer", "request_id", "results", "sent")
 
     def __init__(self, node: Dispatcher, peer: bytes, request_id: bytes, size: int):
         self.node = node
         self.peer = peer
         self.request_id = request_id
         self.results: list[dict | None] = [None] * size
-        self.missing = size
+        self.sent = False
 
     def fill(self, i: int, result: dict) -> None:
-        if self.results[i] is not None:
-            return
-        self.results[i] = result
-        self.missing -= 1
-        if not self.missing:
+        """Event ``i``'s result, unless it has one; sends the ACK once all have one."""
+        if self.results[i] is None:
+            self.results[i] = result
+            self.settle()
+
+    def fail(self, i: int, result: dict) -> None:
+        """Event ``i``'s error result, replacing a placement not yet acknowledged."""
+        if not self.sent:
+            self.results[i] = result
+            self.settle()
+
+    def settle(self) -> None:
+        if not self.sent and None not in self.results:
+            self.sent = True
             self.node._reply(self.peer, P.Control(P.MSG_ACK, self.request_id, P.ack_body(self.results)))
 
 
+class _SlowBatch:
+    """A video's slow-path publishes, joined until the task serving them starts: the items,
+    whether they were forwarded to us, and the burst commit they must wait for."""
+
+    __slots__ = ("items", "fwd", "prev")
+
+    def __init__(self, items: list[tuple[_PendingAck, int, dict]], fwd: bool, prev: asyncio.Task | None):
+        self.items = items
+        self.fwd = fwd
+        self.prev = prev
+
+
 class _Burst:
-    """What one burst of publishes commits: replicas per backup, fan-out per video, results."""
+    """What one burst of publishes commits: replicas per backup and fan-out per video (both as
+    batches of pre-packed events, ``protocol.pack_events``), each video's last event, the
+    requests whose placed events it acknowledges."""
 
-    __slots__ = ("replicas", "fanout", "results", "new", "again")
+    __slots__ = ("replicas", "fanout", "tails", "acks", "deferred", "placed", "new", "again")
 
-    def __init__(self) -> None:
-        self.replicas: dict[str, list[dict]] = {}
-        self.fanout: dict[str, list[dict]] = {}
-        self.results: list[tuple[_PendingAck, int, dict]] = []
+    def __init__(self, acks: list[_PendingAck], deferred: list | None = None) -> None:
+        self.replicas: dict[str, list[tuple[int, bytes]]] = {}
+        self.fanout: dict[str, list[tuple[int, bytes]]] = {}
+        self.tails: dict[str, tuple[int, int]] = {}
+        self.acks = acks  # settled on commit: their fast-path results are written in place
+        self.deferred = deferred  # slow path: (ack, position, result), filled on commit
+        self.placed = 0
         self.new = 0
         self.again = 0
 

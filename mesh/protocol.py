@@ -233,6 +233,60 @@ def check_event(obj: Any) -> dict:
     return obj
 
 
+# --- pre-packed events ------------------------------------------------------------------
+#
+# A dispatcher packs each sequenced batch of a video's events once, and the same bytes go into
+# the fan-out message, and into the REPL request to the backup.  A msgpack array is a header
+# (its length) followed by the concatenated encodings of its elements, so a message holding
+# several pre-packed batches is a header and a join: byte for byte what packing the whole
+# structure would give (tests/test_core.py checks it), so the wire format does not change.
+
+
+class Packed(bytes):
+    """A control body already encoded as a msgpack map: ``Control.to_frames`` sends it as is."""
+
+
+_EVENTS_KEY = b"\x81" + _packer.pack("events")  # {"events": <array follows>}
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def pack_events(events: list[dict]) -> list[tuple[int, bytes]]:
+    """``events`` cut like ``chunked`` and packed: per batch, its length and its elements'
+    encodings (the msgpack array without its header)."""
+    out = []
+    for batch in chunked(events):
+        data = _packer.pack(batch)
+        out.append((len(batch), data[len(_array_header(len(batch))):]))
+    return out
+
+
+def packed_events_body(batches: list[tuple[int, bytes]]) -> Packed:
+    """The body ``{"events": [...]}`` of a PUB or REPL request made of pre-packed batches."""
+    return Packed(_EVENTS_KEY + _array_header(sum(n for n, _ in batches)) + b"".join(b for _, b in batches))
+
+
+def packed_batches(batches: list[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
+    """Pre-packed batches grouped for messages of at most MAX_BATCH_EVENTS events and
+    MAX_BATCH_BYTES bytes (a batch from ``pack_events`` fits one message on its own)."""
+    out: list[list[tuple[int, bytes]]] = [[]]
+    count = size = 0
+    for n, data in batches:
+        if out[-1] and (count + n > MAX_BATCH_EVENTS or size + len(data) > MAX_BATCH_BYTES):
+            out.append([])
+            count = size = 0
+        out[-1].append((n, data))
+        count += n
+        size += len(data)
+    return out
+
+
 # --- control envelope -------------------------------------------------------------------
 
 @dataclass
@@ -248,7 +302,8 @@ class Control:
             raise LocalProtocolError(f"unknown control type {self.msg_type!r}")
         if not 0 < len(self.request_id) <= MAX_REQUEST_ID:
             raise LocalProtocolError("request id must be 1..32 bytes")
-        return [MAGIC_V1, self.msg_type, self.request_id, pack(self.body)]
+        body = self.body
+        return [MAGIC_V1, self.msg_type, self.request_id, body if type(body) is Packed else pack(body)]
 
     @classmethod
     def from_frames(cls, frames: list[bytes]) -> "Control":
@@ -520,6 +575,19 @@ class Fanout:
             if event["video"] != video:
                 raise RemoteProtocolError("event video does not match its topic")
         return cls(video, kind, sender, events)
+
+
+_events_prefixes: dict[str, bytes] = {}
+
+
+def packed_fanout_events(video: str, sender: str, count: int, data: bytes) -> list[bytes]:
+    """The frames of ``Fanout(video, FANOUT_EVENTS, sender, events).to_frames()`` from one batch
+    of ``pack_events``: the same bytes, without packing the events again."""
+    prefix = _events_prefixes.get(sender)
+    if prefix is None:  # {"v": 1, "k": "E", "from": sender, "events": <array follows>}
+        prefix = _events_prefixes[sender] = b"\x84" + b"".join(
+            _packer.pack(x) for x in ("v", PROTOCOL_VERSION, "k", FANOUT_EVENTS, "from", sender, "events"))
+    return [topic_for(video), prefix + _array_header(count) + data]
 
 
 def origin_dc(event: dict, default: str) -> str:

@@ -14,7 +14,8 @@ missed nothing; otherwise it asks the owner for the events after its last one
 (:meth:`Sequencer.after`), or tells its viewers to ``reset`` when history no longer reaches.
 
 History keeps the last ``history_size`` events per video, none older than ``history_age``
-seconds; replicas live in the same logs.  Retries of a publish carry the same event id: a
+seconds; replicas live in the same logs (two deques bounded by ``maxlen``: the oldest event
+and its time leave together, in C).  Retries of a publish carry the same event id: a
 bounded LRU of recent ids returns the original placement instead of sequencing it twice.
 """
 
@@ -35,7 +36,7 @@ def position(event: dict) -> Position:
 class VideoLog:
     seq: int = 0                   # last seq this dispatcher assigned in its own epoch
     tail: Position | None = None   # last event of the chain known here (own or replicated)
-    history: deque = field(default_factory=deque)  # events, chain order
+    history: deque = field(default_factory=deque)  # events, chain order (Sequencer._log bounds both)
     times: deque = field(default_factory=deque)    # their monotonic arrival times (pruning by age)
 
 
@@ -99,10 +100,6 @@ class Sequencer:
         if self.dedupe_size:
             while len(recent) > self.dedupe_size:
                 recent.popitem(last=False)
-        if self.history_size:
-            while len(history) > self.history_size:
-                history.popleft()
-                times.popleft()
         return new, again, placed
 
     def store(self, events: list[dict], now: float | None = None) -> int:
@@ -155,7 +152,8 @@ class Sequencer:
     def _log(self, video: str) -> VideoLog:
         log = self.videos.get(video)
         if log is None:
-            log = self.videos[video] = VideoLog()
+            log = self.videos[video] = VideoLog(history=deque(maxlen=self.history_size),
+                                                times=deque(maxlen=self.history_size))
         return log
 
     def _append(self, log: VideoLog, event: dict, now: float | None) -> None:
@@ -167,6 +165,3 @@ class Sequencer:
         if self.history_size:
             log.history.append(event)
             log.times.append(time.monotonic() if now is None else now)
-            if len(log.history) > self.history_size:
-                log.history.popleft()
-                log.times.popleft()

@@ -212,6 +212,25 @@ def test_chunked_keeps_every_message_far_below_the_size_limit():
     assert all(len(P.pack(P.publish_body(c))) < MAX_MSG_SIZE // 2 for c in chunks)
 
 
+@pytest.mark.parametrize("count", [1, 15, 16, 300, 4500])
+def test_pre_packed_events_are_the_bytes_packing_would_give(count):
+    """The dispatcher packs each batch once and reuses the bytes for fan-out and REPL: the
+    messages must be exactly those of Fanout.to_frames / Control.to_frames (wire unchanged)."""
+    seq = Sequencer(epoch=5, dc="dc1")
+    events = seq.accept_many("v", [_ev() for _ in range(count)])[0]
+    batches = P.pack_events(events)
+    assert [n for n, _ in batches] == [len(c) for c in P.chunked(events)]
+    assert [P.packed_fanout_events("v", "d-1", n, data) for n, data in batches] == \
+        [P.Fanout("v", P.FANOUT_EVENTS, "d-1", c).to_frames() for c in P.chunked(events)]
+    groups, sent = P.packed_batches(batches + batches), []
+    for group in groups:  # REPL requests: a header and the pre-packed batches joined
+        frames = P.Control(P.MSG_REPLICATE, b"r", P.packed_events_body(group)).to_frames()
+        part = P.publish_events(P.Control.from_frames(frames))
+        assert frames[3] == P.pack({"events": part}) and len(part) <= P.MAX_BATCH_EVENTS
+        sent += part
+    assert sent == msgpack.unpackb(P.pack(events + events))
+
+
 def test_chain_follower_delivers_in_order_and_repairs_gaps():
     from mesh.ordering import ChainFollower
     seq = Sequencer(epoch=1)

@@ -2,7 +2,7 @@
 
     python tests/bench/bench_dispatcher.py [--frontends 2] [--videos 1000] [--hot]
         [--rate 150000] [--duration 5] [--batch 100] [--window 32] [--watched 1.0] [--backup]
-        [--baseline-ref REF | --no-baseline] [--rounds 1] [--json]
+        [--feeder link|light] [--baseline-ref REF | --no-baseline] [--rounds 1] [--json]
 
 HTTP cannot offer 100 k likes/s on two cores (Tornado parses ~5 k requests/s per process), so
 the load reaches the dispatcher the way frontends send it: batched ``PUB`` requests over
@@ -21,6 +21,10 @@ all the same (its XPUB drops them for want of a subscriber), so the load generat
 more than it could receive on the same two cores.  All video ids are chosen so that the first dispatcher owns
 them; ``--backup`` starts a second dispatcher, which then is their backup (every acknowledged
 batch is replicated to it first: the replication cost).
+
+``--feeder light`` replaces MeshLink by a feeder that costs next to nothing (``emulate_light``:
+requests built and packed before the timed part, ACKs counted, fan-out decoded once, ids into
+a set): what one dispatcher process can do when its feeders are cheap.
 
 Side by side in one run: the dispatcher of ``--baseline-ref`` (default: the commit this
 branch's optimisation started from; its tree is exported with ``git archive`` to a temporary
@@ -44,15 +48,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, ROOT)
 
 from mesh.ownership import owner  # noqa: E402
 from mesh.topology import NodeProcess  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
-#: the commit before the batched publish path (what "today" meant when this bench was written)
-BASELINE_REF = "80b0502"
+#: main before this round (round 1, the batched publish path, started from 80b0502)
+BASELINE_REF = "ad49804"
 #: seconds to wait, after the last ack, for deliveries to stop arriving (quiet for SETTLE_QUIET)
 SETTLE_MAX = 10.0
 SETTLE_QUIET = 1.0
@@ -84,6 +90,135 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 # --- the emulated frontend (a child process) ---------------------------------------------------
 
+def emulated_videos(args) -> tuple[list[str], list[str]]:
+    """The videos emulated frontend ``args.index`` publishes to (all) and watches (its share)."""
+    videos = bench_videos(1 if args.hot else args.videos, list(DISPATCHERS[: args.dispatchers]))
+    watched = [v for j, v in enumerate(videos)
+               if j % args.frontends == args.index and j < max(1, round(args.watched * len(videos)))]
+    return videos, watched
+
+
+def emulate_light(args) -> None:
+    """The light feeder (``--feeder light``): plain synchronous sockets, no MeshLink.  Every
+    PUB request of the run is built (``mesh.protocol`` encoders, a fresh id per event) and
+    packed before the timed part; then requests leave on time (``window`` in flight at most),
+    ACK results are counted, and fan-out messages get one plain msgpack decode with event ids
+    into a set (loss and duplicates), no validation or chain following: what one dispatcher
+    process does when its feeders cost next to nothing."""
+    import msgpack
+    import zmq
+
+    from mesh import protocol as P
+    from mesh.node import settle_gc
+
+    videos, watched = emulated_videos(args)
+    total = int(args.rate * args.duration)
+    requests: list[tuple[list[bytes], list[str]]] = []
+    for r in range(0, (total + args.batch - 1) // args.batch):
+        events = [P.make_event(videos[n % len(videos)], P.KIND_LIKE, "bench", None,
+                               event_id=f"{args.index:02d}l{n:014x}", ts=0.0)
+                  for n in range(r * args.batch, min(total, (r + 1) * args.batch))]
+        msg = P.Control(P.MSG_PUBLISH, b"r%d" % r, P.publish_body(events))
+        requests.append((msg.to_frames(), [e["video"] for e in events]))
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    sub = ctx.socket(zmq.SUB)
+    try:
+        dealer.connect(args.router)
+        sub.connect(args.pub)
+        for video in watched:
+            sub.setsockopt(zmq.SUBSCRIBE, P.topic_for(video))
+        unsynced, deadline = set(watched), time.monotonic() + 10
+        while unsynced and sub.poll(max(1, int(1000 * (deadline - time.monotonic())))):
+            topic, payload = sub.recv_multipart()
+            if msgpack.unpackb(payload)["k"] == P.FANOUT_SYNC:
+                unsynced.discard(P.video_from_topic(topic))
+        settle_gc()
+        print(json.dumps({"ready": True, "synced": len(watched) - len(unsynced), "watched": len(watched)}),
+              flush=True)
+        start_at = float(sys.stdin.readline())
+
+        seen: set[str] = set()
+        received: dict[str, int] = {}
+        acked: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        latencies: list[float] = []
+        sent_at: dict[bytes, tuple[float, list[str]]] = {}
+        result = {"published": 0, "acked": 0, "first_ack": 0.0, "last_ack": 0.0, "duplicates": 0,
+                  "last_delivery": 0.0}
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(sub, zmq.POLLIN)
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
+        interval = args.batch / args.rate
+        next_req = 0
+        publish_end = 0.0
+        drain_until = None
+        while True:
+            now = time.monotonic()
+            while next_req < len(requests) and len(sent_at) < args.window and t0 + next_req * interval <= now:
+                frames, vids = requests[next_req]
+                dealer.send_multipart(frames)
+                sent_at[frames[2]] = (time.time(), vids)
+                result["published"] += len(vids)
+                next_req += 1
+            if not publish_end and (next_req == len(requests) or now - t0 >= args.duration):
+                del requests[next_req:]  # an overloaded dispatcher: fewer likes/s, not a longer run
+                publish_end = time.time()
+            if publish_end and not sent_at:
+                if drain_until is None:
+                    cpu = time.process_time() - cpu0  # publishing and receiving, until the last ack
+                    drain_until = time.time() + SETTLE_MAX
+                if time.time() > drain_until or time.time() - max(result["last_delivery"], publish_end) > SETTLE_QUIET:
+                    break
+            elif publish_end and time.time() - publish_end > 10:
+                cpu = time.process_time() - cpu0
+                break  # acks that never came: reported as published but not acknowledged
+            due = t0 + next_req * interval if next_req < len(requests) and len(sent_at) < args.window else now + 0.05
+            for sock, _ in poller.poll(max(0, int(1000 * (due - time.monotonic())) + 1)):
+                if sock is dealer:
+                    while dealer.poll(0):
+                        _, _, request_id, body = dealer.recv_multipart()
+                        sent, vids = sent_at.pop(request_id)
+                        t = time.time()
+                        latencies.append((t - sent) * 1000.0)
+                        for video, res in zip(vids, msgpack.unpackb(body)["results"]):
+                            if "error" in res:
+                                errors[res["error"]["code"]] = errors.get(res["error"]["code"], 0) + 1
+                            else:
+                                acked[video] = acked.get(video, 0) + 1
+                                result["acked"] += 1
+                        result["first_ack"] = result["first_ack"] or t
+                        result["last_ack"] = t
+                else:
+                    while sub.poll(0):
+                        topic, payload = sub.recv_multipart()
+                        msg = msgpack.unpackb(payload)
+                        if msg["k"] != P.FANOUT_EVENTS:
+                            continue
+                        n = len(seen)
+                        seen.update(e["id"] for e in msg["events"])
+                        fresh = len(seen) - n
+                        result["duplicates"] += len(msg["events"]) - fresh
+                        video = msg["events"][0]["video"]
+                        received[video] = received.get(video, 0) + fresh
+                        result["last_delivery"] = time.time()
+        latencies.sort()
+        print(json.dumps({
+            **result, "errors": errors, "acked_by_video": acked, "watched_videos": watched, "cpu": cpu,
+            "received_by_video": received, "received": sum(received.values()), "publish_end": publish_end,
+            "latencies": latencies[:: max(1, len(latencies) // 2000)],
+            "link": {"gaps": 0, "gaps_repaired": 0, "resets": 0, "publish_retries": 0,
+                     "publish_requests": next_req, "malformed": 0},
+        }), flush=True)
+    finally:
+        dealer.close(linger=0)
+        sub.close(linger=0)
+        ctx.term()
+
+
 async def emulate(args) -> None:
     import zmq.asyncio
 
@@ -92,10 +227,8 @@ async def emulate(args) -> None:
     from mesh.kv_embedded import EmbeddedKV
     from mesh.node import settle_gc
 
+    videos, watched = emulated_videos(args)
     dispatchers = list(DISPATCHERS[: args.dispatchers])
-    videos = bench_videos(1 if args.hot else args.videos, dispatchers)
-    watched = [v for j, v in enumerate(videos)
-               if j % args.frontends == args.index and j < max(1, round(args.watched * len(videos)))]
     received: dict[str, int] = {}
     seen: set[str] = set()
     counts = {"duplicates": 0, "last_delivery": 0.0}
@@ -220,14 +353,19 @@ def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str) -> NodePr
     return node
 
 
-def start_emulator(args, index: int, kv_path: str, log_dir: str) -> subprocess.Popen:
-    cmd = [sys.executable, os.path.abspath(__file__), "--emulate", "--index", str(index),
-           "--kv-path", kv_path, "--frontends", str(args.frontends), "--videos", str(args.videos),
+def start_emulator(args, index: int, kv_path: str, log_dir: str, node: NodeProcess) -> subprocess.Popen:
+    cmd = [sys.executable, os.path.abspath(__file__), "--emulate", "--index", str(index), "--feeder", args.feeder,
+           "--kv-path", kv_path, "--router", node.info["router"], "--pub", node.info["pub"], "--frontends", str(args.frontends), "--videos", str(args.videos),
            "--rate", str(args.rate / args.frontends), "--duration", str(args.duration),
            "--batch", str(args.batch), "--window", str(args.window), "--watched", str(args.watched),
            "--dispatchers", str(2 if args.backup else 1)] + (["--hot"] if args.hot else [])
     with open(os.path.join(log_dir, f"emulator-{index}.log"), "ab") as log:
         return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+
+
+def health(node: NodeProcess) -> dict:
+    with urllib.request.urlopen(node.url + "/healthz", timeout=5) as resp:
+        return json.loads(resp.read())
 
 
 def read_json_line(proc: subprocess.Popen, timeout: float) -> dict:
@@ -252,11 +390,13 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
     nodes: list[NodeProcess] = []
     emulators: list[subprocess.Popen] = []
     try:
-        for name in DISPATCHERS[: 2 if args.backup else 1]:
+        for name in DISPATCHERS[: 2 if args.backup else 1]:  # one by one: both create the KV file
             nodes.append(start_dispatcher(tree, name, kv_path, log_dir))
-        for node in nodes:
-            node.wait_ready()
-        emulators = [start_emulator(args, i, kv_path, log_dir) for i in range(args.frontends)]
+            nodes[-1].wait_ready()
+        if args.feeder == "light":  # no MeshLink waits for the dispatcher set: the backup must be known
+            asyncio.run(wait_until(lambda: len(health(nodes[0])["dispatchers"]) == len(nodes), 20,
+                                   what="the dispatchers to see each other"))
+        emulators = [start_emulator(args, i, kv_path, log_dir, nodes[0]) for i in range(args.frontends)]
         ready = [read_json_line(p, 40) for p in emulators]
         start_at = time.time() + 0.5
         cpu0 = [cpu_seconds(n.proc.pid) for n in nodes]
@@ -265,6 +405,7 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
             p.stdin.flush()
         reports = [read_json_line(p, args.duration + SETTLE_MAX + 30) for p in emulators]
         cpu = [cpu_seconds(n.proc.pid) - c for n, c in zip(nodes, cpu0)]
+        stats = health(nodes[0]).get("stats", {})
     finally:
         for p in emulators:
             if p.poll() is None:
@@ -310,6 +451,8 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
         "frontend_cores": sum(r["cpu"] for r in reports) / max(1e-9, ack_span),
         "backup_cores": cpu[1] / max(1e-9, ack_span) if len(cpu) > 1 else None,
         "publish_seconds": wall,
+        "events_per_burst": stats.get("events_in", 0) / max(1, stats.get("publish_bursts", 0)),
+        "events_per_fanout_msg": stats.get("events_in", 0) / max(1, stats.get("fanout_msgs", 0)),
     }
 
 
@@ -322,6 +465,7 @@ ROWS = [
     ("lost / duplicated", lambda r: f"{r['lost']} / {r['duplicates']}"),
     ("gaps repaired / resets", lambda r: f"{r['gaps_repaired']} / {r['resets']}"),
     ("publish requests / retries", lambda r: f"{r['publish_requests']:,} / {r['publish_retries']}"),
+    ("events per burst / fan-out msg", lambda r: f"{r['events_per_burst']:.0f} / {r['events_per_fanout_msg']:.1f}"),
     ("dispatcher CPU (cores)", lambda r: f"{r['dispatcher_cores']:.2f}"),
     ("dispatcher CPU per like (us)", lambda r: f"{1e6 * r['dispatcher_cores'] / max(r['acked_per_s'], 1e-9):.1f}"),
     ("backup CPU (cores)", lambda r: "-" if r["backup_cores"] is None else f"{r['backup_cores']:.2f}"),
@@ -358,15 +502,23 @@ def main() -> None:
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the baseline dispatcher")
     ap.add_argument("--no-baseline", action="store_true", help="only this tree's dispatcher")
     ap.add_argument("--rounds", type=int, default=1, help="runs per variant, alternating; the median is shown")
+    ap.add_argument("--feeder", choices=("link", "light"), default="link",
+                    help="link: emulated frontends run MeshLink (realistic); light: pre-built requests, "
+                         "plain decode of the fan-out (what the dispatcher alone can do)")
     ap.add_argument("--json", action="store_true")
     # child mode
     ap.add_argument("--emulate", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--kv-path", help=argparse.SUPPRESS)
     ap.add_argument("--dispatchers", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--router", help=argparse.SUPPRESS)
+    ap.add_argument("--pub", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.emulate:
-        asyncio.run(emulate(args))
+        if args.feeder == "light":
+            emulate_light(args)
+        else:
+            asyncio.run(emulate(args))
         return
     if not (0 < args.duration <= 60 and 0 < args.rate <= 1e6 and 1 <= args.frontends <= 16
             and 1 <= args.batch <= 10000 and 1 <= args.videos <= 100000 and 0 < args.watched <= 1 and 1 <= args.rounds <= 9):
@@ -384,6 +536,7 @@ def main() -> None:
                       f"{' ' + args.baseline_ref if label == 'baseline' else ''}: {args.frontends} frontends, "
                       f"{1 if args.hot else args.videos} video(s), {args.rate:,.0f} likes/s offered for "
                       f"{args.duration:g} s in batches of {args.batch}{', with a backup' if args.backup else ''}, "
+                      f"{args.feeder} feeder, "
                       f"{args.watched:.0%} of the videos watched", file=sys.stderr, flush=True)
                 runs[label].append(run_variant(args, label, tree, os.path.join(tmp, f"r{round_no}")))
     finally:
