@@ -103,25 +103,15 @@ async def test_a_burst_above_the_threshold_arrives_aggregated_in_order_around_a_
 
 
 @pytest.mark.topology
-async def test_below_the_threshold_likes_stay_individual(topology):
+@pytest.mark.parametrize("above, burst", [(20, 10), (0, 30)], ids=["below-threshold", "off"])
+async def test_single_like_events_below_the_threshold_or_with_aggregation_off(topology, above, burst):
     topology.dispatcher("d1")
-    f = topology.frontend("f1", **{"frontend.fanout_tick": "1.0", "frontend.aggregate_likes_above": "20"})
-    v = await viewer(f.url, "mild", only=KINDS)
-    sent = [await like(f.url, "mild", user="first")] + await _burst(f.url, "mild", 10, "u")
-    got = await _collect(v, 11, 0)
-    assert [e.event for e in got] == ["like"] * 11
-    assert like_seqs(got) == sorted(s["seq"] for s in sent)
-    v.close()
-
-
-@pytest.mark.topology
-async def test_aggregation_off_keeps_single_like_events(topology):
-    topology.dispatcher("d1")
-    f = topology.frontend("f1", **{"frontend.fanout_tick": "1.0", "frontend.aggregate_likes_above": "0"})
-    v = await viewer(f.url, "off", only=KINDS)
-    sent = [await like(f.url, "off", user="first")] + await _burst(f.url, "off", 30, "u")
-    got = await _collect(v, 31, 0)
-    assert [e.event for e in got] == ["like"] * 31
+    f = topology.frontend("f1", **{"frontend.fanout_tick": "1.0", "frontend.aggregate_likes_above": str(above)})
+    video = f"plain-{above}"
+    v = await viewer(f.url, video, only=KINDS)
+    sent = [await like(f.url, video, user="first")] + await _burst(f.url, video, burst, "u")
+    got = await _collect(v, burst + 1, 0)
+    assert [e.event for e in got] == ["like"] * (burst + 1)
     assert [e.json()["id"] for e in got] == [s["id"] for s in sorted(sent, key=lambda s: s["seq"])]
     v.close()
 

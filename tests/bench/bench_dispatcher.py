@@ -149,7 +149,7 @@ def emulate_light(args) -> None:
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(sub, zmq.POLLIN)
-        time.sleep(max(0.0, start_at - time.time()))
+        time.sleep(max(0.0, start_at - time.time()))  # sleep-ok: paced start at a shared instant
         cpu0 = time.process_time()
         t0 = time.monotonic()
         interval = args.batch / args.rate

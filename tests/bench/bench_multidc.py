@@ -189,7 +189,7 @@ def run_delayer(namespaces: list[str], delay_ms: float, jitter_ms: float) -> Non
                 lost += 1
         wait = queue[0][0] - now if queue else None
         if wait is not None and wait < 0.002:  # epoll's timeout is whole ms, rounded up: sleep
-            time.sleep(wait)                  # the last bit (packets arriving meanwhile wait)
+            time.sleep(wait)                  # sleep-ok: the delayer holds a packet until its due time
             continue
         for key, _ in sel.select(wait - 0.001 if wait is not None else None):
             if key.fileobj is sys.stdin:
