@@ -6,7 +6,6 @@ off likes stay individual; ``Last-Event-ID`` after an aggregated event resumes r
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
