@@ -14,7 +14,9 @@ pytestmark = pytest.mark.topology
 def test_meshctl_bench_counts_every_delivery(topology, kv_path):
     topology.dispatcher("d1")
     fa, fb = topology.frontend("f1"), topology.frontend("f2")
-    out = subprocess.run([sys.executable, "-m", "mesh.cli", "--kv-path", kv_path, "bench",
+    # the installed launcher, as users run it: its client processes are spawned children that
+    # import the launcher again, which must not start a second bench
+    out = subprocess.run([sys.executable, "bin/meshctl", "--kv-path", kv_path, "bench",
                           "-n", "40", "-v", "4", "-r", "20", "-d", "2", "--clients", "2", "--sources", "2",
                           "--json"], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-2000:]
