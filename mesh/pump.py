@@ -54,6 +54,12 @@ class SocketPump:
         finally:
             self._schedule_check()
 
+    def poke(self) -> None:
+        """Look at the socket on the next loop iteration: after an operation of ours on it
+        that is not a send through the pump (``connect``, ``SUBSCRIBE``), which may have taken
+        the FD's edge."""
+        self._schedule_check()
+
     def close(self, linger: int = 0) -> None:
         if self._loop is not None and self._fd != -1 and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
