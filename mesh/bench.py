@@ -5,10 +5,13 @@ Theory of operation.  ``clients`` child processes (past the per-process open-fil
 ``connections`` SSE streams, spread over source addresses 127.0.0.1..127.0.0.K (past the
 ephemeral-port limit of one address pair) and over the target URLs, on ``videos`` videos (or
 all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s through the
-HTTP API for ``duration`` seconds and counts the acknowledged ones per video.  Readers stay
-cheap so they can keep up: each stream is a plain ``add_reader`` callback on a raw socket (no
-coroutine or StreamReader per read), they count ``event: like`` lines and SSE ids in raw bytes
-(C-speed ``bytes.count`` and a regex, no per-event JSON), check per stream that ids strictly
+HTTP API for ``duration`` seconds, on keep-alive connections with one request in flight each
+(a new TCP connection per like costs the server more than the like), and counts the
+acknowledged ones per video.  Readers stay cheap so they can keep up: each stream is a plain
+``add_reader`` callback on a raw socket (no coroutine or StreamReader per read), they count
+``event: like`` lines and SSE ids in raw bytes (C-speed ``bytes.count`` and a regex, no
+per-event JSON or Python loop: a read whose first and last ids span exactly its number of
+ids, after the stream's last id, is one contiguous run), check per stream that ids strictly
 increase (a repeat is a duplicate), and parse the server timestamp of the oldest, middle and
 newest like of each read for the publish-to-viewer latency (``ts`` is stamped by the accepting frontend; clients and
 servers share this machine's clock).  Lost = acknowledged events of a stream's video minus
@@ -31,8 +34,6 @@ import multiprocessing as mp
 import re
 import resource
 import socket
-import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
@@ -77,6 +78,7 @@ class ClientResult:
     duplicates: int = 0
     reordered: int = 0
     aggregated: int = 0            # ``likes`` events received
+    aggregated_likes: int = 0      # the likes they stand for
     aggregate_mismatch: int = 0    # ``likes`` events whose count is not their id span
     bytes_received: int = 0
     latencies: list = field(default_factory=list)  # ms
@@ -176,13 +178,18 @@ class _Reader:
     def _feed_likes(self, block: bytes, n: int) -> None:
         """A block of single ``like`` events: count them, check their ids."""
         self.count += n
-        ids = ID_RE.findall(block)
-        if ids:
-            first = (int(ids[0][0]), int(ids[0][1]))
-            last = (int(ids[-1][0]), int(ids[-1][1]))
-            if not (first > self.last and first[0] == last[0] and last[1] - first[1] + 1 == len(ids)):
-                self._check_order(ids)  # not one contiguous run after the last id: look closer
-            self.last = last
+        # the common case in O(1) Python: the first and the last id, and the number of ids
+        # counted in C, make one contiguous run after the last id seen
+        m_first = ID_RE.search(block)
+        if m_first is None:
+            return
+        m_last = ID_RE.search(block, max(0, block.rfind(b"\nid: ")))
+        first = (int(m_first.group(1)), int(m_first.group(2)))
+        last = (int(m_last.group(1)), int(m_last.group(2)))
+        n_ids = block.count(b"\nid: ") + block.startswith(b"id: ")
+        if not (first > self.last and first[0] == last[0] and last[1] - first[1] + 1 == n_ids):
+            self._check_order(ID_RE.findall(block))  # not one contiguous run: look closer
+        self.last = last
 
     def _feed_aggregated(self, block: bytes) -> None:
         """A block with ``likes`` events: count each event (a run as ``count``), check the
@@ -200,6 +207,7 @@ class _Reader:
                 count = int(run[0])
                 first = (int(run[1]), int(run[2]))
                 res.aggregated += 1
+                res.aggregated_likes += count
                 self.count += count
                 if first[0] != pos[0] or pos[1] - first[1] + 1 != count or (int(run[3]), int(run[4])) != pos:
                     res.aggregate_mismatch += 1
@@ -304,42 +312,100 @@ async def _health_field(urls: list[str], key: str) -> dict[str, float | None]:
     return out
 
 
+#: publishing connections per frontend URL, each with one request in flight at a time: enough
+#: for ``rate`` likes/s at this many seconds per request (a frontend busy fanning out answers
+#: a publish in tens of ms), within bounds
+PUBLISH_LATENCY_ALLOWED = 0.1
+PUBLISH_CONNECTIONS = (4, 256)
+PUBLISH_TIMEOUT = 10.0
+
+
+async def _post(conn: list, host: str, port: int, request: bytes) -> int:
+    """One request on the keep-alive connection ``conn`` (``[reader, writer]`` or empty: opened
+    here); returns the response status.  A closed or broken connection is dropped (the next
+    request reopens it) and the error raised."""
+    try:
+        if not conn:
+            conn.extend(await asyncio.open_connection(host, port))
+            conn[1].get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader, writer = conn
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        if re.search(rb"\r\nconnection: *close", head, re.IGNORECASE):
+            raise ConnectionError("server closed the connection")
+        return status
+    except BaseException:
+        if conn:
+            conn[1].close()
+            conn.clear()
+        raise
+
+
 async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int]:
-    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-    client = AsyncHTTPClient(max_clients=64)
+    """``rate`` likes/s for ``duration`` s through the HTTP API, on keep-alive connections
+    (``PUBLISH_CONNECTIONS``) (a new TCP connection per like would cost the server and
+    the bench more than the like itself).  A like not sent within ``duration`` + 5 s (the
+    server cannot keep up) is not sent; one unanswered within ``PUBLISH_TIMEOUT`` is an
+    error."""
     acked: dict[str, int] = {}
     errors = 0
     total = int(plan.rate * plan.duration)
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    pending: set[asyncio.Future] = set()
+    queues = {u: asyncio.Queue() for u in plan.urls}
+    lo, hi = PUBLISH_CONNECTIONS
+    per_url = max(lo, min(hi, math.ceil(plan.rate * PUBLISH_LATENCY_ALLOWED / len(plan.urls))))
 
-    async def one(k: int) -> None:
+    async def worker(url: str) -> None:
         nonlocal errors
-        video = plan.video(k)
-        url = plan.urls[k % len(plan.urls)].rstrip("/") + f"/v1/videos/{video}/likes"
+        parts = urlsplit(url)
+        conn: list = []
+        queue = queues[url]
         try:
-            resp = await client.fetch(HTTPRequest(url, method="POST", body=b'{"user":"bench"}',
-                                                  request_timeout=10), raise_error=False)
-        except Exception:  # noqa: BLE001 - a server too busy to answer: an error, not a crash
-            errors += 1
-            return
-        if resp.code == 202:
-            acked[video] = acked.get(video, 0) + 1
-        else:
-            errors += 1
+            while True:
+                k = await queue.get()
+                if k is None:
+                    return
+                video = plan.video(k)
+                body = b'{"user":"bench"}'
+                request = (f"POST {parts.path.rstrip('/')}/v1/videos/{video}/likes HTTP/1.1\r\n"
+                           f"Host: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+                try:
+                    status = await asyncio.wait_for(_post(conn, parts.hostname, parts.port, request),
+                                                    PUBLISH_TIMEOUT)
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError,
+                        ValueError, IndexError):  # a server too busy to answer: an error, not a crash
+                    errors += 1
+                    continue
+                if status == 202:
+                    acked[video] = acked.get(video, 0) + 1
+                else:
+                    errors += 1
+        finally:
+            if conn:
+                conn[1].close()
 
-    for k in range(total):
-        delay = t0 + k / plan.rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if loop.time() - t0 > plan.duration + 5:
-            break  # bounded in time even when the server cannot keep up
-        fut = asyncio.ensure_future(one(k))
-        pending.add(fut)
-        fut.add_done_callback(pending.discard)
-    if pending:
-        await asyncio.wait(pending, timeout=15)
+    workers = [asyncio.ensure_future(worker(u)) for u in plan.urls for _ in range(per_url)]
+    t0 = loop.time()
+    try:
+        for k in range(total):
+            delay = t0 + k / plan.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if loop.time() - t0 > plan.duration + 5:
+                break  # bounded in time even when the server cannot keep up
+            queues[plan.urls[k % len(plan.urls)]].put_nowait(k)
+        for q in queues.values():
+            for _ in range(per_url):
+                q.put_nowait(None)
+        await asyncio.wait(workers, timeout=PUBLISH_TIMEOUT + 5)
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
     return acked, errors
 
 
@@ -425,6 +491,7 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         merged.duplicates += r["duplicates"]
         merged.reordered += r["reordered"]
         merged.aggregated += r["aggregated"]
+        merged.aggregated_likes += r["aggregated_likes"]
         merged.aggregate_mismatch += r["aggregate_mismatch"]
         merged.bytes_received += r["bytes_received"]
         merged.latencies += r["latencies"]
@@ -449,6 +516,9 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         "published_acked": sum(acked.values()), "publish_errors": errors,
         "publish_seconds": round(publish_s, 2),
         "deliveries": deliveries, "deliveries_per_s": round(deliveries / max(publish_s, 1e-9)),
+        # SSE events the viewers received: a ``likes`` event is one, however many it counts
+        "events_received": (events := deliveries - merged.aggregated_likes + merged.aggregated),
+        "events_per_s": round(events / max(publish_s, 1e-9)),
         "lost": lost, "duplicates": merged.duplicates, "reordered": merged.reordered,
         "aggregated_events": merged.aggregated, "aggregate_mismatch": merged.aggregate_mismatch,
         "bytes_received": merged.bytes_received,
@@ -475,6 +545,7 @@ def print_table(r: dict, echo=print) -> None:
         ("likes acknowledged", f"{r['published_acked']:,} in {r['publish_seconds']} s ({r['publish_errors']} errors)"),
         ("deliveries", f"{r['deliveries']:,}"),
         ("deliveries/s", f"{r['deliveries_per_s']:,}"),
+        ("SSE events received (/s)", f"{r['events_received']:,} ({r['events_per_s']:,})"),
         ("latency p50/p90/p99/p99.9 ms", " / ".join("-" if v is None else f"{v:.1f}" for v in lat.values())),
         ("lost / duplicated / reordered", f"{r['lost']:,} / {r['duplicates']:,} / {r['reordered']:,}"),
         ("aggregated likes events (mismatched)", f"{r['aggregated_events']:,} ({r['aggregate_mismatch']:,})"),

@@ -24,6 +24,7 @@ def test_meshctl_bench_counts_every_delivery(topology, kv_path):
     assert sorted(r["plan"]["urls"]) == sorted([fa.url, fb.url])      # found in the registry
     assert r["connections_held"] == 40 and r["published_acked"] == 40
     assert r["deliveries"] == 40 * 10        # 10 likes per video, 10 streams per video
+    assert r["events_received"] == r["deliveries"] and r["aggregated_events"] == 0
     assert (r["lost"], r["duplicates"], r["reordered"]) == (0, 0, 0)
     assert r["latency_samples"] > 0 and r["latency_ms"]["p50"] > 0
     assert all(v is not None for v in r["rss_bytes_per_connection"].values())
@@ -43,5 +44,7 @@ def test_meshctl_bench_counts_aggregated_likes_as_their_count(topology):
     assert r["connections_held"] == 20 and r["published_acked"] == 80
     assert r["deliveries"] == 20 * 80
     assert r["aggregated_events"] > 0 and r["aggregate_mismatch"] == 0
+    # fewer SSE events than likes: each ``likes`` event stood for several
+    assert r["aggregated_events"] <= r["events_received"] < r["deliveries"]
     assert (r["lost"], r["duplicates"], r["reordered"]) == (0, 0, 0)
     assert r["latency_samples"] > 0 and r["bytes_per_delivery"] > 0

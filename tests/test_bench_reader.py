@@ -1,0 +1,57 @@
+"""The ``meshctl bench`` stream reader's accounting: deliveries, duplicates and reordering are
+found from raw SSE bytes, whichever way the reads split the stream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mesh.bench import ClientResult, _Reader
+
+
+def like(epoch: int, seq: int) -> bytes:
+    data = json.dumps({"video": "v", "kind": "like", "user": "u", "ts": 1.0, "epoch": epoch, "seq": seq},
+                      separators=(",", ":"))
+    return f"id: {epoch}:{seq}\nevent: like\ndata: {data}\n\n".encode()
+
+
+def read(chunks: list[bytes]) -> tuple[_Reader, ClientResult]:
+    res = ClientResult()
+    reader = _Reader(None, res, "v")
+    for chunk in chunks:
+        reader.feed(chunk)
+    return reader, res
+
+
+def split(stream: bytes, size: int) -> list[bytes]:
+    return [stream[i:i + size] for i in range(0, len(stream), size)]
+
+
+@pytest.mark.parametrize("size", [7, 100, 1000, 100000])
+def test_a_contiguous_run_is_counted_whatever_the_read_sizes(size):
+    stream = b": hb\n\n" + b"".join(like(5, s) for s in range(1, 201))
+    reader, res = read(split(stream, size))
+    assert reader.count == 200 and reader.last == (5, 200)
+    assert (res.duplicates, res.reordered) == (0, 0)
+
+
+@pytest.mark.parametrize("size", [50, 100000])
+def test_repeats_and_reordering_are_found(size):
+    seqs = [1, 2, 3, 3, 4, 2, 5, 6, 6, 7]          # 3 and 6 twice, 2 out of order
+    reader, res = read(split(b"".join(like(5, s) for s in seqs), size))
+    assert reader.count == len(seqs)
+    assert res.duplicates == 2 and res.reordered == 1
+    assert reader.last == (5, 7)
+
+
+def test_a_gap_or_a_new_epoch_is_neither_a_duplicate_nor_a_reorder():
+    stream = b"".join(like(5, s) for s in (1, 2, 4, 5)) + b"".join(like(6, s) for s in (1, 2))
+    reader, res = read([stream])
+    assert reader.count == 6 and (res.duplicates, res.reordered) == (0, 0)
+    assert reader.last == (6, 2)
+
+
+def test_a_block_that_repeats_the_previous_reads_last_id_is_a_duplicate():
+    reader, res = read([like(5, 1) + like(5, 2), like(5, 2) + like(5, 3)])
+    assert reader.count == 4 and res.duplicates == 1 and res.reordered == 0
