@@ -2,27 +2,30 @@
 (``naive_broadcaster.py``: one ``write`` + ``flush`` per event per viewer), the same
 ``meshctl bench`` workloads on each, in one process tree.
 
-    python tests/bench/bench_fanout.py [--connections 10000] [--rate 200] [--duration 10]
+    python tests/bench/bench_fanout.py [--fanout 10000x200,2000x1000] [--duration 10] [--clients 2]
                                        [--light-connections 1000] [--light-rate 1]
+                                       [--light-duration 10] [--light-clients 4]
                                        [--agg-connections 2000] [--agg-rate 200] [--agg-above 5]
                                        [--agg-repeats 2]
                                        [--only-aggregation]
 
-Two workloads, the issue's targets:
+Workloads, the issue's targets:
 
-* fan-out: ``--connections`` viewers of one hot video, ``--rate`` likes/s for ``--duration``
-  seconds: deliveries/s, latency p50/p99, server CPU per delivery; livemesh, livemesh with
-  tick coalescing off (``frontend.fanout_tick = 0``) and the naive broadcaster; ratios;
-* light load: ``--light-connections`` viewers over 10 videos, ``--light-rate`` likes/s:
-  latency p50/p99 on livemesh and the naive broadcaster;
+* fan-out: for each ``VIEWERSxRATE`` of ``--fanout``, VIEWERS viewers of one hot video and
+  RATE likes/s for ``--duration`` seconds: deliveries/s (likes delivered; an aggregated
+  ``likes`` event counts as the likes it stands for), SSE events/s, latency p50/p99, server CPU
+  per delivery; livemesh as configured by default (likes aggregated past
+  ``frontend.aggregate_likes_above``), livemesh with aggregation off (every like its own
+  event) and the naive broadcaster; ratios.  The viewers are read by ``--clients`` processes;
+* light load: ``--light-connections`` viewers over 10 videos, ``--light-rate`` likes/s, read by
+  ``--light-clients`` processes: latency p50/p99 on livemesh and the naive broadcaster;
 * like aggregation: ``--agg-connections`` viewers of one hot video at ``--agg-rate`` likes/s,
   on a frontend with ``frontend.aggregate_likes_above = --agg-above`` and one with it off
   (0), alternated
   ``--agg-repeats`` times: medians of frontend CPU per like delivered, bytes received per like,
   latency p50/p99, and the on/off ratios.  ``--only-aggregation`` runs just this one.  The
-  default threshold (20 per 50 ms tick) kicks in from ~400 likes/s on one video, more than
-  the HTTP publish path of one frontend takes on a shared 2-core machine; ``--agg-above 5``
-  makes 200 likes/s (~10 per tick) aggregate.
+  default threshold (20 per 50 ms tick) kicks in from ~400 likes/s on one video;
+  ``--agg-above 5`` makes 200 likes/s (~10 per tick) aggregate.
 
 Load generator, nodes and baseline share the machine's cores.  Bounded by the bench's own
 limits; every process it starts is stopped at the end, even on failure.
@@ -66,14 +69,27 @@ def bench(name: str, url: str, plan: Plan) -> dict:
     return result
 
 
+def workloads(spec: str) -> list[tuple[int, float]]:
+    out = []
+    for part in spec.split(","):
+        viewers, _, rate = part.strip().partition("x")
+        try:
+            out.append((int(viewers), float(rate)))
+        except ValueError:
+            raise SystemExit(f"--fanout: {part!r} is not VIEWERSxRATE (e.g. 10000x200)") from None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--connections", type=int, default=10000)
-    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--fanout", type=workloads, default=workloads("10000x200,2000x1000"),
+                    help="fan-out workloads, VIEWERSxRATE,...")
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=2, help="client processes of the fan-out runs")
     ap.add_argument("--light-connections", type=int, default=1000)
     ap.add_argument("--light-rate", type=float, default=1.0)
     ap.add_argument("--light-duration", type=float, default=10.0)
+    ap.add_argument("--light-clients", type=int, default=4)
     ap.add_argument("--agg-connections", type=int, default=2000)
     ap.add_argument("--agg-rate", type=float, default=200.0)
     ap.add_argument("--agg-above", type=int, default=5)
@@ -91,31 +107,40 @@ def main() -> None:
             aggregation(topo, args)
             return
         front = topo.frontend("f1")
-        no_tick = topo.frontend("f1-tick-off", **{"frontend.fanout_tick": "0"})
+        no_agg = topo.frontend("f1-agg-off", **{"frontend.aggregate_likes_above": "0"})
+        targets = (("livemesh", front.url), ("livemesh, aggregation off", no_agg.url), ("naive", naive_url))
         heavy = {}
-        for name, url in (("livemesh", front.url), ("livemesh, tick off", no_tick.url), ("naive", naive_url)):
-            heavy[name] = bench(name, url, Plan([url], args.connections, 1, True, args.rate, args.duration))
+        for viewers, rate in args.fanout:
+            for name, url in targets:
+                heavy[viewers, rate, name] = bench(name, url, Plan([url], viewers, 1, True, rate, args.duration,
+                                                                   clients=args.clients))
         light = {}
         for name, url in (("livemesh", front.url), ("naive", naive_url)):
             light[name] = bench(f"{name}, light load", url, Plan([url], args.light_connections, 10, False,
-                                                                  args.light_rate, args.light_duration))
+                                                                 args.light_rate, args.light_duration,
+                                                                 clients=args.light_clients))
         print()
-        print(f"fan-out: {args.connections:,} viewers of one video, {args.rate:g} likes/s offered "
-              f"({args.connections * args.rate:,.0f} deliveries/s offered)")
-        print(f"{'':<22} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6} {'acked':>7} {'us CPU/delivery':>16}")
-        for name, r in heavy.items():
-            lat = r["latency_ms"]
-            cpu = r["server_cpu_us_per_delivery"]
-            print(f"{name:<22} {r['deliveries_per_s']:>13,} {lat['p50'] or 0:>8.1f} {lat['p99'] or 0:>8.1f} "
-                  f"{r['lost']:>6,} {r['published_acked']:>7,} {'-' if cpu is None else f'{cpu:.2f}':>16}")
-        a = heavy["livemesh"]
-        for other in ("livemesh, tick off", "naive"):
-            b = heavy[other]
-            print(f"livemesh / {other}: {ratio(a['deliveries_per_s'], b['deliveries_per_s'])} deliveries/s")
-        print(f"light load: {args.light_connections:,} viewers over 10 videos, {args.light_rate:g} likes/s")
+        for viewers, rate in args.fanout:
+            print(f"fan-out: {viewers:,} viewers of one video, {rate:g} likes/s offered "
+                  f"({viewers * rate:,.0f} deliveries/s offered), {args.clients} client processes")
+            print(f"{'':<26} {'deliveries/s':>13} {'events/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6} "
+                  f"{'acked':>7} {'us CPU/delivery':>16}")
+            for name, _ in targets:
+                r = heavy[viewers, rate, name]
+                lat = r["latency_ms"]
+                cpu = r["server_cpu_us_per_delivery"]
+                print(f"{name:<26} {r['deliveries_per_s']:>13,} {r['events_per_s']:>11,} {lat['p50'] or 0:>8.1f} "
+                      f"{lat['p99'] or 0:>8.1f} {r['lost']:>6,} {r['published_acked']:>7,} "
+                      f"{'-' if cpu is None else f'{cpu:.2f}':>16}")
+            a = heavy[viewers, rate, "livemesh"]
+            for other, _ in targets[1:]:
+                b = heavy[viewers, rate, other]
+                print(f"livemesh / {other}: {ratio(a['deliveries_per_s'], b['deliveries_per_s'])} deliveries/s")
+        print(f"light load: {args.light_connections:,} viewers over 10 videos, {args.light_rate:g} likes/s, "
+              f"{args.light_clients} client processes")
         for name, r in light.items():
             lat = r["latency_ms"]
-            print(f"{name:<22} p50 {lat['p50'] or 0:.1f} ms  p99 {lat['p99'] or 0:.1f} ms  "
+            print(f"{name:<26} p50 {lat['p50'] or 0:.1f} ms  p99 {lat['p99'] or 0:.1f} ms  "
                   f"({r['latency_samples']} samples, lost {r['lost']})")
         aggregation(topo, args)
     finally:
@@ -133,7 +158,8 @@ def aggregation(topo: Topology, args) -> None:
     for _ in range(args.agg_repeats):
         for name, url in fronts.items():
             runs[name].append(bench(name, url, Plan([url], args.agg_connections, 1, True,
-                                                    args.agg_rate, args.agg_duration)))
+                                                    args.agg_rate, args.agg_duration,
+                                                    clients=args.clients)))
     rows = {}
     for name, rs in runs.items():
         rows[name] = {
