@@ -5,6 +5,7 @@
     python tests/bench/bench_fanout.py [--fanout 10000x200,2000x1000] [--duration 10] [--clients 2]
                                        [--light-connections 1000] [--light-rate 1]
                                        [--light-duration 10] [--light-clients 4]
+                                       [--ingest-rate 1000]
                                        [--agg-connections 2000] [--agg-rate 200] [--agg-above 5]
                                        [--agg-repeats 2]
                                        [--only-aggregation]
@@ -19,6 +20,9 @@ Workloads, the issue's targets:
   event) and the naive broadcaster; ratios.  The viewers are read by ``--clients`` processes;
 * light load: ``--light-connections`` viewers over 10 videos, ``--light-rate`` likes/s, read by
   ``--light-clients`` processes: latency p50/p99 on livemesh and the naive broadcaster;
+* HTTP ingest: ``--ingest-rate`` likes/s over 10 videos with one viewer each: the frontend's
+  CPU per like published (the HTTP request, the mesh publish and its ack, one delivery) on
+  livemesh and the naive broadcaster (a bare Tornado handler: the HTTP server's own share);
 * like aggregation: ``--agg-connections`` viewers of one hot video at ``--agg-rate`` likes/s,
   on a frontend with ``frontend.aggregate_likes_above = --agg-above`` and one with it off
   (0), alternated
@@ -90,6 +94,7 @@ def main() -> None:
     ap.add_argument("--light-rate", type=float, default=1.0)
     ap.add_argument("--light-duration", type=float, default=10.0)
     ap.add_argument("--light-clients", type=int, default=4)
+    ap.add_argument("--ingest-rate", type=float, default=1000.0)
     ap.add_argument("--agg-connections", type=int, default=2000)
     ap.add_argument("--agg-rate", type=float, default=200.0)
     ap.add_argument("--agg-above", type=int, default=5)
@@ -119,6 +124,10 @@ def main() -> None:
             light[name] = bench(f"{name}, light load", url, Plan([url], args.light_connections, 10, False,
                                                                  args.light_rate, args.light_duration,
                                                                  clients=args.light_clients))
+        ingest = {}
+        for name, url in (("livemesh", front.url), ("naive", naive_url)):
+            ingest[name] = bench(f"{name}, HTTP ingest", url, Plan([url], 10, 10, False, args.ingest_rate,
+                                                                    args.duration, clients=1))
         print()
         for viewers, rate in args.fanout:
             print(f"fan-out: {viewers:,} viewers of one video, {rate:g} likes/s offered "
@@ -142,6 +151,11 @@ def main() -> None:
             lat = r["latency_ms"]
             print(f"{name:<26} p50 {lat['p50'] or 0:.1f} ms  p99 {lat['p99'] or 0:.1f} ms  "
                   f"({r['latency_samples']} samples, lost {r['lost']})")
+        print(f"HTTP ingest: {args.ingest_rate:g} likes/s offered over 10 videos, one viewer each")
+        for name, r in ingest.items():
+            cpu = r["server_cpu_us_per_delivery"]
+            print(f"{name:<26} {r['published_acked']:,} of {int(args.ingest_rate * args.duration):,} likes acknowledged, "
+                  f"{'-' if cpu is None else f'{cpu:,.0f}'} us server CPU per like, p50 {r['latency_ms']['p50'] or 0:.1f} ms")
         aggregation(topo, args)
     finally:
         topo.close()
