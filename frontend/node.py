@@ -57,7 +57,8 @@ class Frontend:
     async def start(self) -> None:
         f = self.cfg.frontend
         app = tornado.web.Application(routes(self), default_handler_class=NotFoundHandler,
-                                      default_handler_args={"node": self}, compress_response=False)
+                                      default_handler_args={"node": self}, compress_response=False,
+                                      log_function=lambda handler: self.security.log_request(handler))
         self.server = tornado.httpserver.HTTPServer(
             app, max_body_size=MAX_REQUEST_BYTES, max_buffer_size=MAX_REQUEST_BYTES,
             idle_connection_timeout=30.0, body_timeout=10.0, max_header_size=16384)

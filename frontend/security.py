@@ -21,7 +21,9 @@ decisions are in the sans-IO cores (``mesh.auth``, ``mesh.ratelimit``):
   that happens, and (2) at EMFILE uses the reserve-descriptor trick of libuv and nginx: close a
   spare descriptor kept for this, accept the waiting connection, answer 503, close it, take the
   spare back -- the backlog drains, the client gets a clean answer instead of a hang, and the
-  loop stays quiet.  Both log at most one line per ``SHED_LOG_INTERVAL``.  Viewer streams stop
+  loop stays quiet.  Both log at most one line per ``SHED_LOG_INTERVAL``, and so do
+  rate-limited publishes (``log_request``: a flood of 429s is counted, not logged line by line,
+  which cost a flooded frontend ~8 % more CPU and its disk).  Viewer streams stop
   well below that (``max_viewers`` is clamped under the connection limit), so ``/healthz`` keeps
   answering when the frontend is full.
 * Slowloris: Tornado applies one deadline to a request's whole header block and uses the same
@@ -46,6 +48,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 from tornado.ioloop import IOLoop
+from tornado.log import access_log
 
 from mesh.auth import ACTION_SUBSCRIBE, Grant, SubscribePolicy, TokenVerifier
 from mesh.errors import ClientError, ConfigError
@@ -168,6 +171,8 @@ class FrontendSecurity:
         self._reserve_fd: int | None = None
         self._shed_since_log = 0
         self._shed_logged_at = -1e9
+        self._limited_since_log = 0
+        self._limited_logged_at = -1e9
         self._server: tornado.httpserver.HTTPServer | None = None
 
     # --- publishing -------------------------------------------------------------------------
@@ -207,6 +212,23 @@ class FrontendSecurity:
         retry_after = max(1, math.ceil(wait))
         handler._security_headers = {"Retry-After": str(retry_after)}
         raise ClientError(429, "rate_limited", f"{message}; retry after {retry_after} s", retryable=True)
+
+    def log_request(self, handler: tornado.web.RequestHandler) -> None:
+        """The access log (Tornado's ``log_function``: what Tornado logs, at its levels), except
+        for 429s: counted in ``rate_limited`` and summed up in at most one line per
+        ``SHED_LOG_INTERVAL``."""
+        status = handler.get_status()
+        if status == 429:
+            self._limited_since_log += 1
+            now = time.monotonic()
+            if now - self._limited_logged_at >= SHED_LOG_INTERVAL:
+                access_log.warning("429: rate limited %d requests in the last %.0f s, the latest %s",
+                                   self._limited_since_log, SHED_LOG_INTERVAL, handler._request_summary())
+                self._limited_logged_at = now
+                self._limited_since_log = 0
+            return
+        method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+        method("%d %s %.2fms", status, handler._request_summary(), 1000.0 * handler.request.request_time())
 
     # --- viewers ----------------------------------------------------------------------------
 

@@ -214,6 +214,14 @@ async def test_per_ip_limit(topology):
     f = topology.frontend("f1", **{"security.ip_rate": "1", "security.ip_burst": "2"})
     url = f"{f.url}/v1/videos/ip-1/likes"
     assert [(await http("POST", url, {"user": f"u{i}"}))[0] for i in range(3)] == [202, 202, 429]
+    # a flood of rate-limited publishes is counted, and logged once, not line by line
+    assert {(await http("POST", url, {"user": "flood"}))[0] for _ in range(40)} == {429}
+    stats = (await health(f.url))["stats"]
+    assert stats["rate_limited"] == 41
+    await http("GET", f.url + "/no/such/route")  # other client errors are still logged each
+    await wait_until(lambda: _log_with(f, "404 GET /no/such/route"), what="the 404's access line")
+    access_429 = [ln for ln in open(f.log_path, encoding="utf-8").read().splitlines() if " 429" in ln]
+    assert len(access_429) == 1 and "rate limited 1 requests" in access_429[0], access_429
 
 
 async def test_input_limits_say_which_limit(secure):
