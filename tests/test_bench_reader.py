@@ -52,6 +52,13 @@ def test_a_gap_or_a_new_epoch_is_neither_a_duplicate_nor_a_reorder():
     assert reader.last == (6, 2)
 
 
+def test_latency_is_sampled_once_per_event_and_at_most_three_times_per_read():
+    _, res = read([like(5, s) for s in range(1, 11)])  # ten reads of one like each
+    assert len(res.latencies) == 10
+    _, res = read([b"".join(like(5, s) for s in range(1, 101))])  # one read: oldest, middle, newest
+    assert len(res.latencies) == 3
+
+
 def test_a_block_that_repeats_the_previous_reads_last_id_is_a_duplicate():
     reader, res = read([like(5, 1) + like(5, 2), like(5, 2) + like(5, 3)])
     assert reader.count == 4 and res.duplicates == 1 and res.reordered == 0
