@@ -238,7 +238,7 @@ class Dispatcher:
 
     def _reply(self, peer: bytes, msg: P.Control) -> None:
         try:
-            self.router.send_multipart([peer, *msg.to_frames()], flags=zmq.NOBLOCK)
+            self.router.send_multipart([peer, *msg.to_frames()])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the requester went away
             self.stats["unroutable"] += 1
             wire_log.info("reply to %r not routable: %s", peer[:16], exc)

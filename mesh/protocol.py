@@ -174,8 +174,9 @@ def make_event(video: str, kind: str, user: str | None, text: str | None,
 def valid_position(pos: Any, allow_none: bool = False) -> bool:
     if pos is None:
         return allow_none
+    # no generator: every fan-out and REPL event's prev comes through here
     return (isinstance(pos, (list, tuple)) and len(pos) == 2
-            and all(type(x) is int and x >= 0 for x in pos))
+            and type(pos[0]) is int and type(pos[1]) is int and pos[0] >= 0 and pos[1] >= 0)
 
 
 def parse_sse_id(text: str) -> tuple[int, int] | None:

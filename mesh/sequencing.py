@@ -129,15 +129,17 @@ class Sequencer:
         """Store events sequenced elsewhere (a replica from the owner, or a chain tail handed
         over by the previous owner), skipping known ones.  Returns how many were new."""
         now = time.monotonic() if now is None else now
+        recent, videos = self._recent, self.videos
         added = []
-        for event in events:
-            if event["id"] in self._recent:
+        for event in events:  # a backup runs this for every replicated event
+            event_id = event["id"]
+            if event_id in recent:
                 continue
-            log = self._log(event["video"])
+            log = videos.get(event["video"]) or self._log(event["video"])
             log.tail = (event["epoch"], event["seq"])
             log.history.append(event)
             log.times.append(now)
-            self._recent[event["id"]] = event
+            recent[event_id] = event
             added.append(event)
         self._remember(added)
         return len(added)
