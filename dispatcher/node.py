@@ -10,7 +10,8 @@ synchronously, with no future, task or lock per event:
    already holds, with no slow-path work pending: its events are appended to the chain at
    once (``Sequencer.accept_many``: one chain append per video), packed once
    (``protocol.pack_events``: the same bytes go into the ``REPL`` and the XPUB message), and
-   each event's ACK result is written into its request's ``_PendingAck``.
+   each event's placement -- its bare ``seq`` -- is written into its request's ``_PendingAck``
+   (the compact ACK carries the epoch once and one integer per event: no map per event).
 3. The burst then commits as a unit: its new events go to each backup (the next dispatcher
    in rendezvous order) in one ``REPL`` request per backup; once the backups answered (or were
    skipped: a backup that misses ``REPLICATE_TIMEOUT`` is suspect for ``SUSPECT_FOR`` seconds,
@@ -176,7 +177,8 @@ class Dispatcher:
     def _handle_batch(self, batch: list[list[bytes]]) -> None:
         """One burst of ROUTER messages (``SocketPump``): control requests answered, publishes
         grouped per (video, forwarded) and published together."""
-        groups: dict[tuple[str, bool], list[tuple[_PendingAck, int, dict]]] = {}
+        # forwarded-to-us or not -> video -> (request's ACK, position in it, event)
+        groups: dict[bool, dict[str, list[tuple[_PendingAck, int, dict]]]] = {False: {}, True: {}}
         acks: list[_PendingAck] = []
         for frames in batch:
             peer = frames[0]
@@ -200,7 +202,7 @@ class Dispatcher:
                 self._handle_presence_query(peer, msg)
             else:
                 self._reject(peer, msg, "unexpected_type", RemoteProtocolError(f"{msg.msg_type!r} is not a request"))
-        if groups:
+        if acks:
             self._publish(groups, acks)
 
     def _take_publish(self, peer: bytes, msg: P.Control, groups: dict, acks: list["_PendingAck"]) -> None:
@@ -211,7 +213,9 @@ class Dispatcher:
         except RemoteProtocolError as exc:
             self._reject(peer, msg, "malformed", exc)
             return
-        ack = _PendingAck(self, peer, msg.request_id, len(events) + len(rejected))
+        # a requester that did not ask for the compact ACK gets the per-event maps (needs the ids)
+        legacy = None if msg.body.get("ack") == P.ACK_SEQS else msg.body["events"]
+        ack = _PendingAck(self, peer, msg.request_id, len(events) + len(rejected), legacy)
         acks.append(ack)
         if rejected:  # one line per request, not per event
             self.stats["malformed"] += 1
@@ -219,13 +223,12 @@ class Dispatcher:
             wire_log.warning("rejected %d of %d events of a publish from %r: %s", len(rejected),
                              len(events) + len(rejected), peer[:16], rejected[0][1]["error"]["message"])
             for i, result in rejected:
-                ack.fill(i, result)
-        fwd = bool(msg.body.get("fwd"))
+                ack.fill(i, result["error"])
+        by_video = groups[bool(msg.body.get("fwd"))]
         for i, event in events:
-            key = (event["video"], fwd)
-            group = groups.get(key)
+            group = by_video.get(event["video"])
             if group is None:
-                group = groups[key] = []
+                group = by_video[event["video"]] = []
             group.append((ack, i, event))
 
     def _reject(self, peer: bytes, msg: P.Control, code: str, exc: Exception) -> None:
@@ -235,7 +238,7 @@ class Dispatcher:
 
     def _reply(self, peer: bytes, msg: P.Control) -> None:
         try:
-            self.router.send_multipart([peer, *msg.to_frames()], flags=zmq.NOBLOCK)
+            self.router.send_multipart([peer, *msg.to_frames()])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the requester went away
             self.stats["unroutable"] += 1
             wire_log.info("reply to %r not routable: %s", peer[:16], exc)
@@ -252,7 +255,7 @@ class Dispatcher:
             order = self._ranks[video] = rank(video, live)
         return order
 
-    def _publish(self, groups: dict[tuple[str, bool], list[tuple["_PendingAck", int, dict]]],
+    def _publish(self, groups: dict[bool, dict[str, list[tuple["_PendingAck", int, dict]]]],
                  acks: list["_PendingAck"]) -> None:
         """Sequence a burst's events (fast path) and commit them; hand the rest to the slow
         path (see the module docstring)."""
@@ -260,14 +263,15 @@ class Dispatcher:
         burst = _Burst(acks)
         slow = []
         now = time.monotonic()
-        for (video, fwd), items in groups.items():
-            order = self._rank(video, live)
-            moved = bool(order) and order[0] != self.name and not fwd
-            if moved or video in self._slow or not self.seq.has_log(video):
-                self._slow[video] = self._slow.get(video, 0) + 1
-                slow.append((video, items, fwd))
-            else:
-                self._sequence(video, items, order, burst, now)
+        for fwd, by_video in groups.items():
+            for video, items in by_video.items():
+                order = self._rank(video, live)
+                moved = bool(order) and order[0] != self.name and not fwd
+                if moved or video in self._slow or not self.seq.has_log(video):
+                    self._slow[video] = self._slow.get(video, 0) + 1
+                    slow.append((video, items, fwd))
+                else:
+                    self._sequence(video, items, order, burst, now)
         if burst.placed:
             prev = self._last_commit
             if not burst.replicas and (prev is None or prev.done()):
@@ -292,13 +296,11 @@ class Dispatcher:
     def _sequence(self, video: str, items: list[tuple["_PendingAck", int, dict]], order: list[str],
                   burst: "_Burst", now: float) -> None:
         new, again, placed = self.seq.accept_many(video, [event for _, _, event in items], now)
-        deferred = burst.deferred
-        for (ack, i, _), stored in zip(items, placed):  # sent when the burst commits (_finish)
-            result = {"id": stored["id"], "epoch": stored["epoch"], "seq": stored["seq"]}
-            if deferred is None:
-                ack.results[i] = result
-            else:
-                deferred.append((ack, i, result))
+        if burst.deferred is None:  # sent when the burst commits (_finish)
+            for (ack, i, _), where in zip(items, placed):
+                ack.results[i] = where
+        else:
+            burst.deferred.extend((ack, i, where) for (ack, i, _), where in zip(items, placed))
         burst.placed += len(placed)
         if not (again or new):
             return
@@ -373,8 +375,8 @@ class Dispatcher:
                 self._finish(burst)
         except Exception as exc:  # noqa: BLE001 - every waiting request gets an answer
             log.exception("publishing to %s failed", video)
-            for ack, i, event in items:
-                ack.fail(i, {"id": event["id"], "error": {"code": "internal", "message": str(exc)}})
+            for ack, i, _ in items:
+                ack.fail(i, {"code": "internal", "message": str(exc)[:200]})
         finally:
             left = self._slow.pop(video, 1) - 1
             if left:
@@ -382,18 +384,18 @@ class Dispatcher:
 
     async def _forward(self, target: str, video: str, items: list[tuple["_PendingAck", int, dict]]) -> bool:
         try:
-            reply = await self.peers.request(target, P.MSG_PUBLISH,
-                                             {"events": [e for _, _, e in items], "fwd": True}, FORWARD_TIMEOUT)
-            results = {r["id"]: r for r in P.ack_results(reply)} if reply.msg_type == P.MSG_ACK else {}
+            body = {**P.publish_body([e for _, _, e in items], compact_ack=True), "fwd": True}
+            reply = await self.peers.request(target, P.MSG_PUBLISH, body, FORWARD_TIMEOUT)
+            placed = P.ack_positions(reply, len(items)) if reply.msg_type == P.MSG_ACK else None
         except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
             log.warning("forwarding %s to its owner %s failed (%s); sequencing it here", video, target,
                         exc or type(exc).__name__)
             return False
-        if not all(e["id"] in results and "error" not in results[e["id"]] for _, _, e in items):
+        if placed is None or any(type(where) is dict for where in placed):  # an error result
             return False
         self.stats["forwarded"] += len(items)
-        for ack, i, event in items:
-            ack.fill(i, results[event["id"]])
+        for (ack, i, _), where in zip(items, placed):
+            ack.fill(i, where)
         return True
 
     async def _ensure_chain(self, video: str) -> None:
@@ -552,22 +554,25 @@ class _PendingAck:
     """The ACK of one PUB request: sent once every event has its result (fast-path events
     when their burst commits, slow-path ones when their forward or chain fetch is done).
 
+    ``results`` holds per event its placement as ``protocol.ack_body`` takes it (a ``seq`` in
+    our epoch, an ``(epoch, seq)``, or an error map), None until it has one.
     On the fast path ``_sequence`` writes a placed event's result straight into ``results``
     (no per-event bookkeeping); the burst calls ``settle`` once it committed.  That cannot send
     a result early: a request's events are all in one burst, and its slow-path events are
     sequenced only after that burst committed.  Slow-path bursts defer their results to their
     own commit (``fill``): two of them, for two videos of one request, run concurrently."""
 
-    __slots__ = ("node", "peer", "request_id", "results", "sent")
+    __slots__ = ("node", "peer", "request_id", "results", "sent", "legacy")
 
-    def __init__(self, node: Dispatcher, peer: bytes, request_id: bytes, size: int):
+    def __init__(self, node: Dispatcher, peer: bytes, request_id: bytes, size: int, legacy: list | None = None):
         self.node = node
         self.peer = peer
         self.request_id = request_id
-        self.results: list[dict | None] = [None] * size
+        self.results: list[int | tuple[int, int] | dict | None] = [None] * size
         self.sent = False
+        self.legacy = legacy  # the request's events when it wants the per-event ACK form
 
-    def fill(self, i: int, result: dict) -> None:
+    def fill(self, i: int, result: int | tuple[int, int] | dict) -> None:
         """Event ``i``'s result, unless it has one; sends the ACK once all have one."""
         if self.results[i] is None:
             self.results[i] = result
@@ -582,7 +587,8 @@ class _PendingAck:
     def settle(self) -> None:
         if not self.sent and None not in self.results:
             self.sent = True
-            self.node._reply(self.peer, P.Control(P.MSG_ACK, self.request_id, P.ack_body(self.results)))
+            body = P.ack_body(self.results, self.node.seq.epoch, self.legacy)
+            self.node._reply(self.peer, P.Control(P.MSG_ACK, self.request_id, body))
 
 
 class _SlowBatch:

@@ -506,12 +506,14 @@ class MeshLink:
         results: dict[str, dict] = {}
         try:
             replies = await asyncio.gather(*(self.dispatchers.request(
-                target, P.MSG_PUBLISH, P.publish_body(c), self.publish_timeout) for c in chunks))
+                target, P.MSG_PUBLISH, P.publish_body(c, compact_ack=True), self.publish_timeout) for c in chunks))
             for events, reply in zip(chunks, replies):
                 if reply.msg_type == P.MSG_ERROR:
                     results.update((e["id"], {"id": e["id"], "error": reply.body}) for e in events)
-                else:
-                    results.update((r["id"], r) for r in P.ack_results(reply))
+                    continue
+                for e, where in zip(events, P.ack_positions(reply, len(events))):  # either ACK form
+                    results[e["id"]] = {"id": e["id"], "error": where} if type(where) is dict \
+                        else {"id": e["id"], "epoch": where[0], "seq": where[1]}
         except asyncio.TimeoutError:
             return  # the publishers' own attempt deadlines have fired and retried
         except (PeerGone, RemoteProtocolError) as exc:

@@ -174,8 +174,9 @@ def make_event(video: str, kind: str, user: str | None, text: str | None,
 def valid_position(pos: Any, allow_none: bool = False) -> bool:
     if pos is None:
         return allow_none
+    # no generator: every fan-out and REPL event's prev comes through here
     return (isinstance(pos, (list, tuple)) and len(pos) == 2
-            and all(type(x) is int and x >= 0 for x in pos))
+            and type(pos[0]) is int and type(pos[1]) is int and pos[0] >= 0 and pos[1] >= 0)
 
 
 def parse_sse_id(text: str) -> tuple[int, int] | None:
@@ -213,11 +214,11 @@ def check_event(obj: Any) -> dict:
     if type(obj) is not dict:
         raise RemoteProtocolError("event is not a map")
     try:
-        event_id, user, text, ts, prev, dc = (obj["id"], obj["user"], obj["text"], obj["ts"],
-                                              obj.get("prev"), obj.get("dc"))
+        event_id, video, user, text, ts, prev, dc = (obj["id"], obj["video"], obj["user"], obj["text"],
+                                                     obj["ts"], obj.get("prev"), obj.get("dc"))
         ok = (
             type(event_id) is str and 0 < len(event_id) <= 64
-            and _known_video(obj["video"])
+            and (video in _known_videos or _known_video(video))  # a set lookup for known ones
             and obj["kind"] in EVENT_KINDS
             and (user is None or type(user) is str)
             and (text is None or type(text) is str)
@@ -324,8 +325,14 @@ class Control:
         return cls(msg_type, request_id, decoded)
 
 
-def publish_body(events: list[dict]) -> dict:
-    return {"events": events}
+#: ``"ack": ACK_SEQS`` in a PUB body asks for the compact ACK (``ack_body``)
+ACK_SEQS = "seqs"
+
+
+def publish_body(events: list[dict], compact_ack: bool = False) -> dict:
+    """A PUB body; ``compact_ack``: the requester decodes the compact ACK (``ack_positions``;
+    without it a dispatcher answers in the per-event map form of dispatchers before it)."""
+    return {"events": events, "ack": ACK_SEQS} if compact_ack else {"events": events}
 
 
 def _body_events(msg: Control) -> list:
@@ -385,18 +392,81 @@ def chunked(events: list[dict]) -> list[list[dict]]:
     return out
 
 
-def ack_body(results: list[dict]) -> dict:
-    """results: one map per published event, in order: {"id", "epoch", "seq"} or
-    {"id", "error": {"code", "message"}}."""
+def ack_body(placed: list, epoch: int, events: list | None = None) -> dict:
+    """The ACK of a PUB request from its events' placements, in request order: a ``seq``
+    (``int``, in ``epoch``), an ``(epoch, seq)`` (an event placed in another epoch: a retry
+    of one its previous owner sequenced), or an error map ``{"code", "message"}``.
+
+    Compact form (the requester asked for it, ``publish_body(compact_ack=True)``)::
+
+        {"epoch": int, "seqs": [seq | [epoch, seq] | {"code", "message"}, ...]}
+
+    Without ``events`` that is the body; with ``events`` (the request's own list: the ids)
+    it is the per-event form of dispatchers before the compact ACK::
+
+        {"results": [{"id", "epoch", "seq"} | {"id", "error": {"code", "message"}}, ...]}
+    """
+    if events is None:
+        return {"epoch": epoch, "seqs": placed}
+    results = []
+    for event, where in zip(events, placed):
+        event_id = event.get("id") if type(event) is dict else None
+        event_id = event_id if type(event_id) is str else ""
+        if type(where) is int:
+            results.append({"id": event_id, "epoch": epoch, "seq": where})
+        elif type(where) is dict:
+            results.append({"id": event_id, "error": where})
+        else:
+            results.append({"id": event_id, "epoch": where[0], "seq": where[1]})
     return {"results": results}
 
 
 def ack_results(msg: Control) -> list[dict]:
+    """The per-event form of an ACK (``ack_body`` with ``events``)."""
     results = msg.body.get("results")
     if not isinstance(results, list) or not all(isinstance(r, dict) and isinstance(r.get("id"), str)
                                                 for r in results):
         raise RemoteProtocolError("ack body needs a 'results' list of maps with an id")
     return results
+
+
+def _error_map(obj: Any) -> bool:
+    return type(obj) is dict and type(obj.get("code")) is str and type(obj.get("message")) is str
+
+
+def ack_positions(msg: Control, count: int) -> list[tuple[int, int] | dict]:
+    """Per event of a PUB request of ``count`` events, from its ACK in either form: its
+    ``(epoch, seq)``, or its error map ``{"code", "message"}``."""
+    body = msg.body
+    if "seqs" in body:
+        epoch, seqs = body.get("epoch"), body["seqs"]
+        if type(epoch) is not int or epoch < 0 or type(seqs) is not list or len(seqs) != count:
+            raise RemoteProtocolError(f"compact ack needs an 'epoch' and {count} 'seqs'")
+        out: list[tuple[int, int] | dict] = []
+        for where in seqs:
+            if type(where) is int and where >= 0:
+                out.append((epoch, where))
+            elif valid_position(where):
+                out.append(tuple(where))
+            elif _error_map(where):
+                out.append(where)
+            else:
+                raise RemoteProtocolError(f"compact ack: malformed placement {str(where)[:80]}")
+        return out
+    if "results" not in body:
+        raise RemoteProtocolError("ack of a publish has neither 'seqs' nor 'results'")
+    results = ack_results(msg)
+    if len(results) != count:
+        raise RemoteProtocolError(f"ack has {len(results)} results for {count} events")
+    out = []
+    for r in results:
+        if valid_position([r.get("epoch"), r.get("seq")]):
+            out.append((r["epoch"], r["seq"]))
+        elif _error_map(r.get("error")):
+            out.append(r["error"])
+        else:
+            raise RemoteProtocolError(f"malformed ack result {str(r)[:80]}")
+    return out
 
 
 def check_presence(items: Any) -> list[dict]:

@@ -27,6 +27,14 @@ import zmq.asyncio
 
 log = logging.getLogger("mesh.app")
 
+# plain ints: pyzmq's flags are enum.Flag members, and every ``|`` / ``&`` on them builds a new
+# one in Python (3 % of the dispatcher's profile, round 3, for two frames per message)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
+
 
 class SocketPump:
     def __init__(self, sock: zmq.Socket, on_messages: Callable[[list[list[bytes]]], None],
@@ -47,10 +55,14 @@ class SocketPump:
         self._loop.add_reader(self._fd, self._drain)
         self._schedule_check()  # messages may have arrived before we watched the FD
 
-    def send_multipart(self, frames: list[bytes], flags: int = zmq.NOBLOCK) -> None:
-        """Send without blocking (raises ``zmq.ZMQError`` like the socket would)."""
+    def send_multipart(self, frames: list[bytes]) -> None:
+        """Send without blocking (raises ``zmq.ZMQError`` like the socket would: ZeroMQ takes
+        all parts of a message once it took the first, so a failure leaves nothing half-sent)."""
+        send = self.sock.send
         try:
-            self.sock.send_multipart(frames, flags=flags | zmq.NOBLOCK)
+            for frame in frames[:-1]:
+                send(frame, _MORE_NOBLOCK)
+            send(frames[-1], _NOBLOCK)
         finally:
             self._schedule_check()
 
@@ -76,11 +88,15 @@ class SocketPump:
         if self._fd == -1:
             return  # closed
         sock, batch = self.sock, []
-        while len(batch) < self.max_batch and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        recv, get = sock.recv, sock.get
+        while len(batch) < self.max_batch and get(_EVENTS) & _POLLIN:
             try:
-                batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                frames = [recv(_NOBLOCK)]
             except zmq.Again:
                 break
+            while get(_RCVMORE):  # the rest of a message is there once its first part is
+                frames.append(recv(_NOBLOCK))
+            batch.append(frames)
         if len(batch) >= self.max_batch:
             self._schedule_check()
         if batch:

@@ -186,9 +186,50 @@ def test_accept_many_appends_a_batch_in_order_and_splits_new_retried_and_replica
     assert [(e["epoch"], e["seq"]) for e in new] == [(20, 1), (20, 2)]
     assert new[0]["prev"] == [10, 2] and new[1]["prev"] == [20, 1]   # one chain, in batch order
     assert again == [replicated[1]]          # a replica's retry: published again, once
-    assert [(e["epoch"], e["seq"]) for e in placed] == [(20, 1), (10, 2), (20, 2), (20, 1), (10, 2)]
+    assert placed == [1, (10, 2), 2, 1, (10, 2)]   # a seq in the backup's epoch, else (epoch, seq)
     assert backup.duplicates == 3 and backup.tail("v") == (20, 2)
     assert [P.sse_id(e) for e in backup.after("v", (10, 2))] == ["20:1", "20:2"]
+
+
+def test_dedupe_window_keeps_at_least_dedupe_size_ids_and_evicts_whole_batches():
+    seq = Sequencer(epoch=3, dedupe_size=4)
+    first = seq.accept_many("v", [_ev() for _ in range(3)])[0]
+    second = seq.accept_many("w", [_ev() for _ in range(3)])[0]
+    third = seq.accept_many("v", [_ev(), _ev()])[0]     # 5 ids in the two newer batches: first leaves
+    assert seq.accept_many("v", [dict(e) for e in second + third])[2] == [1, 2, 3, 4, 5]
+    assert seq.accept(dict(first[0]))[1] and seq.duplicates == 5   # forgotten: sequenced anew
+    none = Sequencer(epoch=3, dedupe_size=0)
+    ev = none.accept(_ev())[0]
+    assert none.accept(dict(ev))[1] and none.tail("v") == (3, 2)   # no window at all
+
+
+def test_compact_ack_round_trip_and_the_per_event_form():
+    events = [_ev(), _ev(), {"no": "id"}, _ev()]
+    placed = [7, 8, {"code": "malformed", "message": "bad"}, (2, 9)]
+    compact = P.Control(P.MSG_ACK, b"r", P.ack_body(placed, 11))
+    assert P.unpack(compact.to_frames()[3], "ack") == {"epoch": 11, "seqs": [7, 8, placed[2], [2, 9]]}
+    legacy = P.Control(P.MSG_ACK, b"r", P.ack_body(placed, 11, events))
+    assert [r["id"] for r in P.ack_results(legacy)] == [events[0]["id"], events[1]["id"], "", events[3]["id"]]
+    want = [(11, 7), (11, 8), placed[2], (2, 9)]
+    for msg in (compact, legacy):   # both forms decode to the same placements, over the wire too
+        assert P.ack_positions(P.Control.from_frames(msg.to_frames()), 4) == want
+    assert P.publish_body(events, compact_ack=True)["ack"] == P.ACK_SEQS and "ack" not in P.publish_body(events)
+
+
+@pytest.mark.parametrize("body,why", [
+    ({"epoch": 1, "seqs": [1, 2]}, "3 'seqs'"),
+    ({"epoch": -1, "seqs": [1, 2, 3]}, "'epoch'"),
+    ({"epoch": 1, "seqs": [1, "2", 3]}, "malformed placement"),
+    ({"epoch": 1, "seqs": [1, [1, 2, 3], 3]}, "malformed placement"),
+    ({"epoch": 1, "seqs": [1, {"code": 5}, 3]}, "malformed placement"),
+    ({"epoch": 1, "seqs": [1, True, 3]}, "malformed placement"),
+    ({"results": [{"id": "a", "epoch": 1, "seq": 1}]}, "1 results for 3"),
+    ({"results": [{"id": "a", "epoch": 1}] * 3}, "malformed ack result"),
+    ({"stored": 3}, "neither 'seqs' nor 'results'"),
+])
+def test_malformed_acks_are_remote_protocol_errors(body, why):
+    with pytest.raises(RemoteProtocolError, match=why):
+        P.ack_positions(P.Control(P.MSG_ACK, b"r", body), 3)
 
 
 def test_publish_items_rejects_bad_events_one_by_one():

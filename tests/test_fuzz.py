@@ -50,6 +50,7 @@ bodies = st.one_of(
     values.map(msgpack.packb),
     st.fixed_dictionaries({}, optional={"events": st.one_of(st.lists(event_like, max_size=3), values),
                                         "results": st.one_of(st.lists(values, max_size=3), values),
+                                        "epoch": values, "seqs": st.one_of(st.lists(values, max_size=3), values),
                                         "video": st.one_of(st.text(max_size=8), values),
                                         "after": st.one_of(st.none(), st.lists(st.integers(-2, 2), max_size=3), values),
                                         "reset": values}).map(lambda d: msgpack.packb(d, use_bin_type=True)),
@@ -73,7 +74,8 @@ def test_control_decoder_only_raises_remote_protocol_errors(frames):
     if msg is None:
         return
     assert isinstance(msg.body, dict)
-    for reader in (P.publish_events, P.ack_results, P.history_request, P.history_reply):
+    for reader in (P.publish_events, P.ack_results, lambda m: P.ack_positions(m, 2), P.history_request,
+                   P.history_reply):
         only_remote_errors(reader, msg)
 
 
