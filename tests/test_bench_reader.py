@@ -62,3 +62,33 @@ def test_latency_is_sampled_once_per_event_and_at_most_three_times_per_read():
 def test_a_block_that_repeats_the_previous_reads_last_id_is_a_duplicate():
     reader, res = read([like(5, 1) + like(5, 2), like(5, 2) + like(5, 3)])
     assert reader.count == 4 and res.duplicates == 1 and res.reordered == 0
+
+
+def likes(epoch: int, first: int, last: int, count: int | None = None) -> bytes:
+    """An aggregated run as ``mesh.sse.encode_likes`` writes it (``count`` may lie)."""
+    data = json.dumps({"video": "v", "count": last - first + 1 if count is None else count, "users": ["u"],
+                       "first_id": f"{epoch}:{first}", "last_id": f"{epoch}:{last}", "ts": 1.0},
+                      separators=(",", ":"))
+    return f"id: {epoch}:{last}\nevent: likes\ndata: {data}\n\n".encode()
+
+
+@pytest.mark.parametrize("size", [13, 100000])
+def test_runs_and_single_likes_mixed_count_as_the_likes_they_stand_for(size):
+    stream = (like(5, 1) + like(5, 2) + likes(5, 3, 30) + like(5, 31) + likes(5, 32, 40)
+              + likes(5, 41, 50) + like(5, 51))
+    reader, res = read(split(stream, size))
+    assert reader.count == 51 and reader.last == (5, 51)
+    assert (res.aggregated, res.aggregated_likes) == (3, 47)
+    assert (res.duplicates, res.reordered, res.aggregate_mismatch) == (0, 0, 0)
+
+
+def test_a_run_overlapping_what_came_before_counts_the_overlap_as_duplicates():
+    reader, res = read([like(5, 1) + like(5, 2) + like(5, 3) + likes(5, 2, 6) + like(5, 6)])
+    assert reader.count == 3 + 5 + 1
+    assert res.duplicates == 2 + 1 and res.aggregate_mismatch == 0   # 2..3 again, then 6 again
+    assert reader.last == (5, 6)
+
+
+def test_a_run_whose_count_is_not_its_id_span_is_a_mismatch():
+    _, res = read([likes(5, 1, 10, count=12) + like(5, 11)])
+    assert res.aggregate_mismatch == 1 and res.duplicates == 0
