@@ -103,7 +103,6 @@ class MeshLink:
         self._queues: dict[str, list[tuple[list[dict], asyncio.Future]]] = {}
         self._owners: dict[str, str | None] = {}  # publish: video -> owner (see _owner_of)
         self._owners_for: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task] = []
         self._inflight: set[asyncio.Task] = set()
 
     @property
@@ -114,13 +113,10 @@ class MeshLink:
         """Start serving; returns once the first discovery round is done (or timed out), so a
         node that announces readiness already knows the dispatchers registered before it."""
         self.sub_pump.start()
-        self._tasks = []
         await asyncio.gather(self.dispatchers.start(first_discovery_timeout),
                              self.bridges.start(first_discovery_timeout))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
         await self.dispatchers.stop()
         await self.bridges.stop()
         await self.relays.stop()
