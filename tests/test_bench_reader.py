@@ -92,3 +92,34 @@ def test_a_run_overlapping_what_came_before_counts_the_overlap_as_duplicates():
 def test_a_run_whose_count_is_not_its_id_span_is_a_mismatch():
     _, res = read([likes(5, 1, 10, count=12) + like(5, 11)])
     assert res.aggregate_mismatch == 1 and res.duplicates == 0
+
+
+def test_the_publisher_counts_an_answer_that_closes_the_connection_and_reopens_it():
+    """``_post``: a ``202`` with ``Connection: close`` is an answer (not an error); the next
+    request opens a new connection."""
+    import asyncio
+
+    from mesh.bench import _post
+
+    async def scenario():
+        opened = 0
+
+        async def serve(reader, writer):
+            nonlocal opened
+            opened += 1
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn: list = []
+        request = b"POST /v1/videos/v/likes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        statuses = [await _post(conn, "127.0.0.1", port, request) for _ in range(2)]
+        server.close()
+        await server.wait_closed()
+        return statuses, opened, conn
+
+    statuses, opened, conn = asyncio.run(scenario())
+    assert statuses == [202, 202] and opened == 2 and conn == []
