@@ -61,6 +61,7 @@ class CountSync:
         self.interval = interval
         self.desired: dict[str, int] = {}
         self.written: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}   # taken, neither done nor failed yet
         self.dirty: set[str] = set()
         self.urgent = False
         self.last_flush = float("-inf")
@@ -70,11 +71,14 @@ class CountSync:
             self.desired[video] = count
         else:
             self.desired.pop(video, None)
-        if self.written.get(video, 0) == max(count, 0):
+        # compare with what the KV will hold once a write in flight lands, not with what it
+        # held before: a change back during that write must still be written
+        target = self.in_flight.get(video, self.written.get(video, 0))
+        if target == max(count, 0):
             self.dirty.discard(video)
             return
         self.dirty.add(video)
-        if (self.written.get(video, 0) > 0) != (count > 0):
+        if (target > 0) != (count > 0):
             self.urgent = True
 
     def due(self, now: float) -> float | None:
@@ -91,16 +95,20 @@ class CountSync:
         self.dirty.clear()
         self.urgent = False
         self.last_flush = now
+        self.in_flight.update(changes)
         return changes
 
     def done(self, changes: dict[str, int]) -> None:
         for video, count in changes.items():
+            self.in_flight.pop(video, None)
             if count > 0:
                 self.written[video] = count
             else:
                 self.written.pop(video, None)
 
     def failed(self, changes: dict[str, int]) -> None:
+        for video in changes:
+            self.in_flight.pop(video, None)
         for video in changes:
             self.set(video, self.desired.get(video, 0))
 

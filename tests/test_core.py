@@ -356,6 +356,30 @@ def test_count_sync_change_back_is_no_write_and_reset_rewrites():
     assert cs.due(0.1) == 0.0 and cs.take(0.1) == {"v": 2}
 
 
+def test_count_sync_change_back_while_a_write_is_in_flight_is_written_after_it():
+    """2 is being written when the count goes back to 1: 1 still gets written after it
+    (comparing with the count written before the 2 left the KV at 2 until the next change)."""
+    cs = CountSync(interval=1.0)
+    cs.set("v", 1)
+    cs.done(cs.take(0.0))
+    cs.set("v", 2)
+    flying = cs.take(1.0)
+    assert flying == {"v": 2}
+    cs.set("v", 1)              # while {"v": 2} is in flight
+    cs.done(flying)
+    assert cs.due(2.0) == 0.0 and cs.take(2.0) == {"v": 1}
+    cs.set("v", 0)              # last viewer leaves while 1 is in flight ...
+    cs.set("v", 1)              # ... and another arrives: 1 is what lands, no write needed
+    cs.done({"v": 1})
+    assert cs.due(3.0) is None
+    cs.set("v", 2)
+    flying = cs.take(4.0)
+    cs.set("v", 0)              # all leave while 2 is in flight: urgent
+    assert cs.due(4.0) == 0.0
+    cs.failed(flying)           # the 2 never landed: 0 is what is still to write (1 was written)
+    assert cs.take(4.1) == {"v": 0}
+
+
 # --- SSE --------------------------------------------------------------------------------------
 
 def test_sse_round_trip_keeps_text_byte_identical():
