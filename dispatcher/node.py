@@ -82,6 +82,7 @@ class Dispatcher:
         self.seq = Sequencer(history_size=d.history_size, history_age=d.history_age,
                              dedupe_size=d.dedupe_size, dc=cfg.node.dc)
         self.name = cfg.node.name
+        self.event_rows = cfg.node.event_rows  # events sent as rows (protocol.event_row)
         self.stats = defaultdict(int)
         self.router: SocketPump | None = None
         self.xpub: SocketPump | None = None
@@ -307,10 +308,10 @@ class Dispatcher:
         # each batch packed once: the same bytes go to the backup and to the fan-out
         batches = burst.fanout.setdefault(video, [])
         if again:
-            batches.extend(P.pack_events(again))
+            batches.extend(P.pack_events(again, self.event_rows))
             burst.again += len(again)
         if new:
-            packed = P.pack_events(new)
+            packed = P.pack_events(new, self.event_rows)
             batches.extend(packed)
             backup = next((d for d in order if d != self.name), None)
             if backup is not None:
@@ -384,7 +385,7 @@ class Dispatcher:
 
     async def _forward(self, target: str, video: str, items: list[tuple["_PendingAck", int, dict]]) -> bool:
         try:
-            body = {**P.publish_body([e for _, _, e in items], compact_ack=True), "fwd": True}
+            body = {**P.publish_body([e for _, _, e in items], compact_ack=True, rows=self.event_rows), "fwd": True}
             reply = await self.peers.request(target, P.MSG_PUBLISH, body, FORWARD_TIMEOUT)
             placed = P.ack_positions(reply, len(items)) if reply.msg_type == P.MSG_ACK else None
         except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:

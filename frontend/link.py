@@ -71,7 +71,8 @@ class MeshLink:
                  on_reset: Callable[[str, str], None] | None = None,
                  on_presence: Callable[[str, list[dict]], None] | None = None,
                  attempt_timeout: float = 1.0, publish_timeout: float = 3.0,
-                 gap_timeout: float = 1.0, drop_every: int = 0, coalesce_max: int = 256, curve=None, dc: str = ""):
+                 gap_timeout: float = 1.0, drop_every: int = 0, coalesce_max: int = 256, curve=None, dc: str = "",
+                 event_rows: bool = True):
         self.ctx = ctx
         self.name = name
         self.dc = dc  # our datacenter: events of another origin DC came through a bridge
@@ -83,6 +84,7 @@ class MeshLink:
         self.gap_timeout = gap_timeout
         self.drop_every = drop_every  # fault injection: pretend PUB/SUB lost every Nth message
         self.coalesce_max = max(1, coalesce_max)
+        self.event_rows = event_rows  # publish events as rows (protocol.event_row)
         self._received = 0
         self.curve = curve  # mesh.curve.CurveKeys (None: plaintext links)
         # a plain socket on the async context's shadow, served by a pump (mesh.pump: no future
@@ -502,7 +504,7 @@ class MeshLink:
         results: dict[str, dict] = {}
         try:
             replies = await asyncio.gather(*(self.dispatchers.request(
-                target, P.MSG_PUBLISH, P.publish_body(c, compact_ack=True), self.publish_timeout) for c in chunks))
+                target, P.MSG_PUBLISH, P.publish_body(c, compact_ack=True, rows=self.event_rows), self.publish_timeout) for c in chunks))
             for events, reply in zip(chunks, replies):
                 if reply.msg_type == P.MSG_ERROR:
                     results.update((e["id"], {"id": e["id"], "error": reply.body}) for e in events)

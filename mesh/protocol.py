@@ -40,6 +40,15 @@ An event is a msgpack map::
      "text": str|None, "ts": float (ms since the Unix epoch, stamped by the accepting
      frontend), "epoch": int, "seq": int, "prev": [epoch, seq] | None[, "dc": str]}
 
+or, the same fields in this order, a msgpack array (an *event row*: no key strings, so less
+than half the decoding cost of the map, docs/PROTOCOL.md)::
+
+    [id, video, kind, user, text, ts, epoch, seq, prev(, dc)]
+
+Every receiver accepts both forms in every events list (PUB, REPL, fan-out, history); a node
+sends rows in PUB, REPL and fan-out unless ``node.event_rows`` is false (a rolling upgrade from
+a version that decodes maps only).
+
 ``epoch``/``seq``/``prev`` are assigned by the video's owner dispatcher (0/0/None before);
 ``prev`` is the position of the previous event of the video's chain (mesh.sequencing).
 ``dc`` is the origin datacenter, stamped by the owner that sequenced the event (optional on
@@ -207,31 +216,85 @@ def _known_video(video: Any) -> bool:
     return True
 
 
-def check_event(obj: Any) -> dict:
-    """Validate an event received from a peer; returns it or raises RemoteProtocolError.
-    On the hot path of every node (each event in and out of a dispatcher): exact type checks
-    (msgpack makes exact types) and no helper calls for the common case."""
-    if type(obj) is not dict:
-        raise RemoteProtocolError("event is not a map")
+def _valid_fields(event_id, video, kind, user, text, ts, epoch, seq, prev, dc) -> bool:
+    """The checks of ``check_event``, on an event's fields (either form).  On the hot path of
+    every node: exact type checks (msgpack makes exact types), a set lookup for known videos."""
     try:
-        event_id, video, user, text, ts, prev, dc = (obj["id"], obj["video"], obj["user"], obj["text"],
-                                                     obj["ts"], obj.get("prev"), obj.get("dc"))
-        ok = (
+        return (
             type(event_id) is str and 0 < len(event_id) <= 64
-            and (video in _known_videos or _known_video(video))  # a set lookup for known ones
-            and obj["kind"] in EVENT_KINDS
+            and (video in _known_videos or _known_video(video))
+            and kind in EVENT_KINDS
             and (user is None or type(user) is str)
             and (text is None or type(text) is str)
             and (type(ts) is float or type(ts) is int)
-            and type(obj["epoch"]) is int and type(obj["seq"]) is int
+            and type(epoch) is int and type(seq) is int
             and (prev is None or valid_position(prev))
             and (dc is None or (type(dc) is str and 0 < len(dc) <= 64))
         )
-    except (KeyError, TypeError):
+    except TypeError:  # an unhashable video or kind
+        return False
+
+
+def check_event(obj: Any) -> dict:
+    """Validate an event received from a peer, a map or a row (``event_row``); returns it as
+    a map or raises RemoteProtocolError."""
+    if type(obj) is list:
+        n = len(obj)
+        if n == EVENT_ROW_LEN:
+            event_id, video, kind, user, text, ts, epoch, seq, prev = obj
+            dc = None
+        elif n == EVENT_ROW_LEN + 1:
+            event_id, video, kind, user, text, ts, epoch, seq, prev, dc = obj
+        else:
+            raise RemoteProtocolError(f"event row has {n} fields, expected {EVENT_ROW_LEN} or {EVENT_ROW_LEN + 1}")
+        if not _valid_fields(event_id, video, kind, user, text, ts, epoch, seq, prev, dc):
+            raise RemoteProtocolError(f"malformed event {str(obj)[:200]}")
+        event = {"id": event_id, "video": video, "kind": kind, "user": user, "text": text, "ts": ts,
+                 "epoch": epoch, "seq": seq, "prev": prev}
+        if dc is not None:
+            event["dc"] = dc
+        return event
+    if type(obj) is not dict:
+        raise RemoteProtocolError("event is neither a map nor a row")
+    try:
+        ok = _valid_fields(obj["id"], obj["video"], obj["kind"], obj["user"], obj["text"], obj["ts"],
+                           obj["epoch"], obj["seq"], obj.get("prev"), obj.get("dc"))
+    except KeyError:
         ok = False
     if not ok:
         raise RemoteProtocolError(f"malformed event {str(obj)[:200]}")
     return obj
+
+
+#: an event row's fields, in order (``event_row``); ``dc`` only when the event has one
+EVENT_ROW_FIELDS = ("id", "video", "kind", "user", "text", "ts", "epoch", "seq", "prev", "dc")
+EVENT_ROW_LEN = len(EVENT_ROW_FIELDS) - 1
+_row_with_dc = operator.itemgetter(*EVENT_ROW_FIELDS)
+
+
+def event_row(event: dict) -> list:
+    """``event`` as a row: ``[id, video, kind, user, text, ts, epoch, seq, prev(, dc)]``."""
+    row = [event["id"], event["video"], event["kind"], event["user"], event["text"], event["ts"],
+           event["epoch"], event["seq"], event.get("prev")]
+    dc = event.get("dc")
+    if dc is not None:
+        row.append(dc)
+    return row
+
+
+def event_rows(events: list[dict]) -> list:
+    """``events`` as rows.  A C-level loop when every event has a ``dc`` key (a dispatcher's
+    sequenced events): tuples, which msgpack packs as arrays too."""
+    try:
+        return list(map(_row_with_dc, events))
+    except KeyError:
+        return [event_row(e) for e in events]
+
+
+def wire_event_id(event: Any) -> str:
+    """The id of an event as a peer sent it (either form), "" when it has none."""
+    event_id = event.get("id") if type(event) is dict else event[0] if type(event) is list and event else None
+    return event_id if type(event_id) is str else ""
 
 
 # --- pre-packed events ------------------------------------------------------------------
@@ -258,12 +321,12 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def pack_events(events: list[dict]) -> list[tuple[int, bytes]]:
-    """``events`` cut like ``chunked`` and packed: per batch, its length and its elements'
-    encodings (the msgpack array without its header)."""
+def pack_events(events: list[dict], rows: bool = False) -> list[tuple[int, bytes]]:
+    """``events`` cut like ``chunked`` and packed (as rows with ``rows``: ``event_row``): per
+    batch, its length and its elements' encodings (the msgpack array without its header)."""
     out = []
     for batch in chunked(events):
-        data = _packer.pack(batch)
+        data = _packer.pack(event_rows(batch) if rows else batch)
         out.append((len(batch), data[len(_array_header(len(batch))):]))
     return out
 
@@ -329,9 +392,12 @@ class Control:
 ACK_SEQS = "seqs"
 
 
-def publish_body(events: list[dict], compact_ack: bool = False) -> dict:
+def publish_body(events: list[dict], compact_ack: bool = False, rows: bool = False) -> dict:
     """A PUB body; ``compact_ack``: the requester decodes the compact ACK (``ack_positions``;
-    without it a dispatcher answers in the per-event map form of dispatchers before it)."""
+    without it a dispatcher answers in the per-event map form of dispatchers before it);
+    ``rows``: the events as rows (``event_row``)."""
+    if rows:
+        events = event_rows(events)
     return {"events": events, "ack": ACK_SEQS} if compact_ack else {"events": events}
 
 
@@ -358,8 +424,7 @@ def publish_items(msg: Control) -> tuple[list[tuple[int, dict]], list[tuple[int,
         try:
             events.append((i, check_event(event)))
         except RemoteProtocolError as exc:
-            event_id = event.get("id") if isinstance(event, dict) else None
-            rejected.append((i, {"id": event_id if isinstance(event_id, str) else "",
+            rejected.append((i, {"id": wire_event_id(event),
                                  "error": {"code": "malformed", "message": str(exc)[:200]}}))
     return events, rejected
 
@@ -410,8 +475,7 @@ def ack_body(placed: list, epoch: int, events: list | None = None) -> dict:
         return {"epoch": epoch, "seqs": placed}
     results = []
     for event, where in zip(events, placed):
-        event_id = event.get("id") if type(event) is dict else None
-        event_id = event_id if type(event_id) is str else ""
+        event_id = wire_event_id(event)
         if type(where) is int:
             results.append({"id": event_id, "epoch": epoch, "seq": where})
         elif type(where) is dict:
@@ -640,8 +704,8 @@ class Fanout:
         events = payload.get("events")
         if not isinstance(events, list):
             raise RemoteProtocolError("fan-out events is not a list")
+        events = [check_event(e) for e in events]
         for event in events:
-            check_event(event)
             if event["video"] != video:
                 raise RemoteProtocolError("event video does not match its topic")
         return cls(video, kind, sender, events)

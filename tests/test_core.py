@@ -58,6 +58,49 @@ def test_fanout_round_trip_and_sync():
 GOOD_EVENT = P.make_event("v1", "like", "u", None)
 
 
+@pytest.mark.parametrize("dc", [None, "dc2"])
+def test_event_rows_round_trip_through_pub_repl_and_fanout_as_the_same_maps(dc):
+    ev = {**P.make_event("v1", "comment", "ann", "hi 🎉"), "epoch": 3, "seq": 7, "prev": [3, 6]}
+    if dc:
+        ev["dc"] = dc
+    row = P.event_row(ev)
+    assert type(row) is list and len(row) == P.EVENT_ROW_LEN + (1 if dc else 0)
+    pub = P.Control.from_frames(P.Control(P.MSG_PUBLISH, b"r", P.publish_body([ev], rows=True)).to_frames())
+    assert type(pub.body["events"][0]) is list and P.publish_events(pub) == [ev]
+    [(count, data)] = P.pack_events([ev, {**ev, "seq": 8, "prev": [3, 7]}], rows=True)
+    repl = P.Control.from_frames(P.Control(P.MSG_REPLICATE, b"r", P.packed_events_body([(count, data)])).to_frames())
+    assert P.publish_events(repl) == [ev, {**ev, "seq": 8, "prev": [3, 7]}]
+    fan = P.Fanout.from_frames(P.packed_fanout_events("v1", "d1", count, data))
+    assert fan.events == [ev, {**ev, "seq": 8, "prev": [3, 7]}]
+    # rows are smaller than maps, and a receiver takes both forms in one list
+    assert len(data) < len(P.pack_events([ev, ev])[0][1])
+    mixed = P.Control(P.MSG_PUBLISH, b"r", {"events": [row, ev]})
+    assert P.publish_events(mixed) == [ev, ev]
+
+
+@pytest.mark.parametrize("row,needle", [
+    (P.event_row(GOOD_EVENT)[:-1], "8 fields"),
+    (P.event_row(GOOD_EVENT) + ["dc2", "x"], "11 fields"),
+    ([], "0 fields"),
+    (["", *P.event_row(GOOD_EVENT)[1:]], "malformed"),
+    ([*P.event_row(GOOD_EVENT)[:1], ["v1"], *P.event_row(GOOD_EVENT)[2:]], "malformed"),  # unhashable video
+    ([*P.event_row(GOOD_EVENT)[:2], {"k": 1}, *P.event_row(GOOD_EVENT)[3:]], "malformed"),  # unhashable kind
+    ([*P.event_row(GOOD_EVENT)[:2], "dislike", *P.event_row(GOOD_EVENT)[3:]], "malformed"),
+    ([*P.event_row(GOOD_EVENT)[:6], "0", *P.event_row(GOOD_EVENT)[7:]], "malformed"),
+    ([*P.event_row(GOOD_EVENT)[:8], [1]], "malformed"),
+    (P.event_row(GOOD_EVENT) + [7], "malformed"),
+])
+def test_malformed_event_rows_are_rejected_one_by_one(row, needle):
+    with pytest.raises(RemoteProtocolError, match=needle):
+        P.check_event(row)
+    body = P.publish_body([GOOD_EVENT], rows=True)
+    body["events"].append(row)
+    events, rejected = P.publish_items(P.Control(P.MSG_PUBLISH, b"r", body))
+    assert [i for i, _ in events] == [0] and [i for i, _ in rejected] == [1]
+    assert rejected[0][1]["id"] == (row[0] if row and type(row[0]) is str else "")
+    assert rejected[0][1]["error"]["code"] == "malformed"
+
+
 @pytest.mark.parametrize("frames,needle", [
     ([b"LM\x01", b"PUB", b"r"], "3 frames"),
     ([b"LM\x02", b"PUB", b"r", P.pack({})], "version"),

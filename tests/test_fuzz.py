@@ -45,10 +45,17 @@ event_like = st.fixed_dictionaries(
      "epoch": st.one_of(st.integers(-5, 5), scalars), "seq": st.one_of(st.integers(-5, 5), scalars),
      "prev": st.one_of(st.none(), st.lists(st.integers(-3, 3), max_size=3), scalars)},
     optional={"fwd": st.booleans()})
+#: events in either wire form: maps, rows made of the same fields (with or without a ``dc``), any list
+event_any = st.one_of(
+    event_like,
+    st.tuples(event_like, st.one_of(st.none(), st.text(max_size=70), scalars)).map(
+        lambda p: [p[0][k] for k in ("id", "video", "kind", "user", "text", "ts", "epoch", "seq", "prev")]
+        + ([] if p[1] is None else [p[1]])),
+    st.lists(scalars, max_size=11))
 bodies = st.one_of(
     st.binary(max_size=64),
     values.map(msgpack.packb),
-    st.fixed_dictionaries({}, optional={"events": st.one_of(st.lists(event_like, max_size=3), values),
+    st.fixed_dictionaries({}, optional={"events": st.one_of(st.lists(event_any, max_size=3), values),
                                         "results": st.one_of(st.lists(values, max_size=3), values),
                                         "epoch": values, "seqs": st.one_of(st.lists(values, max_size=3), values),
                                         "video": st.one_of(st.text(max_size=8), values),
@@ -85,7 +92,7 @@ payloads = st.one_of(
     st.binary(max_size=64), values.map(msgpack.packb),
     st.fixed_dictionaries({}, optional={"v": st.one_of(st.just(1), values), "k": st.sampled_from(["E", "S", "T", "X", 1]),
                                         "from": st.one_of(st.text(max_size=5), values),
-                                        "events": st.one_of(st.lists(event_like, max_size=3), values),
+                                        "events": st.one_of(st.lists(event_any, max_size=3), values),
                                         "tail": st.one_of(st.lists(st.integers(-2, 3), max_size=3), values)}
                           ).map(lambda d: msgpack.packb(d, use_bin_type=True)))
 
@@ -104,6 +111,10 @@ def test_decoders_accept_what_the_encoders_make():
     assert P.publish_events(P.Control.from_frames(ctl.to_frames())) == [event]
     fan = P.Fanout("v1", P.FANOUT_EVENTS, "d1", [event])
     assert P.Fanout.from_frames(fan.to_frames()).events == [event]
+    rows = P.Control(P.MSG_PUBLISH, b"r", P.publish_body([event], rows=True))
+    assert P.publish_events(P.Control.from_frames(rows.to_frames())) == [event]
+    [(count, data)] = P.pack_events([event], rows=True)
+    assert P.Fanout.from_frames(P.packed_fanout_events("v1", "d1", count, data)).events == [event]
 
 
 # --- the HTTP API ---------------------------------------------------------------------------------

@@ -418,3 +418,25 @@ async def test_publish_batch_of_several_videos_with_a_bad_event(mesh2):
     assert "rejected 1 of 6 events" in open(d1.log_path).read()
     for v in viewers.values():
         v.close()
+
+
+async def test_nodes_sending_event_rows_and_maps_mesh_together(topology):
+    """A rolling upgrade's mixed mesh: d1 and fa send events as rows (the default), d2 and fb
+    as maps (``node.event_rows = false``).  Every PUB, REPL and fan-out message crosses forms
+    one way or the other, and every like reaches every viewer once, in order."""
+    maps = {"node.event_rows": "false"}
+    d1, d2 = topology.dispatcher("d1"), topology.dispatcher("d2", **maps)
+    fa, fb = topology.frontend("fa"), topology.frontend("fb", **maps)
+    videos = [f"mix-{i}" for i in range(8)]
+    assert set(owner(v, ["d1", "d2"]) for v in videos) == {"d1", "d2"}
+    viewers = {v: [await viewer(f.url, v) for f in (fa, fb)] for v in videos}
+    sent = {v: [(await like((fa, fb)[i % 2].url, v, user=f"u{i}"))["id"] for i in range(4)] for v in videos}
+    for v in videos:
+        for got in [await s.events(4, timeout=10) for s in viewers[v]]:
+            assert [json.loads(e.data)["id"] for e in got] == sent[v]
+            assert [json.loads(e.data)["user"] for e in got] == [f"u{i}" for i in range(4)]
+    stats = [(await health(n.url))["stats"] for n in (d1, d2, fa, fb)]
+    assert all(s.get("malformed", 0) == 0 for s in stats), stats
+    # each dispatcher replicated its videos' likes to the other, in its own form
+    assert stats[0]["replicas_stored"] == 4 * sum(owner(v, ["d1", "d2"]) == "d2" for v in videos)
+    assert stats[1]["replicas_stored"] == 4 * sum(owner(v, ["d1", "d2"]) == "d1" for v in videos)

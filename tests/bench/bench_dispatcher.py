@@ -2,7 +2,7 @@
 
     python tests/bench/bench_dispatcher.py [--frontends 2] [--videos 1000] [--hot]
         [--rate 150000] [--duration 5] [--batch 100] [--window 32] [--watched 1.0] [--backup]
-        [--feeder link|light] [--baseline-ref REF | --no-baseline] [--rounds 1] [--json]
+        [--feeder link|light] [--baseline-ref REF | --no-baseline] [--rounds 1] [--maps] [--json]
 
 HTTP cannot offer 100 k likes/s on two cores (Tornado parses ~5 k requests/s per process), so
 the load reaches the dispatcher the way frontends send it: batched ``PUB`` requests over
@@ -25,6 +25,10 @@ batch is replicated to it first: the replication cost).
 ``--feeder light`` replaces MeshLink by a feeder that costs next to nothing (``emulate_light``:
 requests built and packed before the timed part, asking for the compact ACK, which a
 dispatcher before it ignores; ACKs counted, fan-out decoded once, ids into a set): what one dispatcher process can do when its feeders are cheap.
+
+Events travel as rows (``protocol.event_row``), except to the baseline dispatcher, which is
+sent maps (a dispatcher before event rows decodes maps only), and with ``--maps`` (everything in
+maps, this tree's dispatcher with ``node.event_rows = false``).
 
 Side by side in one run: the dispatcher of ``--baseline-ref`` (default: the commit this
 branch's optimisation started from; its tree is exported with ``git archive`` to a temporary
@@ -57,8 +61,9 @@ from mesh.ownership import owner  # noqa: E402
 from mesh.topology import NodeProcess  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
-#: main before this round (round 3: the compact ACK and the per-event path; round 2 started from ad49804)
-BASELINE_REF = "670e048"
+#: main before this round (round 4: event rows; round 3, the compact ACK and the per-event path,
+#: started from 670e048, round 2 from ad49804)
+BASELINE_REF = "bd9c952"
 #: seconds to wait, after the last ack, for deliveries to stop arriving (quiet for SETTLE_QUIET)
 SETTLE_MAX = 10.0
 SETTLE_QUIET = 1.0
@@ -118,7 +123,7 @@ def emulate_light(args) -> None:
         events = [P.make_event(videos[n % len(videos)], P.KIND_LIKE, "bench", None,
                                event_id=f"{args.index:02d}l{n:014x}", ts=0.0)
                   for n in range(r * args.batch, min(total, (r + 1) * args.batch))]
-        msg = P.Control(P.MSG_PUBLISH, b"r%d" % r, P.publish_body(events, compact_ack=True))
+        msg = P.Control(P.MSG_PUBLISH, b"r%d" % r, P.publish_body(events, compact_ack=True, rows=not args.maps))
         requests.append((msg.to_frames(), [e["video"] for e in events]))
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
@@ -200,10 +205,10 @@ def emulate_light(args) -> None:
                         if msg["k"] != P.FANOUT_EVENTS:
                             continue
                         n = len(seen)
-                        seen.update(e["id"] for e in msg["events"])
+                        seen.update(map(P.wire_event_id, msg["events"]))  # rows or maps
                         fresh = len(seen) - n
                         result["duplicates"] += len(msg["events"]) - fresh
-                        video = msg["events"][0]["video"]
+                        video = P.video_from_topic(topic)
                         received[video] = received.get(video, 0) + fresh
                         result["last_delivery"] = time.time()
         latencies.sort()
@@ -247,7 +252,8 @@ async def emulate(args) -> None:
 
     ctx = zmq.asyncio.Context()
     kv = EmbeddedKV(args.kv_path)
-    link = MeshLink(ctx, kv, f"bench-f{args.index}", on_events, attempt_timeout=1.0, publish_timeout=3.0)
+    link = MeshLink(ctx, kv, f"bench-f{args.index}", on_events, attempt_timeout=1.0, publish_timeout=3.0,
+                    event_rows=not args.maps)
     loop = asyncio.get_running_loop()
     try:
         await kv.open()
@@ -342,10 +348,10 @@ def export_tree(ref: str, into: str) -> str:
     return into
 
 
-def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str) -> NodeProcess:
+def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str, extra: tuple = ()) -> NodeProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMESH_")}
     env.update({"LIVEMESH_KV_BACKEND": "embedded", "LIVEMESH_KV_PATH": kv_path, "PYTHONUNBUFFERED": "1"})
-    args = ["--set", f"node.name={name}", "--set", "dispatcher.host=127.0.0.1"]
+    args = ["--set", f"node.name={name}", "--set", "dispatcher.host=127.0.0.1", *extra]
     node = NodeProcess("dispatcher", name, args, env, os.path.join(log_dir, f"{name}.log"))
     with open(node.log_path, "ab") as log:
         # python -m runs the package found in the working directory: the tree under test
@@ -354,12 +360,13 @@ def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str) -> NodePr
     return node
 
 
-def start_emulator(args, index: int, kv_path: str, log_dir: str, node: NodeProcess) -> subprocess.Popen:
+def start_emulator(args, index: int, kv_path: str, log_dir: str, node: NodeProcess, maps: bool) -> subprocess.Popen:
     cmd = [sys.executable, os.path.abspath(__file__), "--emulate", "--index", str(index), "--feeder", args.feeder,
            "--kv-path", kv_path, "--router", node.info["router"], "--pub", node.info["pub"], "--frontends", str(args.frontends), "--videos", str(args.videos),
            "--rate", str(args.rate / args.frontends), "--duration", str(args.duration),
            "--batch", str(args.batch), "--window", str(args.window), "--watched", str(args.watched),
-           "--dispatchers", str(2 if args.backup else 1)] + (["--hot"] if args.hot else [])
+           "--dispatchers", str(2 if args.backup else 1)] + (["--hot"] if args.hot else []) \
+        + (["--maps"] if maps else [])
     with open(os.path.join(log_dir, f"emulator-{index}.log"), "ab") as log:
         return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
 
@@ -390,14 +397,17 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
     os.makedirs(log_dir, exist_ok=True)
     nodes: list[NodeProcess] = []
     emulators: list[subprocess.Popen] = []
+    # events as maps to a dispatcher before event rows (the baseline), or when asked to
+    maps = args.maps or label == "baseline"
+    extra = ("--set", "node.event_rows=false") if args.maps and label != "baseline" else ()
     try:
         for name in DISPATCHERS[: 2 if args.backup else 1]:  # one by one: both create the KV file
-            nodes.append(start_dispatcher(tree, name, kv_path, log_dir))
+            nodes.append(start_dispatcher(tree, name, kv_path, log_dir, extra))
             nodes[-1].wait_ready()
         if args.feeder == "light":  # no MeshLink waits for the dispatcher set: the backup must be known
             asyncio.run(wait_until(lambda: len(health(nodes[0])["dispatchers"]) == len(nodes), 20,
                                    what="the dispatchers to see each other"))
-        emulators = [start_emulator(args, i, kv_path, log_dir, nodes[0]) for i in range(args.frontends)]
+        emulators = [start_emulator(args, i, kv_path, log_dir, nodes[0], maps) for i in range(args.frontends)]
         ready = [read_json_line(p, 40) for p in emulators]
         start_at = time.time() + 0.5
         cpu0 = [cpu_seconds(n.proc.pid) for n in nodes]
@@ -506,6 +516,8 @@ def main() -> None:
     ap.add_argument("--feeder", choices=("link", "light"), default="link",
                     help="link: emulated frontends run MeshLink (realistic); light: pre-built requests, "
                          "plain decode of the fan-out (what the dispatcher alone can do)")
+    ap.add_argument("--maps", action="store_true",
+                    help="events as msgpack maps, not rows (this tree's dispatcher too: node.event_rows false)")
     ap.add_argument("--json", action="store_true")
     # child mode
     ap.add_argument("--emulate", action="store_true", help=argparse.SUPPRESS)
