@@ -5,7 +5,9 @@ every burst of readable requests (up to ``DRAIN_MAX`` messages) is handled as on
 synchronously, with no future, task or lock per event:
 
 1. Each PUB request is decoded once; its events are validated one by one (a bad event gets
-   its own error result, the others go on) and grouped per video over the whole burst.
+   its own error result, the others go on) and grouped per video over the whole burst.  Events
+   stay the rows they arrive as (``protocol.check_row``; a map is turned into one), through
+   the sequencer and history to the fan-out's packing: no map is built per event.
 2. Fast path -- a video this dispatcher owns (or that was forwarded to it), whose chain it
    already holds, with no slow-path work pending: its events are appended to the chain at
    once (``Sequencer.accept_many``: one chain append per video), packed once
@@ -80,7 +82,7 @@ class Dispatcher:
         self.ctx = ctx
         d = cfg.dispatcher
         self.seq = Sequencer(history_size=d.history_size, history_age=d.history_age,
-                             dedupe_size=d.dedupe_size, dc=cfg.node.dc)
+                             dedupe_size=d.dedupe_size, dc=cfg.node.dc, rows=True)
         self.name = cfg.node.name
         self.event_rows = cfg.node.event_rows  # events sent as rows (protocol.event_row)
         self.stats = defaultdict(int)
@@ -179,7 +181,7 @@ class Dispatcher:
         """One burst of ROUTER messages (``SocketPump``): control requests answered, publishes
         grouped per (video, forwarded) and published together."""
         # forwarded-to-us or not -> video -> (request's ACK, position in it, event)
-        groups: dict[bool, dict[str, list[tuple[_PendingAck, int, dict]]]] = {False: {}, True: {}}
+        groups: dict[bool, dict[str, list[tuple[_PendingAck, int, list]]]] = {False: {}, True: {}}
         acks: list[_PendingAck] = []
         for frames in batch:
             peer = frames[0]
@@ -208,7 +210,7 @@ class Dispatcher:
 
     def _take_publish(self, peer: bytes, msg: P.Control, groups: dict, acks: list["_PendingAck"]) -> None:
         try:
-            events, rejected = P.publish_items(msg)
+            events, rejected = P.publish_items(msg, P.check_row)
             if not events:  # nothing usable: the whole request is rejected
                 raise RemoteProtocolError(rejected[0][1]["error"]["message"])
         except RemoteProtocolError as exc:
@@ -226,10 +228,10 @@ class Dispatcher:
             for i, result in rejected:
                 ack.fill(i, result["error"])
         by_video = groups[bool(msg.body.get("fwd"))]
-        for i, event in events:
-            group = by_video.get(event["video"])
+        for i, event in events:  # rows (P.check_row): what the sequencer keeps
+            group = by_video.get(event[P.ROW_VIDEO])
             if group is None:
-                group = by_video[event["video"]] = []
+                group = by_video[event[P.ROW_VIDEO]] = []
             group.append((ack, i, event))
 
     def _reject(self, peer: bytes, msg: P.Control, code: str, exc: Exception) -> None:
@@ -256,7 +258,7 @@ class Dispatcher:
             order = self._ranks[video] = rank(video, live)
         return order
 
-    def _publish(self, groups: dict[bool, dict[str, list[tuple["_PendingAck", int, dict]]]],
+    def _publish(self, groups: dict[bool, dict[str, list[tuple["_PendingAck", int, list]]]],
                  acks: list["_PendingAck"]) -> None:
         """Sequence a burst's events (fast path) and commit them; hand the rest to the slow
         path (see the module docstring)."""
@@ -294,7 +296,7 @@ class Dispatcher:
             batch = self._slow_open[(video, fwd)] = _SlowBatch(items, fwd, self._last_commit)
             self._spawn(self._publish_slow(video, batch))
 
-    def _sequence(self, video: str, items: list[tuple["_PendingAck", int, dict]], order: list[str],
+    def _sequence(self, video: str, items: list[tuple["_PendingAck", int, list]], order: list[str],
                   burst: "_Burst", now: float) -> None:
         new, again, placed = self.seq.accept_many(video, [event for _, _, event in items], now)
         if burst.deferred is None:  # sent when the burst commits (_finish)
@@ -318,7 +320,7 @@ class Dispatcher:
                 burst.replicas.setdefault(backup, []).extend(packed)
             burst.new += len(new)
         last = (new or again)[-1]
-        burst.tails[video] = (last["epoch"], last["seq"])
+        burst.tails[video] = (last[P.ROW_EPOCH], last[P.ROW_SEQ])
 
     async def _commit(self, burst: "_Burst", prev: asyncio.Task | None) -> None:
         """Replicate, then -- once the burst before this one committed -- publish and ack."""
@@ -383,7 +385,7 @@ class Dispatcher:
             if left:
                 self._slow[video] = left
 
-    async def _forward(self, target: str, video: str, items: list[tuple["_PendingAck", int, dict]]) -> bool:
+    async def _forward(self, target: str, video: str, items: list[tuple["_PendingAck", int, list]]) -> bool:
         try:
             body = {**P.publish_body([e for _, _, e in items], compact_ack=True, rows=self.event_rows), "fwd": True}
             reply = await self.peers.request(target, P.MSG_PUBLISH, body, FORWARD_TIMEOUT)
@@ -405,12 +407,12 @@ class Dispatcher:
         if self.seq.has_log(video):
             return
         others = [d for d in rank(video, self.live()) if d != self.name]
-        chain: list[dict] = []
+        chain: list[list] = []
         if others:
             try:
                 reply = await self.peers.request(others[0], P.MSG_HISTORY,
                                                  {**P.history_body(video, None), "peer": True}, TAIL_TIMEOUT)
-                chain = P.history_reply(reply) or []
+                chain = P.history_reply(reply, P.check_row) or []
                 self.stats["chains_taken_over"] += bool(chain)
             except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
                 self.stats["chain_fetch_failures"] += 1
@@ -441,7 +443,7 @@ class Dispatcher:
 
     def _handle_replicate(self, peer: bytes, msg: P.Control) -> None:
         try:
-            events = P.publish_events(msg)
+            events = P.publish_events(msg, P.check_row)
         except RemoteProtocolError as exc:
             self._reject(peer, msg, "malformed", exc)
             return
@@ -461,7 +463,7 @@ class Dispatcher:
         chain = self.seq.after(video, after)
         self.stats["history_requests"] += 1
         body = {"reset": True, "tail": list(self.seq.tail(video) or ()) or None} if chain is None \
-            else {"events": chain}
+            else {"events": P.wire_events(chain, self.event_rows)}
         self._reply(peer, P.Control(P.MSG_ACK, msg.request_id, body))
 
     # --- presence ---------------------------------------------------------------------------
@@ -598,7 +600,7 @@ class _SlowBatch:
 
     __slots__ = ("items", "fwd", "prev")
 
-    def __init__(self, items: list[tuple[_PendingAck, int, dict]], fwd: bool, prev: asyncio.Task | None):
+    def __init__(self, items: list[tuple[_PendingAck, int, list]], fwd: bool, prev: asyncio.Task | None):
         self.items = items
         self.fwd = fwd
         self.prev = prev

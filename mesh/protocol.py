@@ -46,8 +46,9 @@ than half the decoding cost of the map, docs/PROTOCOL.md)::
     [id, video, kind, user, text, ts, epoch, seq, prev(, dc)]
 
 Every receiver accepts both forms in every events list (PUB, REPL, fan-out, history); a node
-sends rows in PUB, REPL and fan-out unless ``node.event_rows`` is false (a rolling upgrade from
-a version that decodes maps only).
+sends rows in PUB, REPL, fan-out and history replies unless ``node.event_rows`` is false (a
+rolling upgrade from a version that decodes maps only).  A dispatcher keeps events as full rows
+(``check_row``) from decoding to fan-out.
 
 ``epoch``/``seq``/``prev`` are assigned by the video's owner dispatcher (0/0/None before);
 ``prev`` is the position of the previous event of the video's chain (mesh.sequencing).
@@ -63,7 +64,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -235,25 +236,28 @@ def _valid_fields(event_id, video, kind, user, text, ts, epoch, seq, prev, dc) -
         return False
 
 
+def check_row(obj: Any) -> list:
+    """Validate an event received from a peer (either form); returns it as a full row: all
+    ten fields, ``dc`` None when it has none (the form a dispatcher keeps its events in:
+    ``Sequencer(rows=True)``).  A row from the wire is completed in place, not copied."""
+    if type(obj) is not list:
+        return event_row(check_event(obj), full=True)
+    n = len(obj)
+    if n == EVENT_ROW_LEN:
+        obj.append(None)
+    elif n != EVENT_ROW_LEN + 1:
+        raise RemoteProtocolError(f"event row has {n} fields, expected {EVENT_ROW_LEN} or {EVENT_ROW_LEN + 1}")
+    event_id, video, kind, user, text, ts, epoch, seq, prev, dc = obj
+    if not _valid_fields(event_id, video, kind, user, text, ts, epoch, seq, prev, dc):
+        raise RemoteProtocolError(f"malformed event {str(obj[:n])[:200]}")
+    return obj
+
+
 def check_event(obj: Any) -> dict:
     """Validate an event received from a peer, a map or a row (``event_row``); returns it as
     a map or raises RemoteProtocolError."""
     if type(obj) is list:
-        n = len(obj)
-        if n == EVENT_ROW_LEN:
-            event_id, video, kind, user, text, ts, epoch, seq, prev = obj
-            dc = None
-        elif n == EVENT_ROW_LEN + 1:
-            event_id, video, kind, user, text, ts, epoch, seq, prev, dc = obj
-        else:
-            raise RemoteProtocolError(f"event row has {n} fields, expected {EVENT_ROW_LEN} or {EVENT_ROW_LEN + 1}")
-        if not _valid_fields(event_id, video, kind, user, text, ts, epoch, seq, prev, dc):
-            raise RemoteProtocolError(f"malformed event {str(obj)[:200]}")
-        event = {"id": event_id, "video": video, "kind": kind, "user": user, "text": text, "ts": ts,
-                 "epoch": epoch, "seq": seq, "prev": prev}
-        if dc is not None:
-            event["dc"] = dc
-        return event
+        return row_event(check_row(obj))
     if type(obj) is not dict:
         raise RemoteProtocolError("event is neither a map nor a row")
     try:
@@ -269,26 +273,47 @@ def check_event(obj: Any) -> dict:
 #: an event row's fields, in order (``event_row``); ``dc`` only when the event has one
 EVENT_ROW_FIELDS = ("id", "video", "kind", "user", "text", "ts", "epoch", "seq", "prev", "dc")
 EVENT_ROW_LEN = len(EVENT_ROW_FIELDS) - 1
+#: indices of a row's fields
+ROW_ID, ROW_VIDEO, ROW_KIND, ROW_USER, ROW_TEXT, ROW_TS, ROW_EPOCH, ROW_SEQ, ROW_PREV, ROW_DC = range(10)
 _row_with_dc = operator.itemgetter(*EVENT_ROW_FIELDS)
 
 
-def event_row(event: dict) -> list:
-    """``event`` as a row: ``[id, video, kind, user, text, ts, epoch, seq, prev(, dc)]``."""
+def event_row(event: dict, full: bool = False) -> list:
+    """``event`` as a row: ``[id, video, kind, user, text, ts, epoch, seq, prev(, dc)]``
+    (``full``: always with the ``dc`` slot, None when it has none, like ``check_row``)."""
     row = [event["id"], event["video"], event["kind"], event["user"], event["text"], event["ts"],
            event["epoch"], event["seq"], event.get("prev")]
     dc = event.get("dc")
-    if dc is not None:
+    if dc is not None or full:
         row.append(dc)
     return row
 
 
-def event_rows(events: list[dict]) -> list:
-    """``events`` as rows.  A C-level loop when every event has a ``dc`` key (a dispatcher's
-    sequenced events): tuples, which msgpack packs as arrays too."""
+def row_event(row: list) -> dict:
+    """A (checked) row as the event map."""
+    event = {"id": row[0], "video": row[1], "kind": row[2], "user": row[3], "text": row[4], "ts": row[5],
+             "epoch": row[6], "seq": row[7], "prev": row[8]}
+    if len(row) > ROW_DC and row[ROW_DC] is not None:
+        event["dc"] = row[ROW_DC]
+    return event
+
+
+def event_rows(events: list) -> list:
+    """``events`` (maps, or rows: as they are) as rows.  A C-level loop when every event has
+    a ``dc`` key: tuples, which msgpack packs as arrays too."""
+    if events and type(events[0]) is list:
+        return events
     try:
         return list(map(_row_with_dc, events))
     except KeyError:
         return [event_row(e) for e in events]
+
+
+def wire_events(events: list, rows: bool) -> list:
+    """``events`` (maps or rows) as the wire form chosen: rows (``rows``) or maps."""
+    if rows:
+        return event_rows(events)
+    return [row_event(e) for e in events] if events and type(events[0]) is list else events
 
 
 def wire_event_id(event: Any) -> str:
@@ -321,12 +346,13 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def pack_events(events: list[dict], rows: bool = False) -> list[tuple[int, bytes]]:
-    """``events`` cut like ``chunked`` and packed (as rows with ``rows``: ``event_row``): per
-    batch, its length and its elements' encodings (the msgpack array without its header)."""
+def pack_events(events: list, rows: bool = False) -> list[tuple[int, bytes]]:
+    """``events`` (maps or rows) cut like ``chunked`` and packed (as rows with ``rows``, else
+    as maps: ``wire_events``): per batch, its length and its elements' encodings (the msgpack
+    array without its header)."""
     out = []
     for batch in chunked(events):
-        data = _packer.pack(event_rows(batch) if rows else batch)
+        data = _packer.pack(wire_events(batch, rows))
         out.append((len(batch), data[len(_array_header(len(batch))):]))
     return out
 
@@ -396,8 +422,7 @@ def publish_body(events: list[dict], compact_ack: bool = False, rows: bool = Fal
     """A PUB body; ``compact_ack``: the requester decodes the compact ACK (``ack_positions``;
     without it a dispatcher answers in the per-event map form of dispatchers before it);
     ``rows``: the events as rows (``event_row``)."""
-    if rows:
-        events = event_rows(events)
+    events = wire_events(events, rows)
     return {"events": events, "ack": ACK_SEQS} if compact_ack else {"events": events}
 
 
@@ -408,12 +433,13 @@ def _body_events(msg: Control) -> list:
     return events
 
 
-def publish_events(msg: Control) -> list[dict]:
-    """Every event of a PUB/REPL body, validated; one bad event rejects the message."""
-    return [check_event(e) for e in _body_events(msg)]
+def publish_events(msg: Control, check: Callable[[Any], Any] = check_event) -> list:
+    """Every event of a PUB/REPL body, validated (``check``: as maps, or ``check_row``: as
+    rows); one bad event rejects the message."""
+    return [check(e) for e in _body_events(msg)]
 
 
-def publish_items(msg: Control) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+def publish_items(msg: Control, check: Callable[[Any], Any] = check_event) -> tuple[list[tuple[int, Any]], list[tuple[int, dict]]]:
     """The events of a PUB request, validated one by one: ``(events, rejected)``, each a list
     of ``(position, ...)``: the valid events, and for each bad one its ACK result (code
     ``malformed``, ``id`` empty when it had none), so one bad event rejects just itself.
@@ -422,7 +448,7 @@ def publish_items(msg: Control) -> tuple[list[tuple[int, dict]], list[tuple[int,
     rejected: list[tuple[int, dict]] = []
     for i, event in enumerate(_body_events(msg)):
         try:
-            events.append((i, check_event(event)))
+            events.append((i, check(event)))
         except RemoteProtocolError as exc:
             rejected.append((i, {"id": wire_event_id(event),
                                  "error": {"code": "malformed", "message": str(exc)[:200]}}))
@@ -436,19 +462,21 @@ MAX_BATCH_BYTES = 1024 * 1024
 
 
 _text_of = operator.itemgetter("text")
+_row_text_of = operator.itemgetter(ROW_TEXT)
 
 
-def chunked(events: list[dict]) -> list[list[dict]]:
-    """``events`` cut into batches of at most MAX_BATCH_EVENTS events and about
+def chunked(events: list) -> list[list]:
+    """``events`` (maps or rows) cut into batches of at most MAX_BATCH_EVENTS events and about
     MAX_BATCH_BYTES (an event's size is estimated from its strings, 4 bytes per character at
     worst in UTF-8), in order.  Likes are small: one batch unless there are very many."""
-    if len(events) <= MAX_BATCH_EVENTS and 4 * sum(map(len, filter(None, map(_text_of, events)))) \
+    text_of = _row_text_of if events and type(events[0]) is list else _text_of
+    if len(events) <= MAX_BATCH_EVENTS and 4 * sum(map(len, filter(None, map(text_of, events)))) \
             + 400 * len(events) <= MAX_BATCH_BYTES:  # C-level loops: this runs for every batch
         return [events]
-    out: list[list[dict]] = [[]]
+    out: list[list] = [[]]
     size = 0
     for event in events:
-        cost = 400 + 4 * len(event["text"] or "")
+        cost = 400 + 4 * len(text_of(event) or "")
         if out[-1] and (len(out[-1]) >= MAX_BATCH_EVENTS or size + cost > MAX_BATCH_BYTES):
             out.append([])
             size = 0
@@ -621,7 +649,7 @@ def relay_history_request(msg: Control) -> tuple[str, tuple[int, int] | None, st
     return video, after, dc
 
 
-def history_reply(msg: Control) -> list[dict] | None:
+def history_reply(msg: Control, check: Callable[[Any], Any] = check_event) -> list | None:
     """The events of a history reply, or None when the owner answered ``reset``."""
     if msg.msg_type != MSG_ACK:
         raise RemoteProtocolError(f"history reply of type {msg.msg_type!r}")
@@ -630,7 +658,7 @@ def history_reply(msg: Control) -> list[dict] | None:
     events = msg.body.get("events")
     if not isinstance(events, list):
         raise RemoteProtocolError("history reply without events")
-    return [check_event(e) for e in events]
+    return [check(e) for e in events]
 
 
 def chain_reply(msg: Control, video: str, dc: str) -> list[dict] | None:

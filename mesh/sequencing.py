@@ -24,6 +24,10 @@ with one ``popitem`` per event was a quarter of the sequencing time, the profile
 history and arrival times are extended once per batch, in C; the placement returned per event
 is its bare ``seq`` (an ``int``) when it was placed in this epoch, which is what the compact
 ``ACK`` carries (mesh.protocol ``ack_body``).
+
+Events are maps, or rows (``rows=True``: ``mesh.protocol.check_row``'s full rows, what a
+dispatcher keeps: no map is built per event, and its fan-out packs them as they are); the
+sequencer reads and writes their fields by key or by index alike.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from itertools import repeat
 from operator import itemgetter
 
 Position = tuple[int, int]  # (epoch, seq)
-_id_of = itemgetter("id")
 _consume = deque(maxlen=0).extend
 #: where ``accept_many`` placed an event: its seq in this sequencer's epoch, or (epoch, seq)
 Placement = int | Position
+#: the fields the sequencer reads and writes: (id, video, epoch, seq, prev, dc) of a map, of a row
+MAP_KEYS = ("id", "video", "epoch", "seq", "prev", "dc")
+ROW_KEYS = (0, 1, 6, 7, 8, 9)  # mesh.protocol.ROW_ID, ROW_VIDEO, ROW_EPOCH, ...
 
 
 def position(event: dict) -> Position:
@@ -55,7 +61,10 @@ class VideoLog:
 
 class Sequencer:
     def __init__(self, epoch: int | None = None, history_size: int = 1000,
-                 history_age: float = 300.0, dedupe_size: int = 100000, dc: str = ""):
+                 history_age: float = 300.0, dedupe_size: int = 100000, dc: str = "", rows: bool = False):
+        self.rows = rows
+        self._keys = ROW_KEYS if rows else MAP_KEYS
+        self._id_of = itemgetter(self._keys[0])
         self.dc = dc  # stamped on every event sequenced here: its origin DC (multi-DC bridges)
         self.epoch = epoch if epoch is not None else int(time.time() * 1000)
         self.history_size = history_size
@@ -75,8 +84,9 @@ class Sequencer:
         """Place ``event`` (mutated: epoch, seq, prev) at the end of its video's chain.
         Returns ``(event, is_new)``; a retry of a known event id returns the stored event with
         its original placement and ``is_new=False``."""
-        new, _, _ = self.accept_many(event["video"], [event], now)
-        return (new[0], True) if new else (self._recent[event["id"]], False)
+        k_id, k_video = self._keys[:2]
+        new, _, _ = self.accept_many(event[k_video], [event], now)
+        return (new[0], True) if new else (self._recent[event[k_id]], False)
 
     def accept_many(self, video: str, events: list[dict],
                     now: float | None = None) -> tuple[list[dict], list[dict], list[Placement]]:
@@ -89,6 +99,7 @@ class Sequencer:
         now = time.monotonic() if now is None else now
         log = self._log(video)
         recent, epoch, dc = self._recent, self.epoch, self.dc
+        k_id, _, k_epoch, k_seq, k_prev, k_dc = self._keys
         recent_get = recent.get
         new: list[dict] = []
         again: list[dict] = []
@@ -97,25 +108,25 @@ class Sequencer:
         seq = start = log.seq
         prev = list(log.tail) if log.tail else None
         for event in events:  # runs for every published event: no helper call, no tuple per event
-            event_id = event["id"]
+            event_id = event[k_id]
             seen = recent_get(event_id)
             if seen is None:
                 seq += 1
-                event["epoch"] = epoch
-                event["seq"] = seq
-                event["prev"] = prev
+                event[k_epoch] = epoch
+                event[k_seq] = seq
+                event[k_prev] = prev
                 prev = [epoch, seq]
                 if dc:
-                    event["dc"] = dc
+                    event[k_dc] = dc
                 recent[event_id] = event  # a later copy of the id in this batch is a retry
                 new_append(event)
                 placed_append(seq)
                 continue
             self.duplicates += 1
-            if seen["epoch"] == epoch:
-                placed_append(seen["seq"])
+            if seen[k_epoch] == epoch:
+                placed_append(seen[k_seq])
             else:
-                placed_append((seen["epoch"], seen["seq"]))
+                placed_append((seen[k_epoch], seen[k_seq]))
                 if all(e is not seen for e in again):
                     again.append(seen)
         if seq != start:
@@ -130,13 +141,14 @@ class Sequencer:
         over by the previous owner), skipping known ones.  Returns how many were new."""
         now = time.monotonic() if now is None else now
         recent, videos = self._recent, self.videos
+        k_id, k_video, k_epoch, k_seq = self._keys[:4]
         added = []
         for event in events:  # a backup runs this for every replicated event
-            event_id = event["id"]
+            event_id = event[k_id]
             if event_id in recent:
                 continue
-            log = videos.get(event["video"]) or self._log(event["video"])
-            log.tail = (event["epoch"], event["seq"])
+            log = videos.get(event[k_video]) or self._log(event[k_video])
+            log.tail = (event[k_epoch], event[k_seq])
             log.history.append(event)
             log.times.append(now)
             recent[event_id] = event
@@ -145,7 +157,11 @@ class Sequencer:
         return len(added)
 
     def is_replica(self, event: dict) -> bool:
-        return event["epoch"] != self.epoch
+        return event[self._keys[2]] != self.epoch
+
+    def position(self, event) -> Position:
+        _, _, k_epoch, k_seq, _, _ = self._keys
+        return event[k_epoch], event[k_seq]
 
     def after(self, video: str, pos: Position | None, now: float | None = None) -> list[dict] | None:
         """The chain of ``video`` after the event at ``pos`` (``None``: the whole history), or
@@ -159,10 +175,11 @@ class Sequencer:
         if log.tail == pos:
             return []
         events = list(log.history)
-        if events and events[0].get("prev") is not None and tuple(events[0]["prev"]) == pos:
+        first_prev = events and (events[0][self._keys[4]] if self.rows else events[0].get("prev"))
+        if first_prev and tuple(first_prev) == pos:
             return events  # pos itself was pruned, but its successor is the oldest we keep
         for i, e in enumerate(events):
-            if position(e) == pos:
+            if self.position(e) == pos:
                 return events[i + 1:]
         return None
 
@@ -193,4 +210,4 @@ class Sequencer:
             self._recent_batches.append(events)
         recent, batches, size = self._recent, self._recent_batches, self.dedupe_size
         while batches and len(recent) - len(batches[0]) >= size:
-            _consume(map(recent.pop, map(_id_of, batches.popleft())))  # C-level loops
+            _consume(map(recent.pop, map(self._id_of, batches.popleft())))  # C-level loops

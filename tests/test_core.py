@@ -76,6 +76,15 @@ def test_event_rows_round_trip_through_pub_repl_and_fanout_as_the_same_maps(dc):
     assert len(data) < len(P.pack_events([ev, ev])[0][1])
     mixed = P.Control(P.MSG_PUBLISH, b"r", {"events": [row, ev]})
     assert P.publish_events(mixed) == [ev, ev]
+    # a dispatcher keeps full rows (dc slot always there): a row from the wire is completed in
+    # place, a map becomes one; packed as maps again they are the same events
+    wire = P.event_row({k: v for k, v in ev.items() if k != "dc"})
+    assert P.check_row(wire) is wire and wire[P.ROW_DC] is None and len(wire) == P.EVENT_ROW_LEN + 1
+    full = P.check_row(dict(ev))
+    assert full == P.event_row(ev, full=True) and P.row_event(full) == ev
+    [(count, data)] = P.pack_events([full, wire], rows=False)
+    as_maps = P.Fanout.from_frames(P.packed_fanout_events("v1", "d1", count, data))
+    assert as_maps.events == [ev, {k: v for k, v in ev.items() if k != "dc"}]
 
 
 @pytest.mark.parametrize("row,needle", [
@@ -178,72 +187,113 @@ def _ev(video="v"):
     return P.make_event(video, "like", None, None)
 
 
-def test_sequencer_chains_dedupes_and_remembers():
-    seq = Sequencer(epoch=7, history_size=3)
-    evs = [_ev() for _ in range(5)]
+class _Form:
+    """Events as the sequencer gets them: maps, or full rows (what a dispatcher keeps)."""
+
+    def __init__(self, rows: bool):
+        self.rows = rows
+
+    def seq(self, **kwargs) -> Sequencer:
+        return Sequencer(rows=self.rows, **kwargs)
+
+    def ev(self, video: str = "v"):
+        event = _ev(video)
+        return P.event_row(event, full=True) if self.rows else event
+
+    def copy(self, event):
+        return list(event) if self.rows else dict(event)
+
+    def m(self, event) -> dict:
+        """``event`` read as a map."""
+        return P.row_event(event) if self.rows else event
+
+    def ms(self, events) -> list[dict] | None:
+        return None if events is None else [self.m(e) for e in events]
+
+
+@pytest.fixture(params=["maps", "rows"])
+def form(request) -> _Form:
+    return _Form(request.param == "rows")
+
+
+def test_sequencer_chains_dedupes_and_remembers(form):
+    seq = form.seq(epoch=7, history_size=3)
+    evs = [form.ev() for _ in range(5)]
     prev = None
     for i, ev in enumerate(evs, 1):
-        out, new = seq.accept(dict(ev))
+        out, new = seq.accept(form.copy(ev))
+        out = form.m(out)
         assert new and (out["epoch"], out["seq"], out["prev"]) == (7, i, prev)
         prev = [7, i]
-    again, new = seq.accept(dict(evs[1]))
-    assert not new and again["seq"] == 2 and seq.duplicates == 1
-    other, _ = seq.accept(_ev("w"))
-    assert (other["seq"], other["prev"]) == (1, None)  # per-video chains
-    assert [e["seq"] for e in seq.after("v", (7, 3))] == [4, 5]
+    again, new = seq.accept(form.copy(evs[1]))
+    assert not new and form.m(again)["seq"] == 2 and seq.duplicates == 1
+    other, _ = seq.accept(form.ev("w"))
+    assert (form.m(other)["seq"], form.m(other)["prev"]) == (1, None)  # per-video chains
+    assert [e["seq"] for e in form.ms(seq.after("v", (7, 3)))] == [4, 5]
     assert seq.after("v", (7, 5)) == []
     assert seq.after("v", (7, 1)) is None   # history (3 events) no longer reaches seq 2
     assert seq.after("v", (6, 3)) is None   # a position this chain never had
-    assert [e["seq"] for e in seq.after("v", None)] == [3, 4, 5]
+    assert [e["seq"] for e in form.ms(seq.after("v", None))] == [3, 4, 5]
     assert seq.after("nothing", None) == [] and seq.after("nothing", (7, 1)) is None
 
 
-def test_sequencer_history_age():
-    seq = Sequencer(epoch=1, history_size=10, history_age=5.0)
-    seq.accept(_ev(), now=0.0)
-    seq.accept(_ev(), now=10.0)
-    assert [e["seq"] for e in seq.after("v", (1, 1), now=11.0)] == [2]
-    assert [e["seq"] for e in seq.after("v", None, now=11.0)] == [2]
+def test_sequencer_history_age(form):
+    seq = form.seq(epoch=1, history_size=10, history_age=5.0)
+    seq.accept(form.ev(), now=0.0)
+    seq.accept(form.ev(), now=10.0)
+    assert [e["seq"] for e in form.ms(seq.after("v", (1, 1), now=11.0))] == [2]
+    assert [e["seq"] for e in form.ms(seq.after("v", None, now=11.0))] == [2]
 
 
-def test_chain_continues_across_owners_via_replica():
-    owner1, backup = Sequencer(epoch=10), Sequencer(epoch=20)
-    placed = [owner1.accept(_ev())[0] for _ in range(3)]
-    assert backup.store([dict(e) for e in placed]) == 3
-    assert backup.store([dict(placed[0])]) == 0          # replicas are idempotent
+def test_chain_continues_across_owners_via_replica(form):
+    owner1, backup = form.seq(epoch=10), form.seq(epoch=20)
+    placed = [owner1.accept(form.ev())[0] for _ in range(3)]
+    assert backup.store([form.copy(e) for e in placed]) == 3
+    assert backup.store([form.copy(placed[0])]) == 0          # replicas are idempotent
     assert backup.is_replica(placed[0])
-    nxt, new = backup.accept(_ev())                      # owner1 died: the backup continues
-    assert new and (nxt["epoch"], nxt["seq"], nxt["prev"]) == (20, 1, [10, 3])
-    retry, new = backup.accept(dict(placed[2]))          # a retry of a replicated event
-    assert not new and (retry["epoch"], retry["seq"]) == (10, 3)
-    assert [P.sse_id(e) for e in backup.after("v", (10, 1))] == ["10:2", "10:3", "20:1"]
+    nxt, new = backup.accept(form.ev())                      # owner1 died: the backup continues
+    assert new and (form.m(nxt)["epoch"], form.m(nxt)["seq"], form.m(nxt)["prev"]) == (20, 1, [10, 3])
+    retry, new = backup.accept(form.copy(placed[2]))          # a retry of a replicated event
+    assert not new and (form.m(retry)["epoch"], form.m(retry)["seq"]) == (10, 3)
+    assert [P.sse_id(e) for e in form.ms(backup.after("v", (10, 1)))] == ["10:2", "10:3", "20:1"]
+    short = form.seq(epoch=4, history_size=2)
+    for _ in range(3):
+        short.accept(form.ev())
+    # position 4:1 left history, but its successor is the oldest event kept: all of it follows
+    assert [P.sse_id(e) for e in form.ms(short.after("v", (4, 1)))] == ["4:2", "4:3"]
 
 
-def test_accept_many_appends_a_batch_in_order_and_splits_new_retried_and_replicated():
-    owner1, backup = Sequencer(epoch=10), Sequencer(epoch=20)
-    replicated = [owner1.accept(_ev())[0] for _ in range(2)]
-    backup.store([dict(e) for e in replicated])
-    first = _ev()
-    batch = [first, dict(replicated[1]), _ev(), dict(first), dict(replicated[1])]
+def test_accept_many_appends_a_batch_in_order_and_splits_new_retried_and_replicated(form):
+    owner1, backup = form.seq(epoch=10), form.seq(epoch=20)
+    replicated = [owner1.accept(form.ev())[0] for _ in range(2)]
+    backup.store([form.copy(e) for e in replicated])
+    first = form.ev()
+    batch = [first, form.copy(replicated[1]), form.ev(), form.copy(first), form.copy(replicated[1])]
     new, again, placed = backup.accept_many("v", batch, now=1.0)
-    assert [(e["epoch"], e["seq"]) for e in new] == [(20, 1), (20, 2)]
-    assert new[0]["prev"] == [10, 2] and new[1]["prev"] == [20, 1]   # one chain, in batch order
+    assert [(e["epoch"], e["seq"]) for e in form.ms(new)] == [(20, 1), (20, 2)]
+    assert form.m(new[0])["prev"] == [10, 2] and form.m(new[1])["prev"] == [20, 1]   # one chain, in batch order
     assert again == [replicated[1]]          # a replica's retry: published again, once
     assert placed == [1, (10, 2), 2, 1, (10, 2)]   # a seq in the backup's epoch, else (epoch, seq)
     assert backup.duplicates == 3 and backup.tail("v") == (20, 2)
-    assert [P.sse_id(e) for e in backup.after("v", (10, 2))] == ["20:1", "20:2"]
+    assert [P.sse_id(e) for e in form.ms(backup.after("v", (10, 2)))] == ["20:1", "20:2"]
 
 
-def test_dedupe_window_keeps_at_least_dedupe_size_ids_and_evicts_whole_batches():
-    seq = Sequencer(epoch=3, dedupe_size=4)
-    first = seq.accept_many("v", [_ev() for _ in range(3)])[0]
-    second = seq.accept_many("w", [_ev() for _ in range(3)])[0]
-    third = seq.accept_many("v", [_ev(), _ev()])[0]     # 5 ids in the two newer batches: first leaves
-    assert seq.accept_many("v", [dict(e) for e in second + third])[2] == [1, 2, 3, 4, 5]
-    assert seq.accept(dict(first[0]))[1] and seq.duplicates == 5   # forgotten: sequenced anew
-    none = Sequencer(epoch=3, dedupe_size=0)
-    ev = none.accept(_ev())[0]
-    assert none.accept(dict(ev))[1] and none.tail("v") == (3, 2)   # no window at all
+def test_dedupe_window_keeps_at_least_dedupe_size_ids_and_evicts_whole_batches(form):
+    seq = form.seq(epoch=3, dedupe_size=4)
+    first = seq.accept_many("v", [form.ev() for _ in range(3)])[0]
+    second = seq.accept_many("w", [form.ev() for _ in range(3)])[0]
+    third = seq.accept_many("v", [form.ev(), form.ev()])[0]     # 5 ids in the two newer batches: first leaves
+    assert seq.accept_many("v", [form.copy(e) for e in second + third])[2] == [1, 2, 3, 4, 5]
+    assert seq.accept(form.copy(first[0]))[1] and seq.duplicates == 5   # forgotten: sequenced anew
+    none = form.seq(epoch=3, dedupe_size=0)
+    ev = none.accept(form.ev())[0]
+    assert none.accept(form.copy(ev))[1] and none.tail("v") == (3, 2)   # no window at all
+
+
+def test_sequencer_stamps_its_dc_on_rows_and_maps(form):
+    event = form.m(form.seq(epoch=5, dc="dc2").accept(form.ev())[0])
+    assert event["dc"] == "dc2"
+    assert "dc" not in form.m(form.seq(epoch=5).accept(form.ev())[0])
 
 
 def test_compact_ack_round_trip_and_the_per_event_form():

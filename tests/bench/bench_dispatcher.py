@@ -26,8 +26,8 @@ batch is replicated to it first: the replication cost).
 requests built and packed before the timed part, asking for the compact ACK, which a
 dispatcher before it ignores; ACKs counted, fan-out decoded once, ids into a set): what one dispatcher process can do when its feeders are cheap.
 
-Events travel as rows (``protocol.event_row``), except to the baseline dispatcher, which is
-sent maps (a dispatcher before event rows decodes maps only), and with ``--maps`` (everything in
+Events travel as rows (``protocol.event_row``), except to a baseline dispatcher from before
+event rows, which is sent maps (it decodes maps only), and with ``--maps`` (everything in
 maps, this tree's dispatcher with ``node.event_rows = false``).
 
 Side by side in one run: the dispatcher of ``--baseline-ref`` (default: the commit this
@@ -348,6 +348,12 @@ def export_tree(ref: str, into: str) -> str:
     return into
 
 
+def decodes_rows(tree: str) -> bool:
+    """Whether the dispatcher of ``tree`` decodes event rows (it has ``protocol.event_row``)."""
+    with open(os.path.join(tree, "mesh", "protocol.py"), encoding="utf-8") as fh:
+        return "def event_row(" in fh.read()
+
+
 def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str, extra: tuple = ()) -> NodeProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMESH_")}
     env.update({"LIVEMESH_KV_BACKEND": "embedded", "LIVEMESH_KV_PATH": kv_path, "PYTHONUNBUFFERED": "1"})
@@ -397,8 +403,8 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
     os.makedirs(log_dir, exist_ok=True)
     nodes: list[NodeProcess] = []
     emulators: list[subprocess.Popen] = []
-    # events as maps to a dispatcher before event rows (the baseline), or when asked to
-    maps = args.maps or label == "baseline"
+    # events as maps to a dispatcher before event rows (a baseline's), or when asked to
+    maps = args.maps or not decodes_rows(tree)
     extra = ("--set", "node.event_rows=false") if args.maps and label != "baseline" else ()
     try:
         for name in DISPATCHERS[: 2 if args.backup else 1]:  # one by one: both create the KV file
