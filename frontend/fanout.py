@@ -22,6 +22,16 @@ encoding waits for the round so the decision sees the whole round; it is still d
 round for all viewers.  The decoded events travel with the bytes, so a viewer catching up
 from history drops (and re-encodes) only what history already gave it.
 
+Viewer counts.  A ``count`` is state, not a chain event: only the latest matters.  Its cost is
+one write per viewer, so a frontend holding N viewers that passes on every video's count each
+second writes N times a second for counts alone -- during an open storm of 100 k viewers over
+six frontends on two cores, that was most of the machine.  With ``count_writes_max`` (B) a
+video's count goes to its viewers at most every N / B seconds: the first at once, a newer one
+within the gap replaces the one waiting, and the latest is written when the gap has passed.
+Counts then cost a frontend at most ~B writes/s; with N <= B nothing changes (the owner sends
+a video's count at most once per ``presence.count_interval``, 1 s).  Joins and leaves go out
+at once (their owner stops sending them past ``presence.broadcast_max`` viewers).
+
 Latency: when ``observe_latency`` is set (``mesh.metrics`` installs it), each write round
 reports the ``ts`` of its oldest event once, when its first slice is written -- once per
 round, never per viewer.
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Callable, Protocol
 
 from mesh.sse import encode_events, encode_presence, encode_reset
@@ -45,8 +56,12 @@ class Viewer(Protocol):
 
 class Fanout:
     def __init__(self, table: SubscriptionTable, slice_size: int = 500, tick: float = 0.0,
-                 aggregate_likes_above: int = 0):
+                 aggregate_likes_above: int = 0, count_writes_max: int = 0):
         self.table = table
+        self.count_writes_max = count_writes_max  # 0: every count at once
+        self._counts: dict[str, dict] = {}      # video -> its latest count, waiting for its gap
+        self._count_at: dict[str, float] = {}   # video -> loop time its count was last written
+        self.counts_replaced = 0                # counts never written: a newer one came first
         self.slice_size = slice_size
         self.tick = tick
         self.aggregate_likes_above = aggregate_likes_above
@@ -72,8 +87,41 @@ class Fanout:
 
     def presence(self, video: str, events: list[dict]) -> None:
         """Presence events (count, join, leave) of ``video`` to its local viewers: state, not
-        part of the chain, so they go out at once."""
-        self._write(list(self.table.viewers(video).values()), encode_presence(video, events), None)
+        part of the chain, so they go out at once, counts within ``count_writes_max``."""
+        counts = [e for e in events if e.get("kind") == "count"]
+        if len(counts) < len(events):
+            others = [e for e in events if e.get("kind") != "count"]
+            self._write(list(self.table.viewers(video).values()), encode_presence(video, others), None)
+        if counts:
+            self._count(video, counts[-1])
+
+    def _count(self, video: str, event: dict) -> None:
+        if not self.count_writes_max:
+            self._write(list(self.table.viewers(video).values()), encode_presence(video, [event]), None)
+            return
+        if video in self._counts:  # one is waiting for its turn: this newer one goes instead
+            self._counts[video] = event
+            self.counts_replaced += 1
+            return
+        self._counts[video] = event
+        loop = asyncio.get_running_loop()
+        due = self._count_at.get(video, -math.inf) + len(self.table) / self.count_writes_max
+        if due <= loop.time():
+            self._write_count(video)
+        else:
+            loop.call_at(due, self._write_count, video)
+
+    def _write_count(self, video: str) -> None:
+        event = self._counts.pop(video, None)
+        viewers = list(self.table.viewers(video).values())
+        if event is None or not viewers:
+            self._count_at.pop(video, None)
+            return
+        self._count_at[video] = asyncio.get_running_loop().time()
+        if len(self._count_at) > 2 * len(self.table.by_video) + 1000:  # videos nobody watches here now
+            for gone in [v for v in self._count_at if v not in self.table.by_video]:
+                del self._count_at[gone]
+        self._write(viewers, encode_presence(video, [event]), None)
 
     def broadcast(self, data: bytes) -> asyncio.Task:
         """Write ``data`` (e.g. a heartbeat comment) to every local viewer, in slices."""

@@ -43,7 +43,7 @@ class Frontend:
         self.name = cfg.node.name
         self.table = SubscriptionTable()
         self.fanout = Fanout(self.table, cfg.frontend.fanout_slice, cfg.frontend.fanout_tick,
-                             cfg.frontend.aggregate_likes_above)
+                             cfg.frontend.aggregate_likes_above, cfg.presence.count_writes_max)
         self.counts = CountSync(cfg.frontend.count_flush_interval)
         self.presence = LocalPresence()
         self.stats = defaultdict(int)
@@ -151,7 +151,7 @@ class Frontend:
                 "connections": len(self.table), "videos": len(self.table.by_video), "rss_kb": rss_kb(),
                 "cpu_s": round(time.process_time(), 3), "gc": self.gc.stats(),
                 "stats": {**self.stats, **self.link.stats, "deliveries": self.fanout.deliveries,
-                          "fanout_rounds": self.fanout.rounds,
+                          "fanout_rounds": self.fanout.rounds, "counts_replaced": self.fanout.counts_replaced,
                           "kv_requests": getattr(self.kv, "kv_writes", 0)}}
 
     # --- background work ------------------------------------------------------------------

@@ -126,6 +126,10 @@ class PresenceSection:
     grace: float = _spec(5.0, lo=0.0, hi=3600.0,
                          doc="dispatcher: a user gone from every frontend this long gets 'leave'")
     count_interval: float = _spec(1.0, lo=0.0, hi=3600.0, doc="dispatcher: at most one 'count' per interval")
+    count_writes_max: int = _spec(5000, lo=0, hi=100000000,
+                                  doc="frontend: viewer-count writes per second at most: a video's count reaches its "
+                                      "viewers at most every (frontend's viewers / this) seconds, the latest one "
+                                      "(0: every count at once)")
     broadcast_max: int = _spec(1000, lo=0, hi=100000000,
                                doc="above this many viewers, per-user join/leave is not broadcast")
     dc_flush: float = _spec(0.25, lo=0.01, hi=60.0,

@@ -204,3 +204,31 @@ async def test_meshctl_presence(presence_mesh, kv_path):
     assert "mp: 3 watching, 2 identified" in text and "  bob" in text
     for c in vs:
         await c.close()
+
+
+@pytest.mark.topology
+async def test_counts_are_paced_by_the_frontends_count_budget_and_the_latest_arrives(topology):
+    """``presence.count_writes_max = 2`` on a frontend with 3-4 viewers: a video's count may go
+    out every 1.5-2 s.  While viewers come and go every 0.3 s the owner sends a new count every
+    0.2-0.3 s; the viewers get them at most that often, and the last one is never lost."""
+    topology.extra.update(FAST)
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"presence.count_writes_max": "2"})
+    watcher = Collector(await _open(f.url, "paced/events"))
+    crowd = [Collector(await _open(f.url, "paced/events")) for _ in range(3)]
+    await wait_until(lambda: _counts(watcher)[-1:] == [4], timeout=10, what="count 4")
+    before = len(watcher.of_kind("count"))
+    for i in range(4):  # churn: 3, 4, 3, 4, ... viewers
+        await crowd.pop(0).close()
+        await asyncio.sleep(0.3)  # sleep-ok: pacing the churn, not waiting for readiness
+        crowd.append(Collector(await _open(f.url, "paced/events")))
+        await asyncio.sleep(0.3)  # sleep-ok: pacing the churn
+    await crowd.pop(0).close()     # ends at 3
+    await wait_until(lambda: _counts(watcher)[-1:] == [3], timeout=10, what="the latest count, 3")
+    churn = watcher.of_kind("count")[before:]
+    gaps = [b.received - a.received for a, b in zip(churn, churn[1:])]
+    assert all(g >= 1500 * 0.9 for g in gaps), gaps   # >= 3 viewers / 2 writes per s (10 % clock margin)
+    assert len(churn) <= 4, [json.loads(e.data)["count"] for e in churn]   # ~2.6 s of churn, ~16 changes
+    assert (await health(f.url))["stats"]["counts_replaced"] >= 1
+    for c in [watcher, *crowd]:
+        await c.close()

@@ -3,6 +3,7 @@ heartbeats stay on time, and whether a full garbage collection stalls delivery.
 
     python tests/bench/bench_connections.py [--connections 19800] [--frontends 1] [--hold 20]
                                             [--heartbeat 5] [--rate 2] [--gc-every 2]
+                                            [--open-rate 500] [--quiet-only] [--set KEY=VALUE ...]
 
 One dispatcher and ``--frontends`` frontends (embedded KV), then ``meshctl bench`` opens
 ``--connections`` streams spread over them (client processes past the open-file limit, source
@@ -78,6 +79,8 @@ def main() -> None:
                     help="streams opened per second (a 2-core machine shared with the clients "
                          "sets up ~1,000 Tornado connections/s at most)")
     ap.add_argument("--quiet-only", action="store_true", help="only run 1 (e.g. for 100 k streams)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a node setting, e.g. presence.count_writes_max=0 (repeatable)")
     args = ap.parse_args()
     if not 1 <= args.connections <= 200000 or not 0 < args.hold <= 600:
         ap.error("bounds: 1..200000 connections, 0..600 s hold")
@@ -85,6 +88,11 @@ def main() -> None:
     # max_viewers: as many as the open-file limit allows (the frontend clamps it under that)
     extra = {"security.max_viewers_per_ip": "200000", "security.ip_rate": "0", "security.max_viewers": "200000",
              "frontend.heartbeat_interval": str(args.heartbeat)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        extra[key] = value
     topo = Topology(kv={"backend": "embedded", "path": os.path.join(tmp, "kv.db")}, log_dir=tmp, extra=extra)
     rows = []
     try:
