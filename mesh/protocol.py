@@ -275,7 +275,6 @@ EVENT_ROW_FIELDS = ("id", "video", "kind", "user", "text", "ts", "epoch", "seq",
 EVENT_ROW_LEN = len(EVENT_ROW_FIELDS) - 1
 #: indices of a row's fields
 ROW_ID, ROW_VIDEO, ROW_KIND, ROW_USER, ROW_TEXT, ROW_TS, ROW_EPOCH, ROW_SEQ, ROW_PREV, ROW_DC = range(10)
-_row_with_dc = operator.itemgetter(*EVENT_ROW_FIELDS)
 
 
 def event_row(event: dict, full: bool = False) -> list:
@@ -298,22 +297,12 @@ def row_event(row: list) -> dict:
     return event
 
 
-def event_rows(events: list) -> list:
-    """``events`` (maps, or rows: as they are) as rows.  A C-level loop when every event has
-    a ``dc`` key: tuples, which msgpack packs as arrays too."""
-    if events and type(events[0]) is list:
-        return events
-    try:
-        return list(map(_row_with_dc, events))
-    except KeyError:
-        return [event_row(e) for e in events]
-
-
 def wire_events(events: list, rows: bool) -> list:
-    """``events`` (maps or rows) as the wire form chosen: rows (``rows``) or maps."""
-    if rows:
-        return event_rows(events)
-    return [row_event(e) for e in events] if events and type(events[0]) is list else events
+    """``events`` (maps, or a dispatcher's rows) in the wire form chosen: rows (``rows``) or
+    maps; a list already in that form is returned as it is."""
+    if not events or (type(events[0]) is list) == rows:
+        return events
+    return [event_row(e) for e in events] if rows else [row_event(e) for e in events]
 
 
 def wire_event_id(event: Any) -> str:

@@ -38,13 +38,15 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
 
+from . import protocol as P
+
 Position = tuple[int, int]  # (epoch, seq)
 _consume = deque(maxlen=0).extend
 #: where ``accept_many`` placed an event: its seq in this sequencer's epoch, or (epoch, seq)
 Placement = int | Position
 #: the fields the sequencer reads and writes: (id, video, epoch, seq, prev, dc) of a map, of a row
 MAP_KEYS = ("id", "video", "epoch", "seq", "prev", "dc")
-ROW_KEYS = (0, 1, 6, 7, 8, 9)  # mesh.protocol.ROW_ID, ROW_VIDEO, ROW_EPOCH, ...
+ROW_KEYS = (P.ROW_ID, P.ROW_VIDEO, P.ROW_EPOCH, P.ROW_SEQ, P.ROW_PREV, P.ROW_DC)
 
 
 def position(event: dict) -> Position:

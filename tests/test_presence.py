@@ -218,7 +218,7 @@ async def test_counts_are_paced_by_the_frontends_count_budget_and_the_latest_arr
     crowd = [Collector(await _open(f.url, "paced/events")) for _ in range(3)]
     await wait_until(lambda: _counts(watcher)[-1:] == [4], timeout=10, what="count 4")
     before = len(watcher.of_kind("count"))
-    for i in range(4):  # churn: 3, 4, 3, 4, ... viewers
+    for _ in range(4):  # churn: 3, 4, 3, 4, ... viewers
         await crowd.pop(0).close()
         await asyncio.sleep(0.3)  # sleep-ok: pacing the churn, not waiting for readiness
         crowd.append(Collector(await _open(f.url, "paced/events")))
