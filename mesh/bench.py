@@ -8,7 +8,8 @@ all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s
 HTTP API for ``duration`` seconds, on keep-alive connections with one request in flight each
 (a new TCP connection per like costs the server more than the like), and counts the
 acknowledged ones per video.  Readers stay cheap so they can keep up: each stream is a plain
-``add_reader`` callback on a raw socket (no coroutine or StreamReader per read), they count
+``add_reader`` callback on a raw socket (no coroutine or StreamReader per read; ``recv`` asks
+for 64 KiB, below glibc's mmap threshold: ``RECV_BYTES``), they count
 ``event: like`` lines and SSE ids in raw bytes (C-speed ``bytes.count`` and a regex, no
 per-event JSON or Python loop: a read whose first and last ids span exactly its number of
 ids, after the stream's last id, is one contiguous run), check per stream that ids strictly
@@ -31,6 +32,8 @@ import asyncio
 import json
 import math
 import multiprocessing as mp
+import os
+import random
 import re
 import resource
 import socket
@@ -49,7 +52,13 @@ LIKES_RE = re.compile(rb'\nevent: likes\ndata: \{"video":"[^"]*","count":(\d+),.
 LIKE_MARK = b"\nevent: like\n"
 LIKES_MARK = b"\nevent: likes\n"
 ID_LINE_RE = re.compile(rb"id: (\d+):(\d+)$")
+#: samples kept per client process (latencies, heartbeat gaps): a uniform sample of the run's
+#: (``sample``), not its first seconds -- a fan-out run reaches 200 k samples within ~3 s
 MAX_LATENCY_SAMPLES = 200000
+#: bytes asked of one ``recv``: CPython allocates that much for each call before shrinking it,
+#: and past glibc's mmap threshold (128 KiB) that can be an mmap and an munmap per read: 256 KiB
+#: cost 26 us of CPU per read against 10 us for 64 KiB (``tests/bench/bench_reader.py``)
+RECV_BYTES = 65536
 HEARTBEAT = b": hb\n"
 
 
@@ -65,6 +74,7 @@ class Plan:
     sources: int = 0          # 0: one 127.0.0.x per 20,000 connections
     open_rate: float = 2000.0
     settle: float = 2.0
+    client_nice: int = 0      # niceness of the client processes (the load generator)
 
     def video(self, i: int) -> str:
         return "bench-0" if self.hot else f"bench-{i % self.videos}"
@@ -83,11 +93,37 @@ class ClientResult:
     aggregated_likes: int = 0      # the likes they stand for
     aggregate_mismatch: int = 0    # ``likes`` events whose count is not their id span
     bytes_received: int = 0
-    latencies: list = field(default_factory=list)  # ms
+    latencies: list = field(default_factory=list)  # ms, a uniform sample (``sample``)
+    latency_seen: int = 0          # latencies observed, sampled or not
     heartbeats: int = 0
-    heartbeat_gaps: list = field(default_factory=list)  # s between a stream's heartbeats
+    heartbeat_gaps: list = field(default_factory=list)  # s between a stream's heartbeats (sampled)
+    heartbeat_gap_seen: int = 0
     measure_from: float = math.inf  # monotonic time publishing began (heartbeat gaps after it)
     cpu_s: float = 0.0             # this client process's CPU from then until the end
+
+
+def sample(kept: list, seen: int, value: float, cap: int | None = None) -> int:
+    """Reservoir sampling (Vitter's algorithm R): ``kept`` stays a uniform sample of at most
+    ``cap`` (``MAX_LATENCY_SAMPLES``) of the ``seen + 1`` values observed so far; returns the
+    new ``seen``."""
+    if len(kept) < (MAX_LATENCY_SAMPLES if cap is None else cap):
+        kept.append(value)
+    else:
+        j = random.randrange(seen + 1)
+        if j < len(kept):
+            kept[j] = value
+    return seen + 1
+
+
+def merge_samples(parts: list[tuple[list, int]]) -> list:
+    """One uniform sample from several (``kept``, ``seen``) reservoirs: each is thinned so that
+    a kept value stands for as many observed ones in every part."""
+    weight = max((seen / len(kept) for kept, seen in parts if kept), default=1.0)
+    out: list = []
+    for kept, seen in parts:
+        n = min(len(kept), round(seen / weight))
+        out += kept if n == len(kept) else random.sample(kept, n)
+    return out
 
 
 # --- client processes ---------------------------------------------------------------------
@@ -95,6 +131,8 @@ class ClientResult:
 def _client_main(idx: int, plan: Plan, indices: list[int], progress, stop, measuring, results) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if plan.client_nice:  # the load generator yields the cores to the nodes it measures
+        os.nice(plan.client_nice)
     res = asyncio.run(_client(idx, plan, indices, progress, stop, measuring))
     results.put((idx, asdict(res)))
 
@@ -141,7 +179,7 @@ class _Reader:
         self.last_hb = 0.0
 
     def on_readable(self) -> None:
-        data = recv_nowait(self.sock, 262144)
+        data = recv_nowait(self.sock, RECV_BYTES)
         if data == b"":
             self.close()
         elif data:
@@ -159,8 +197,8 @@ class _Reader:
         if HEARTBEAT in block:
             now = time.monotonic()
             res.heartbeats += 1
-            if self.last_hb >= res.measure_from and len(res.heartbeat_gaps) < MAX_LATENCY_SAMPLES:
-                res.heartbeat_gaps.append(now - self.last_hb)
+            if self.last_hb >= res.measure_from:
+                res.heartbeat_gap_seen = sample(res.heartbeat_gaps, res.heartbeat_gap_seen, now - self.last_hb)
             self.last_hb = now
         n = block.count(LIKE_MARK)
         aggregated = LIKES_MARK in block
@@ -170,20 +208,20 @@ class _Reader:
             self._feed_aggregated(block)
         else:
             self._feed_likes(block, n)
-        if len(res.latencies) < MAX_LATENCY_SAMPLES:
-            now = time.time() * 1000.0
-            if n == 1 and not aggregated:  # the usual read at light load: one like, one sample
-                m = TS_RE.search(block)
-                if m:
-                    res.latencies.append(now - float(m.group(1)))
-                return
-            newest = max(block.rfind(b'"kind":"like"'), block.rfind(b'"first_id"'))
-            sampled = set()
-            for start in (0, len(block) // 2, newest):  # oldest, middle, newest; each once
-                m = TS_RE.search(block, max(0, start))
-                if m and m.start() not in sampled:
-                    sampled.add(m.start())
-                    res.latencies.append(now - float(m.group(1)))
+        now = time.time() * 1000.0
+        # one event (a like at light load, a run of likes under load): one sample
+        if n + aggregated == 1 and block.count(b"\ndata: ") == 1:
+            m = TS_RE.search(block)
+            if m:
+                res.latency_seen = sample(res.latencies, res.latency_seen, now - float(m.group(1)))
+            return
+        newest = max(block.rfind(b'"kind":"like"'), block.rfind(b'"first_id"'))
+        sampled = set()
+        for start in (0, len(block) // 2, newest):  # oldest, middle, newest; each once
+            m = TS_RE.search(block, max(0, start))
+            if m and m.start() not in sampled:
+                sampled.add(m.start())
+                res.latency_seen = sample(res.latencies, res.latency_seen, now - float(m.group(1)))
 
     def _feed_likes(self, block: bytes, n: int) -> None:
         """A block of single ``like`` events: count them, check their ids."""
@@ -502,6 +540,7 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
     finally:
         stop.set()
     merged = ClientResult()
+    latency_parts, gap_parts = [], []
     for _ in procs:
         _, r = results.get(timeout=60)
         merged.connected += r["connected"]
@@ -516,14 +555,15 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         merged.aggregated_likes += r["aggregated_likes"]
         merged.aggregate_mismatch += r["aggregate_mismatch"]
         merged.bytes_received += r["bytes_received"]
-        merged.latencies += r["latencies"]
+        latency_parts.append((r["latencies"], r["latency_seen"]))
         merged.heartbeats += r["heartbeats"]
-        merged.heartbeat_gaps += r["heartbeat_gaps"]
+        gap_parts.append((r["heartbeat_gaps"], r["heartbeat_gap_seen"]))
         merged.cpu_s += r["cpu_s"]
         for video, counts in r["received"].items():
             merged.received.setdefault(video, []).extend(counts)
     for p in procs:
         p.join(10)
+    merged.latencies, merged.heartbeat_gaps = merge_samples(latency_parts), merge_samples(gap_parts)
     deliveries = sum(sum(c) for c in merged.received.values())
     lost = sum(max(0, acked.get(v, 0) - c) for v, counts in merged.received.items() for c in counts)
     lat = merged.latencies
@@ -548,7 +588,7 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         "bytes_per_delivery": round(merged.bytes_received / deliveries, 1) if deliveries else None,
         "latency_ms": {name: (round(percentile(lat, q), 2) if lat else None)
                        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))},
-        "latency_samples": len(lat),
+        "latency_samples": len(lat), "latencies_observed": sum(seen for _, seen in latency_parts),
         "heartbeats": merged.heartbeats,
         "heartbeat_gap_s": {name: (round(percentile(merged.heartbeat_gaps, q), 3) if merged.heartbeat_gaps else None)
                             for name, q in (("p50", 50), ("p99", 99), ("max", 100))},
@@ -603,9 +643,12 @@ def bench_command():
                   help="client processes (0: one per 15,000 streams)")
     @click.option("--sources", default=0, type=click.IntRange(0, 250),
                   help="source addresses 127.0.0.1..K (0: one per 20,000 streams)")
+    @click.option("--client-nice", default=0, show_default=True, type=click.IntRange(0, 19),
+                  help="niceness of the client processes: on the nodes' own machine, >0 keeps "
+                       "the load generator from delaying the nodes it measures")
     @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
     @click.pass_context
-    def bench(ctx, urls, connections, videos, hot, rate, duration, clients, sources, as_json):
+    def bench(ctx, urls, connections, videos, hot, rate, duration, clients, sources, client_nice, as_json):
         """Open N SSE streams, publish R likes/s for D seconds, report deliveries/s, latency
         percentiles, lost and duplicated events, and RSS per connection."""
         if not urls:
@@ -615,7 +658,8 @@ def bench_command():
             urls = [n.http for n, h in found if h is not None and n.http]
             if not urls:
                 raise click.ClickException("no reachable frontend in the registry (use --frontend URL)")
-        plan = Plan(list(urls), connections, videos, hot, rate, duration, clients, sources)
+        plan = Plan(list(urls), connections, videos, hot, rate, duration, clients, sources,
+                    client_nice=client_nice)
         echo = (lambda msg: click.echo(msg, err=True))
         result = asyncio.run(run(plan, echo))
         if as_json:

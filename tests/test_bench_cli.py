@@ -18,7 +18,7 @@ def test_meshctl_bench_counts_every_delivery(topology, kv_path):
     # import the launcher again, which must not start a second bench
     out = subprocess.run([sys.executable, "bin/meshctl", "--kv-path", kv_path, "bench",
                           "-n", "40", "-v", "4", "-r", "20", "-d", "2", "--clients", "2", "--sources", "2",
-                          "--json"], capture_output=True, text=True, timeout=90)
+                          "--client-nice", "5", "--json"], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert sorted(r["plan"]["urls"]) == sorted([fa.url, fb.url])      # found in the registry
@@ -27,6 +27,7 @@ def test_meshctl_bench_counts_every_delivery(topology, kv_path):
     assert r["events_received"] == r["deliveries"] and r["aggregated_events"] == 0
     assert (r["lost"], r["duplicates"], r["reordered"]) == (0, 0, 0)
     assert r["latency_samples"] > 0 and r["latency_ms"]["p50"] > 0
+    assert r["latencies_observed"] >= r["latency_samples"] and r["plan"]["client_nice"] == 5
     assert all(v is not None for v in r["rss_bytes_per_connection"].values())
     assert "deliveries/s" in out.stderr  # progress while it runs
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mesh.bench import ClientResult, _Reader
+from mesh.bench import ClientResult, _Reader, merge_samples, sample
 
 
 def like(epoch: int, seq: int) -> bytes:
@@ -123,3 +123,33 @@ def test_the_publisher_counts_an_answer_that_closes_the_connection_and_reopens_i
 
     statuses, opened, conn = asyncio.run(scenario())
     assert statuses == [202, 202] and opened == 2 and conn == []
+
+
+def test_the_latency_sample_covers_the_whole_run_not_its_first_values():
+    """Past the cap, a reservoir: late values are as likely to be kept as early ones."""
+    kept, seen = [], 0
+    for value in range(100_000):
+        seen = sample(kept, seen, value, cap=1000)
+    assert seen == 100_000 and len(kept) == 1000
+    assert sum(v >= 50_000 for v in kept) > 400  # ~500 of 1000; the first 1,000 only: none
+    assert sum(v < 50_000 for v in kept) > 400
+
+
+def test_merged_samples_weigh_each_client_by_what_it_observed():
+    """A client that observed 10x more values keeps as many samples (its cap): merged, it
+    must count 10x more."""
+    busy, quiet = [], []
+    seen_busy = seen_quiet = 0
+    for _ in range(20_000):
+        seen_busy = sample(busy, seen_busy, 1.0, cap=1000)
+    for _ in range(2_000):
+        seen_quiet = sample(quiet, seen_quiet, 2.0, cap=1000)
+    merged = merge_samples([(busy, seen_busy), (quiet, seen_quiet)])
+    assert merged.count(1.0) == 1000 and merged.count(2.0) == 100
+    assert merge_samples([([3.0], 1), ([], 0)]) == [3.0]
+
+
+def test_a_reader_samples_latencies_past_the_cap(monkeypatch):
+    monkeypatch.setattr("mesh.bench.MAX_LATENCY_SAMPLES", 5)
+    _, res = read([like(5, s) for s in range(1, 51)])
+    assert res.latency_seen == 50 and len(res.latencies) == 5

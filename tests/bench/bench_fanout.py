@@ -90,6 +90,8 @@ def main() -> None:
                     help="fan-out workloads, VIEWERSxRATE,...")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=2, help="client processes of the fan-out runs")
+    ap.add_argument("--client-nice", type=int, default=0,
+                    help="niceness of the fan-out runs' client processes (the load generator)")
     ap.add_argument("--light-connections", type=int, default=1000)
     ap.add_argument("--light-rate", type=float, default=1.0)
     ap.add_argument("--light-duration", type=float, default=10.0)
@@ -118,7 +120,8 @@ def main() -> None:
         for viewers, rate in args.fanout:
             for name, url in targets:
                 heavy[viewers, rate, name] = bench(name, url, Plan([url], viewers, 1, True, rate, args.duration,
-                                                                   clients=args.clients))
+                                                                   clients=args.clients,
+                                                                   client_nice=args.client_nice))
         light = {}
         for name, url in (("livemesh", front.url), ("naive", naive_url)):
             light[name] = bench(f"{name}, light load", url, Plan([url], args.light_connections, 10, False,
