@@ -28,6 +28,7 @@ def test_meshctl_bench_counts_every_delivery(topology, kv_path):
     assert (r["lost"], r["duplicates"], r["reordered"]) == (0, 0, 0)
     assert r["latency_samples"] > 0 and r["latency_ms"]["p50"] > 0
     assert r["latencies_observed"] >= r["latency_samples"] and r["plan"]["client_nice"] == 5
+    assert 4 <= r["publish_connections"] <= 1024
     assert all(v is not None for v in r["rss_bytes_per_connection"].values())
     assert "deliveries/s" in out.stderr  # progress while it runs
 

@@ -3,11 +3,12 @@ found from raw SSE bytes, whichever way the reads split the stream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-from mesh.bench import ClientResult, _Reader, merge_samples, sample
+from mesh.bench import ClientResult, Plan, _publish, _Reader, merge_samples, sample
 
 
 def like(epoch: int, seq: int) -> bytes:
@@ -153,3 +154,40 @@ def test_a_reader_samples_latencies_past_the_cap(monkeypatch):
     monkeypatch.setattr("mesh.bench.MAX_LATENCY_SAMPLES", 5)
     _, res = read([like(5, s) for s in range(1, 51)])
     assert res.latency_seen == 50 and len(res.latencies) == 5
+
+
+def test_the_publisher_opens_connections_while_answers_are_slow():
+    """Likes are offered at the planned rate however slowly the server answers: when likes
+    wait for a free connection, the publisher opens another (the viewers' browsers do not
+    queue behind each other)."""
+    async def scenario():
+        in_flight = peak = 0
+
+        async def serve(reader, writer):
+            nonlocal in_flight, peak
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    await reader.readexactly(length)
+                    in_flight += 1
+                    peak = max(peak, in_flight)
+                    await asyncio.sleep(0.3)  # sleep-ok: a server slow to answer, on purpose
+                    in_flight -= 1
+                    writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        plan = Plan([f"http://127.0.0.1:{port}"], connections=1, videos=1, rate=100, duration=1)
+        try:
+            acked, errors, connections = await _publish(plan, print)
+        finally:
+            server.close()
+        return acked, errors, connections, peak
+
+    acked, errors, connections, peak = asyncio.run(scenario())
+    # 0.3 s per answer at 100 likes/s needs ~30 in flight; the first pool has 10
+    assert sum(acked.values()) == 100 and errors == 0
+    assert connections > 10 and peak > 10
