@@ -6,8 +6,8 @@ Theory of operation.  ``clients`` child processes (past the per-process open-fil
 ephemeral-port limit of one address pair) and over the target URLs, on ``videos`` videos (or
 all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s through the
 HTTP API for ``duration`` seconds, on keep-alive connections with one request in flight each
-(a new TCP connection per like costs the server more than the like), and counts the
-acknowledged ones per video.  Readers stay cheap so they can keep up: each stream is a plain
+(a new TCP connection per like costs the server more than the like; the pool grows while likes
+wait for a connection, ``PUBLISH_CONNECTIONS``), and counts the acknowledged ones per video.  Readers stay cheap so they can keep up: each stream is a plain
 ``add_reader`` callback on a raw socket (no coroutine or StreamReader per read; ``recv`` asks
 for 64 KiB, below glibc's mmap threshold: ``RECV_BYTES``), they count
 ``event: like`` lines and SSE ids in raw bytes (C-speed ``bytes.count`` and a regex, no

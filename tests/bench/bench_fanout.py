@@ -3,6 +3,7 @@
 ``meshctl bench`` workloads on each, in one process tree.
 
     python tests/bench/bench_fanout.py [--fanout 10000x200,2000x1000] [--duration 10] [--clients 2]
+                                       [--client-nice 0]
                                        [--light-connections 1000] [--light-rate 1]
                                        [--light-duration 10] [--light-clients 4]
                                        [--ingest-rate 1000]
