@@ -7,15 +7,16 @@ ephemeral-port limit of one address pair) and over the target URLs, on ``videos`
 all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s through the
 HTTP API for ``duration`` seconds, on keep-alive connections with one request in flight each
 (a new TCP connection per like costs the server more than the like; the pool grows while likes
-wait for a connection, ``PUBLISH_CONNECTIONS``), and counts the acknowledged ones per video.  Readers stay cheap so they can keep up: each stream is a plain
-``add_reader`` callback on a raw socket (no coroutine or StreamReader per read; ``recv`` asks
-for 64 KiB, below glibc's mmap threshold: ``RECV_BYTES``), they count
-``event: like`` lines and SSE ids in raw bytes (C-speed ``bytes.count`` and a regex, no
-per-event JSON or Python loop: a read whose first and last ids span exactly its number of
-ids, after the stream's last id, is one contiguous run), check per stream that ids strictly
-increase (a repeat is a duplicate), and parse the server timestamp of the oldest, middle and
-newest like of each read for the publish-to-viewer latency (``ts`` is stamped by the accepting frontend; clients and
-servers share this machine's clock).  Lost = acknowledged events of a stream's video minus
+wait for a connection, ``PUBLISH_CONNECTIONS``), and counts the acknowledged ones per video.
+Readers stay cheap so they can keep up: each stream is a plain ``add_reader`` callback on a
+raw socket (no coroutine or StreamReader per read; ``recv`` asks for 64 KiB, below glibc's
+mmap threshold: ``RECV_BYTES``), they count ``event: like`` lines and SSE ids in raw bytes
+(C-speed ``bytes.count`` and a regex, no per-event JSON or Python loop: a read whose first and
+last ids span exactly its number of ids, after the stream's last id, is one contiguous run),
+check per stream that ids strictly increase (a repeat is a duplicate), and parse the server
+timestamp of the oldest, middle and newest like of each read (of its one event, when it holds
+one) for the publish-to-viewer latency, kept as a uniform sample of the whole run (``sample``;
+``ts`` is stamped by the accepting frontend; clients and servers share this machine's clock).  Lost = acknowledged events of a stream's video minus
 those it received.
 
 Aggregated likes (``event: likes``, ``frontend.aggregate_likes_above``) count as ``count``
@@ -57,7 +58,7 @@ ID_LINE_RE = re.compile(rb"id: (\d+):(\d+)$")
 MAX_LATENCY_SAMPLES = 200000
 #: bytes asked of one ``recv``: CPython allocates that much for each call before shrinking it,
 #: and past glibc's mmap threshold (128 KiB) that can be an mmap and an munmap per read: 256 KiB
-#: cost 26 us of CPU per read against 10 us for 64 KiB (``tests/bench/bench_reader.py``)
+#: cost 28.7 us of CPU per read against 9.1 us for 64 KiB (``tests/bench/bench_reader.py``)
 RECV_BYTES = 65536
 HEARTBEAT = b": hb\n"
 
@@ -470,8 +471,9 @@ async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int, int]:
                 break  # bounded in time even when the server cannot keep up
             url = plan.urls[k % len(plan.urls)]
             queues[url].put_nowait(k)
-            if queues[url].qsize() > backlog and len(pools[url]) < hi and loop.time() >= grown[url] + PUBLISH_GROW_EVERY:
-                grown[url] = loop.time()
+            now = loop.time()
+            if queues[url].qsize() > backlog and len(pools[url]) < hi and now >= grown[url] + PUBLISH_GROW_EVERY:
+                grown[url] = now
                 pools[url].append(asyncio.ensure_future(worker(url)))
                 workers.append(pools[url][-1])
         for url, q in queues.items():
