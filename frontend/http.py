@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import unicodedata
+import re
 from typing import TYPE_CHECKING
 
 import tornado.web
@@ -167,6 +167,9 @@ class EventsHandler(JSONHandler):
 
 
 class PublishHandler(JSONHandler):
+    """A publish served by Tornado: what the fast path (``frontend/ingest.py``) hands over
+    (chunked or ``Expect`` bodies, HTTP/1.0, ...) and every publish when it is off."""
+
     kind = ""
 
     def initialize(self, node: "Frontend", kind: str) -> None:  # type: ignore[override]
@@ -174,55 +177,73 @@ class PublishHandler(JSONHandler):
         self.kind = kind
 
     async def post(self, video: str) -> None:
-        check_video(video)
-        auth_user = self.node.security.check_publish(self, video, self.kind)  # origin, limits, JWT
-        body = self.parse_body()
-        user = body.get("user") if auth_user is None else auth_user  # the token's sub wins
-        if user is not None:
-            if not isinstance(user, str) or not 0 < len(user) <= P.USER_MAX or has_control(user):
-                raise ClientError(400, "invalid_user",
-                                  f"user must be a string of 1-{P.USER_MAX} printable characters")
-        text = None
-        if self.kind == P.KIND_COMMENT:
-            text = body.get("text")
-            if not isinstance(text, str):
-                raise ClientError(400, "missing_text", "a comment needs a 'text' string")
-            if not text.strip():
-                raise ClientError(400, "empty_comment", "comment text is empty")
-            limit = self.node.cfg.frontend.max_comment_chars
-            if len(text) > limit:
-                raise ClientError(400, "comment_too_long",
-                                  f"comment text has {len(text)} characters; the limit is {limit}")
-            check_comment_text(text)
-        event = P.make_event(video, self.kind, user, text)
-        result = await self.node.publish(event)
+        result = await publish(self.node, self, video, self.kind, self.request.body)
         self.set_status(202)
-        self.write({"id": event["id"], "video": video, "epoch": result["epoch"], "seq": result["seq"],
-                    "sse_id": f"{result['epoch']}:{result['seq']}"})
+        self.write(result)
 
-    def parse_body(self) -> dict:
-        raw = self.request.body
-        limit = self.node.cfg.frontend.max_body_bytes
-        if len(raw) > limit:
-            raise ClientError(413, "body_too_large", f"body has {len(raw)} bytes; the limit is {limit}")
-        if not raw.strip():
-            if self.kind == P.KIND_LIKE:
-                return {}
-            raise ClientError(400, "missing_body", "a comment needs a JSON body")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ClientError(400, "invalid_encoding", f"body is not UTF-8 (byte {exc.start})") from None
-        check_json_depth(text, self.node.cfg.security.max_json_depth)
-        try:
-            body = json.loads(text)
-        except RecursionError:
-            raise ClientError(400, "invalid_json", "JSON nested too deeply") from None
-        except ValueError as exc:
-            raise ClientError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ClientError(400, "invalid_body", "body must be a JSON object")
-        return body
+
+async def publish(node: "Frontend", call, video: str, kind: str, raw: bytes) -> dict:
+    """One publish request: checks, the event to its owner, and the 202 body.  ``call`` is the
+    ``RequestHandler`` the guards read the request from (``frontend/security.py``); errors
+    raise ClientError.  The fast path (``frontend/ingest.py``) runs the same two halves,
+    ``prepare_publish`` and ``accepted``, for a loop turn's requests at once."""
+    event = prepare_publish(node, call, video, kind, raw)
+    return accepted(event, await node.publish(event))
+
+
+def prepare_publish(node: "Frontend", call, video: str, kind: str, raw: bytes) -> dict:
+    """The event a publish request asks for, after every check (raises ClientError)."""
+    check_video(video)
+    auth_user = node.security.check_publish(call, video, kind)  # origin, limits, JWT
+    body = parse_body(node, kind, raw)
+    user = body.get("user") if auth_user is None else auth_user  # the token's sub wins
+    if user is not None:
+        if not isinstance(user, str) or not 0 < len(user) <= P.USER_MAX or has_control(user):
+            raise ClientError(400, "invalid_user",
+                              f"user must be a string of 1-{P.USER_MAX} printable characters")
+    text = None
+    if kind == P.KIND_COMMENT:
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise ClientError(400, "missing_text", "a comment needs a 'text' string")
+        if not text.strip():
+            raise ClientError(400, "empty_comment", "comment text is empty")
+        limit = node.cfg.frontend.max_comment_chars
+        if len(text) > limit:
+            raise ClientError(400, "comment_too_long",
+                              f"comment text has {len(text)} characters; the limit is {limit}")
+        check_comment_text(text)
+    return P.make_event(video, kind, user, text)
+
+
+def accepted(event: dict, ack: dict) -> dict:
+    """The 202 body of a published event, from its owner's ack."""
+    return {"id": event["id"], "video": event["video"], "epoch": ack["epoch"], "seq": ack["seq"],
+            "sse_id": f"{ack['epoch']}:{ack['seq']}"}
+
+
+def parse_body(node: "Frontend", kind: str, raw: bytes) -> dict:
+    limit = node.cfg.frontend.max_body_bytes
+    if len(raw) > limit:
+        raise ClientError(413, "body_too_large", f"body has {len(raw)} bytes; the limit is {limit}")
+    if not raw.strip():
+        if kind == P.KIND_LIKE:
+            return {}
+        raise ClientError(400, "missing_body", "a comment needs a JSON body")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClientError(400, "invalid_encoding", f"body is not UTF-8 (byte {exc.start})") from None
+    check_json_depth(text, node.cfg.security.max_json_depth)
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise ClientError(400, "invalid_json", "JSON nested too deeply") from None
+    except ValueError as exc:
+        raise ClientError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ClientError(400, "invalid_body", "body must be a JSON object")
+    return body
 
 
 def viewer_identity(handler: "EventsHandler") -> str | None:
@@ -260,8 +281,12 @@ class PresenceHandler(JSONHandler):
                     "dcs": page.get("dcs", {})})
 
 
+#: Unicode categories Cc (control characters) and Cs (unpaired surrogates)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def has_control(text: str) -> bool:
-    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)  # Cs: unpaired surrogates
+    return _CONTROL.search(text) is not None
 
 
 def routes(node: "Frontend") -> list:

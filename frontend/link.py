@@ -103,7 +103,7 @@ class MeshLink:
         self._synced: dict[str, set[str]] = {}
         self._sync_waiters: dict[str, list[asyncio.Future]] = {}
         self._queues: dict[str, list[tuple[list[dict], asyncio.Future]]] = {}
-        self._owners: dict[str, str | None] = {}  # publish: video -> owner (see _owner_of)
+        self._owners: dict[str, str | None] = {}  # publish: video -> owner (see owner_of)
         self._owners_for: asyncio.Event | None = None
         self._inflight: set[asyncio.Task] = set()
 
@@ -404,14 +404,7 @@ class MeshLink:
         """Send ``event`` to its owner and return the ack result ``{"id","epoch","seq"}``.
         Raises ClientError(503) when no dispatcher acknowledges within ``publish_timeout``
         or the owner rejects it."""
-        result = (await self.publish_many([event]))[0]
-        error = result.get("error")
-        if error is None:
-            return result
-        if error.get("code") == "no_dispatcher":
-            raise ClientError(503, "no_dispatcher", error["message"], retryable=True)
-        raise ClientError(503, "publish_rejected", f"dispatcher rejected the event: "
-                          f"{error.get('message', '?')}", retryable=True)
+        return acked((await self.publish_many([event]))[0])
 
     async def publish_many(self, events: list[dict]) -> list[dict]:
         """Send ``events`` to their owners; one result per event, in order: the ack result
@@ -434,7 +427,7 @@ class MeshLink:
                 break
             groups: dict[str, list[int]] = {}
             for i in pending:
-                target = self._owner_of(events[i]["video"])
+                target = self.owner_of(events[i]["video"])
                 if target is not None:
                     groups.setdefault(target, []).append(i)
             if not groups:
@@ -469,7 +462,7 @@ class MeshLink:
                     "code": "no_dispatcher", "message": "no dispatcher acknowledged the event in time"}}
         return results
 
-    def _owner_of(self, video: str) -> str | None:
+    def owner_of(self, video: str) -> str | None:
         """The video's owner, cached until discovery changes the dispatcher set (each change
         replaces ``dispatchers.changed``): publishing computes no hash per event."""
         if self._owners_for is not self.dispatchers.changed or len(self._owners) > OWNER_CACHE_MAX:
@@ -522,3 +515,15 @@ class MeshLink:
         for part, fut in batch:
             if not fut.done():
                 fut.set_result([results.get(e["id"]) for e in part])
+
+
+def acked(result: dict) -> dict:
+    """A ``publish_many`` result as the ack ``{"id","epoch","seq"}``, or ClientError(503): no
+    dispatcher acknowledged within ``publish_timeout``, or the owner rejected the event."""
+    error = result.get("error")
+    if error is None:
+        return result
+    if error.get("code") == "no_dispatcher":
+        raise ClientError(503, "no_dispatcher", error["message"], retryable=True)
+    raise ClientError(503, "publish_rejected", f"dispatcher rejected the event: "
+                      f"{error.get('message', '?')}", retryable=True)

@@ -25,6 +25,7 @@ from mesh.subscriptions import CountSync, SubscriptionTable
 from .fanout import Fanout
 from .gcpause import CHECK_INTERVAL, GCWatch, freeze_allowance
 from .http import NotFoundHandler, routes
+from .ingest import PublishPath
 from .link import MeshLink
 from .security import FrontendSecurity
 
@@ -50,6 +51,7 @@ class Frontend:
         self.link: MeshLink | None = None
         self.url = ""
         self.server: tornado.httpserver.HTTPServer | None = None
+        self.ingest: PublishPath | None = None
         self._kv_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.gc = GCWatch()
@@ -63,7 +65,9 @@ class Frontend:
             app, max_body_size=MAX_REQUEST_BYTES, max_buffer_size=MAX_REQUEST_BYTES,
             idle_connection_timeout=30.0, body_timeout=10.0, max_header_size=16384)
         self.security = FrontendSecurity(self.cfg, self)  # auth, limits, CORS, accept loop
-        self.security.listen(self.server, f.port, f.host)
+        if f.publish_fast_path:  # likes and comments off Tornado's HTTP stack
+            self.ingest = PublishPath(self, self.server._handle_connection)
+        self.security.listen(self.server, f.port, f.host, self.ingest.adopt if self.ingest else None)
         port = next(iter(self.server._sockets.values())).getsockname()[1]
         self.url = f"http://{f.host}:{port}"
         if not self.name:
@@ -95,6 +99,8 @@ class Frontend:
         after ``retry``."""
         if self.server:
             self.server.stop()
+        if self.ingest:
+            self.ingest.stop()
         try:
             await self.kv.deregister()
         except Exception as exc:  # noqa: BLE001 - shutting down: report, keep closing
@@ -111,6 +117,8 @@ class Frontend:
         for task in self._tasks:
             task.cancel()
         self.gc.uninstall()
+        if self.ingest:
+            self.ingest.stop()
         if self.link:
             await self.link.stop()
         await release(self.kv, http_server=self.server)
@@ -144,6 +152,11 @@ class Frontend:
     async def publish(self, event: dict) -> dict:
         self.stats["publishes"] += 1
         return await self.link.publish(event)
+
+    async def publish_many(self, events: list[dict]) -> list[dict]:
+        """``events`` to their owners; one ``MeshLink.publish_many`` result per event."""
+        self.stats["publishes"] += len(events)
+        return await self.link.publish_many(events)
 
     def health(self) -> dict:
         return {"status": "ok" if self.link.peers else "degraded", "role": ROLE_FRONTEND,

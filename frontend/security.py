@@ -227,8 +227,10 @@ class FrontendSecurity:
                 self._limited_logged_at = now
                 self._limited_since_log = 0
             return
-        method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
-        method("%d %s %.2fms", status, handler._request_summary(), 1000.0 * handler.request.request_time())
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        if access_log.isEnabledFor(level):  # info is off by default: no summary made per request
+            access_log.log(level, "%d %s %.2fms", status, handler._request_summary(),
+                           1000.0 * handler.request.request_time())
 
     # --- viewers ----------------------------------------------------------------------------
 
@@ -281,8 +283,9 @@ class FrontendSecurity:
                 del self._by_ip[viewer.ip]
 
     def stream_attached(self) -> None:
-        """A stream left Tornado (``HTTPServer`` no longer counts its connection): count it
-        here, so the connection limit still sees every socket."""
+        """A connection outside Tornado (a viewer's stream it handed over, or one on the
+        publish fast path; ``HTTPServer`` does not count those): count it here, so the
+        connection limit still sees every socket."""
         self.raw_streams += 1
 
     def stream_detached(self) -> None:
@@ -351,8 +354,9 @@ class FrontendSecurity:
 
     # --- accepting connections ----------------------------------------------------------------
 
-    def listen(self, server: tornado.httpserver.HTTPServer, port: int, host: str) -> None:
-        """``server.listen(port, host)`` with our accept loop and header deadline."""
+    def listen(self, server: tornado.httpserver.HTTPServer, port: int, host: str, on_connection=None) -> None:
+        """``server.listen(port, host)`` with our accept loop and header deadline; accepted
+        connections go to ``on_connection(sock, address)`` (default: the server's)."""
         server.conn_params.header_timeout = self.sec.header_timeout
         self._server = server
         self._reserve_fd = _open_reserve()
@@ -360,7 +364,8 @@ class FrontendSecurity:
         # instead of being dropped and retried after 1 s, 3 s, ... (Tornado's default is 128)
         for sock in tornado.netutil.bind_sockets(port, address=host, backlog=ACCEPT_BACKLOG):
             server._sockets[sock.fileno()] = sock
-            server._handlers[sock.fileno()] = self._add_accept_handler(sock, server._handle_connection)
+            server._handlers[sock.fileno()] = self._add_accept_handler(
+                sock, on_connection or server._handle_connection)
 
     def _add_accept_handler(self, sock: socket.socket, callback):
         loop = IOLoop.current()

@@ -63,6 +63,8 @@ class FrontendSection:
                                doc="max wait for history to fill a gap or catch a viewer up")
     max_body_bytes: int = _spec(16384, lo=64, hi=1048576, doc="largest publish body")
     max_comment_chars: int = _spec(2000, lo=1, hi=100000, doc="longest comment text")
+    publish_fast_path: bool = _spec(True, doc="answer plain likes and comments off Tornado's HTTP stack "
+                                    "(frontend/ingest.py); false: Tornado serves every request")
     count_flush_interval: float = _spec(1.0, lo=0.0, hi=3600.0,
                                         doc="coalescing interval for KV count changes (not 0<->1)")
     max_buffer_bytes: int = _spec(1048576, lo=1024, hi=1 << 30,

@@ -1,0 +1,417 @@
+"""The publish fast path: ``POST /v1/videos/{video}/likes`` and ``/comments`` answered on the raw
+socket, off Tornado's HTTP stack.
+
+Why.  A like is a small request, and Tornado spends most of a publish's cost around it: its
+``IOStream`` (futures per read, an ``epoll_ctl`` pair per request), ``HTTP1Connection`` and
+``RequestHandler``.  A bare Tornado handler cost 515-642 us of server CPU per request on the
+2-core machine, the same request on a plain asyncio protocol 168-175 us (1,000 requests/s over
+100 keep-alive connections, alternated); the frontend's own figures, this path against
+Tornado's side by side, are in the README ("HTTP ingest", ``tests/bench/bench_fanout.py``).
+At thousands of likes/s into one frontend, that is CPU the fan-out needs.  Requests read in
+one loop turn are checked one by one and published together (``MeshLink.publish_many``, one
+task per owner, not one per request).
+
+Theory of operation.  Every accepted connection starts here (``adopt``).  Its bytes are
+*peeked* (``MSG_PEEK``), not read, until a whole request is in the kernel's buffer; then:
+
+* a request this path serves -- ``POST /v1/videos/{video}/likes|comments`` over HTTP/1.1, with
+  a ``Content-Length`` body (or none) no larger than ``frontend.max_body_bytes``, no
+  ``Transfer-Encoding``, ``Expect`` or ``Upgrade``, none of the fields it reads repeated, no
+  percent-encoding in the path, a head of at most ``MAX_HEAD`` bytes of plain CRLF lines -- is
+  read (exactly its bytes) and answered here by the same code as Tornado's handler
+  (``frontend.http.prepare_publish`` and ``accepted``: origin, rate limits, JWT, body checks;
+  then the mesh publish, CORS and ``Retry-After`` headers, the access log).  The connection stays here for its next request;
+* anything else hands the connection as it is, unread bytes included, to Tornado
+  (``HTTPServer._handle_connection``), which serves it from then on: SSE streams, the page,
+  health, metrics, CORS preflights, and every error about HTTP framing itself.  Tornado
+  stays the reference; this path only ever answers the common case.
+
+A request arriving in pieces (a client writing its head and body in two ``send`` calls) is
+waited for with ``SO_RCVLOWAT``: the kernel wakes the loop once the whole request is there,
+so the loop neither spins on a readable socket nor reads anything it may have to hand over.
+One request at a time per connection: the next is not looked at before this one is answered
+(pipelined requests are answered in order).  A connection gets ``security.header_timeout``
+for its next request, as under Tornado (idle keep-alive and slowloris alike); connections
+here count against the connection limit (``FrontendSecurity.stream_attached``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http.client
+import json
+import logging
+import re
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from tornado.escape import json_encode
+
+from mesh import protocol as P
+from mesh.errors import ClientError
+
+from .http import accepted, prepare_publish
+from .link import acked
+
+if TYPE_CHECKING:
+    from .node import Frontend
+
+log = logging.getLogger("mesh.app")
+
+#: largest request head served here (Tornado's ``max_header_size`` for the rest)
+MAX_HEAD = 16384
+#: bytes peeked per readable event: a whole head and body fit
+PEEK_BYTES = 65536
+#: seconds between sweeps for connections past their deadline
+SWEEP_EVERY = 1.0
+
+_PREFIX = b"POST /v1/videos/"
+_REQUEST_LINE = re.compile(rb"POST /v1/videos/([^\x00-\x20\x7f-\xff/?%#]+)/(likes|comments)"
+                           rb"(\?[^\x00-\x20\x7f-\xff#]*)? HTTP/1\.1\r\n")
+#: in a head still arriving: what Tornado parses more leniently or rejects (a bare CR or LF,
+#: control characters), so waiting for the rest is pointless
+_ODD_BYTES = re.compile(rb"\r(?!\n)|(?<!\r)\n|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: header fields: a token, a colon, a value without control characters (tab aside), CRLF
+_FIELDS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_KINDS = {b"likes": P.KIND_LIKE, b"comments": P.KIND_COMMENT}
+_HANDOFF_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
+#: the fields this path reads (the guards': ``frontend/security.py``) and those it hands over
+_READ = re.compile(rb"\r\n(content-length|connection|host|origin|cookie|authorization|"
+                   rb"transfer-encoding|expect|upgrade):[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+class Headers(dict):
+    """The request's fields this path reads (``_READ``) by lower-cased name, read as Tornado's
+    ``HTTPHeaders`` are."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
+class Request:
+    """What the guards read of a request (``HTTPServerRequest``'s names)."""
+
+    __slots__ = ("method", "path", "headers", "remote_ip", "host", "protocol", "_start")
+
+    def __init__(self, path: str, headers: Headers, remote_ip: str):
+        self.method = "POST"
+        self.path = path
+        self.headers = headers
+        self.remote_ip = remote_ip
+        self.host = headers.get("host") or "127.0.0.1"
+        self.protocol = "http"
+        self._start = time.monotonic()
+
+    def request_time(self) -> float:
+        return time.monotonic() - self._start
+
+
+class Call:
+    """One publish on this path, with the few ``RequestHandler`` methods the guards use
+    (``frontend/security.py``: ``request``, ``set_header``/``add_header``, ``get_status``)."""
+
+    __slots__ = ("request", "status", "out", "_security_headers")
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.status = 200
+        self.out: list[tuple[str, str]] = []
+
+    def set_header(self, name: str, value: str) -> None:
+        self.out = [(k, v) for k, v in self.out if k != name]
+        self.out.append((name, value))
+
+    def add_header(self, name: str, value: str) -> None:
+        self.out.append((name, value))
+
+    def get_status(self) -> int:
+        return self.status
+
+    def _request_summary(self) -> str:
+        return f"POST {self.request.path} ({self.request.remote_ip})"
+
+
+class Conn:
+    """One connection while it is served here."""
+
+    __slots__ = ("path", "sock", "fd", "address", "since", "want", "busy", "paused", "closing", "out")
+
+    def __init__(self, path: "PublishPath", sock: socket.socket, address):
+        self.path = path
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.since = time.monotonic()  # its next request is due header_timeout after this
+        self.want = 0                  # bytes SO_RCVLOWAT waits for (0: not waiting)
+        self.busy = False              # a request is being answered
+        self.paused = False            # its reader is off until the answer is out
+        self.closing = False           # close once the answer is out
+        self.out = b""                 # answer bytes the kernel has not taken yet
+
+
+class PublishPath:
+    def __init__(self, node: "Frontend", handoff):
+        self.node = node
+        self.handoff_to = handoff  # Tornado's ``HTTPServer._handle_connection``
+        self.conns: dict[int, Conn] = {}
+        self.header_timeout = node.cfg.security.header_timeout
+        self.max_body = node.cfg.frontend.max_body_bytes
+        self.stopping = False
+        self._sweeping = False
+        self._date = (0, "")
+        self._batch: list = []  # requests read this loop turn (``_flush``)
+
+    # --- connections --------------------------------------------------------------------------
+
+    def adopt(self, sock: socket.socket, address) -> None:
+        """A newly accepted connection: served here until it asks for something else."""
+        if self.stopping:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = Conn(self, sock, address)
+        self.conns[conn.fd] = conn
+        self.node.security.stream_attached()
+        asyncio.get_running_loop().add_reader(conn.fd, self._readable, conn)
+        if not self._sweeping:
+            self._sweeping = True
+            asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
+
+    def _release(self, conn: Conn) -> None:
+        if self.conns.get(conn.fd) is not conn:  # released already (its fd may be another's now)
+            return
+        del self.conns[conn.fd]
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(conn.fd)
+        loop.remove_writer(conn.fd)
+        if conn.want:
+            conn.want = 0
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            except OSError:
+                pass
+        self.node.security.stream_detached()
+
+    def _close(self, conn: Conn) -> None:
+        self._release(conn)
+        conn.sock.close()
+
+    def _handoff(self, conn: Conn) -> None:
+        """Tornado serves the connection from here on, its unread bytes included."""
+        self._release(conn)
+        self.node.stats["ingest_handoffs"] += 1
+        self.handoff_to(conn.sock, conn.address)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self.conns.values() if not c.busy and now - c.since > self.header_timeout]:
+            self._close(conn)  # idle keep-alive, or a request that never completed
+        self._sweeping = bool(self.conns)
+        if self._sweeping:
+            asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
+
+    def stop(self) -> None:
+        """Shutdown: no new connections; idle ones close now, busy ones once answered."""
+        self.stopping = True
+        for conn in list(self.conns.values()):
+            if conn.busy:
+                conn.closing = True
+            else:
+                self._close(conn)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def _readable(self, conn: Conn) -> None:
+        if conn.busy:  # more bytes (a pipelined request, or EOF) while one is being answered:
+            asyncio.get_running_loop().remove_reader(conn.fd)  # look again once it is answered
+            conn.paused = True
+            return
+        try:
+            data = conn.sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        woken_for, conn.want = conn.want, 0
+        request = self._parse(data)
+        if request is None:
+            self._handoff(conn)
+        elif isinstance(request, int):  # incomplete: wait until the kernel holds ``request`` bytes
+            if woken_for and len(data) < woken_for:
+                self._handoff(conn)  # woken short of it: the peer closed; Tornado reads what came
+                return
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, request)
+            except OSError:
+                self._handoff(conn)
+                return
+            conn.want = request
+        else:
+            self._take(conn, *request)
+
+    def _parse(self, data: bytes):
+        """The request at the head of ``data``: (video, kind, path, headers, body, length); an
+        int when it is incomplete (the bytes to wait for, in all); None when it is not ours."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) >= MAX_HEAD or not (data.startswith(_PREFIX) or _PREFIX.startswith(data)) \
+                    or _ODD_BYTES.search(data, 0, len(data) - 1):
+                return None
+            return len(data) + 1
+        head_len = end + 4
+        if head_len > MAX_HEAD:
+            return None
+        line = _REQUEST_LINE.match(data)
+        if line is None or not _FIELDS.fullmatch(data, line.end(), end + 2):
+            return None  # a line without a colon, a folded line, whitespace before a colon, a CTL
+        headers = Headers()
+        # only the fields this route reads, found by one regex scan (a browser sends a dozen)
+        for name, value in _READ.findall(data, line.end() - 2, end + 2):
+            key = name.lower().decode("ascii")
+            if key in _HANDOFF_HEADERS or dict.__contains__(headers, key):
+                return None  # Tornado's: chunked or Expect bodies, upgrades; a repeated field
+            headers[key] = value.rstrip(b" \t").decode("latin-1")
+        length = dict.get(headers, "content-length")
+        if length is None:
+            length = 0
+        elif not length.isdigit() or not length.isascii() or int(length) > self.max_body:
+            return None
+        else:
+            length = int(length)
+        if len(data) < head_len + length:
+            return head_len + length
+        video = line.group(1).decode("ascii")
+        path = line.group(0)[5:-11].decode("ascii")  # between "POST " and " HTTP/1.1\r\n"
+        return video, _KINDS[line.group(2)], path, headers, data[head_len:head_len + length], head_len + length
+
+    def _take(self, conn: Conn, video: str, kind: str, path: str, headers: Headers, body: bytes,
+              length: int) -> None:
+        """Read the request's bytes (what follows stays in the kernel) and queue it for this
+        loop turn's batch."""
+        try:
+            got = conn.sock.recv(length)
+        except OSError:
+            got = b""
+        if len(got) != length:
+            self._close(conn)
+            return
+        conn.busy = True
+        if "close" in dict.get(headers, "connection", "").lower():
+            conn.closing = True
+        self.node.stats["ingest_fast"] += 1
+        call = Call(Request(path.split("?", 1)[0], headers, conn.address[0] if conn.address else "?"))
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._batch.append((conn, call, video, kind, body))
+
+    # --- answering ----------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """The loop turn's requests: checked one by one (a refusal is answered at once), the
+        accepted events published together, one task per owner (a slow owner delays only its
+        own videos' answers)."""
+        batch, self._batch = self._batch, []
+        groups: dict[str | None, list] = {}
+        for conn, call, video, kind, body in batch:
+            try:
+                event = prepare_publish(self.node, call, video, kind, body)
+            except ClientError as err:
+                self._answer_error(conn, call, err)
+                continue
+            except Exception:  # noqa: BLE001 - a bug answers 500, like Tornado, and the node goes on
+                log.exception("publish on the fast path failed")
+                self._answer_error(conn, call, ClientError(500, "internal", "internal error", retryable=True))
+                continue
+            groups.setdefault(self.node.link.owner_of(video), []).append((conn, call, event))
+        loop = asyncio.get_running_loop()
+        for items in groups.values():
+            loop.create_task(self._publish(items))
+
+    async def _publish(self, items: list) -> None:
+        try:
+            results = await self.node.publish_many([event for _, _, event in items])
+        except Exception:  # noqa: BLE001
+            log.exception("publish on the fast path failed")
+            results = [None] * len(items)
+        for (conn, call, event), result in zip(items, results):
+            try:
+                if result is None:
+                    raise ClientError(500, "internal", "internal error", retryable=True)
+                body = json_encode(accepted(event, acked(result)))
+            except ClientError as err:
+                self._answer_error(conn, call, err)
+                continue
+            call.status = 202
+            self._answer(conn, call, body, "application/json; charset=UTF-8")
+
+    def _answer_error(self, conn: Conn, call: Call, err: ClientError) -> None:
+        call.status = err.status
+        self._answer(conn, call, json.dumps(err.to_json()), "application/json")
+
+    def _answer(self, conn: Conn, call: Call, body: str, ctype: str) -> None:
+        self.node.security.before_headers(call)  # CORS, Retry-After, WWW-Authenticate
+        self.node.security.log_request(call)
+        self._write(conn, self._response(call, body.encode(), ctype, conn.closing))
+
+    def _response(self, call: Call, body: bytes, ctype: str, close: bool) -> bytes:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        lines = [f"HTTP/1.1 {call.status} {http.client.responses.get(call.status, 'Unknown')}",
+                 f"Date: {self._date[1]}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}"]
+        if close:
+            lines.append("Connection: close")
+        lines.extend(f"{k}: {v}" for k, v in call.out)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    def _write(self, conn: Conn, data: bytes) -> None:
+        if self.conns.get(conn.fd) is not conn:  # closed meanwhile (the peer left, shutdown)
+            return
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        if sent < len(data):
+            conn.out = data[sent:]
+            asyncio.get_running_loop().add_writer(conn.fd, self._drain, conn)
+            return
+        self._done(conn)
+
+    def _drain(self, conn: Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = conn.out[sent:]
+        if not conn.out:
+            asyncio.get_running_loop().remove_writer(conn.fd)
+            self._done(conn)
+
+    def _done(self, conn: Conn) -> None:
+        """The answer is out: close, or look at the next request."""
+        if conn.closing or self.stopping:
+            self._close(conn)
+            return
+        conn.busy = False
+        conn.since = time.monotonic()
+        if conn.paused:  # bytes came while answering: look at them now
+            conn.paused = False
+            asyncio.get_running_loop().add_reader(conn.fd, self._readable, conn)
