@@ -30,6 +30,7 @@ the run's oldest like.  ``bytes_received`` (body bytes) compares encodings.  Pro
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import multiprocessing as mp
@@ -49,6 +50,10 @@ TS_RE = re.compile(rb'"(?:kind":"like"|first_id").*?"ts":([0-9.]+)')
 #: an aggregated like run: count, first id, last id (``mesh.sse.encode_likes``)
 LIKES_RE = re.compile(rb'\nevent: likes\ndata: \{"video":"[^"]*","count":(\d+),.*?'
                       rb'"first_id":"(\d+):(\d+)","last_id":"(\d+):(\d+)"')
+#: a read holding exactly one ``likes`` event (the common read under load): its position,
+#: count, first and last id, and ts, in one match
+ONE_RUN_RE = re.compile(rb'id: (\d+):(\d+)\nevent: likes\ndata: \{"video":"[^"]*","count":(\d+),.*?'
+                        rb'"first_id":"(\d+):(\d+)","last_id":"(\d+):(\d+)","ts":([0-9.]+)\}\n\n')
 #: a like's and a likes event's header line, and a likes event's id line
 LIKE_MARK = b"\nevent: like\n"
 LIKES_MARK = b"\nevent: likes\n"
@@ -195,6 +200,12 @@ class _Reader:
             return
         block, self.carry = data[:end + 2], data[end + 2:]
         res = self.res
+        run = ONE_RUN_RE.fullmatch(block)
+        if run is not None:  # the common read under load, all in one match
+            pe, ps, count, fe, fs, le, ls = map(int, run.group(1, 2, 3, 4, 5, 6, 7))
+            self._run((pe, ps), count, (fe, fs), (le, ls))
+            res.latency_seen = sample(res.latencies, res.latency_seen, time.time() * 1000.0 - float(run.group(8)))
+            return
         if HEARTBEAT in block:
             now = time.monotonic()
             res.heartbeats += 1
@@ -260,26 +271,31 @@ class _Reader:
             if m is None or run is None:  # no parsable id or run: claims nothing checkable
                 res.aggregate_mismatch += 1
                 continue
-            pos = (int(m.group(1)), int(m.group(2)))
-            count, first, last = int(run.group(1)), (int(run.group(2)), int(run.group(3))), self.last
-            res.aggregated += 1
-            res.aggregated_likes += count
-            self.count += count
-            if first[0] != pos[0] or pos[1] - first[1] + 1 != count or (int(run.group(4)), int(run.group(5))) != pos:
-                res.aggregate_mismatch += 1
-            elif first <= last and first[0] == last[0]:
-                res.duplicates += min(count, last[1] - first[1] + 1)
-                self.last = pos
-                continue
-            if first <= last:
-                if first == last:
-                    res.duplicates += 1
-                else:
-                    res.reordered += 1
-            self.last = pos
+            self._run((int(m.group(1)), int(m.group(2))), int(run.group(1)),
+                      (int(run.group(2)), int(run.group(3))), (int(run.group(4)), int(run.group(5))))
         if done < len(block):
             singles = block[done:]
             self._feed_likes(singles, singles.count(LIKE_MARK))
+
+    def _run(self, pos: tuple[int, int], count: int, first: tuple[int, int], last_id: tuple[int, int]) -> None:
+        """One ``likes`` event at chain position ``pos``, standing for ``count`` likes
+        ``first`` .. ``last_id``: counted, its claim checked, its overlap with what the stream
+        had (a duplicate) or a step back (reordered) noted."""
+        res, last = self.res, self.last
+        res.aggregated += 1
+        res.aggregated_likes += count
+        self.count += count
+        self.last = pos
+        if first[0] != pos[0] or pos[1] - first[1] + 1 != count or last_id != pos:
+            res.aggregate_mismatch += 1
+        elif first <= last and first[0] == last[0]:
+            res.duplicates += min(count, last[1] - first[1] + 1)
+            return
+        if first <= last:
+            if first == last:
+                res.duplicates += 1
+            else:
+                res.reordered += 1
 
     def _check_order(self, ids: list[tuple[bytes, bytes]]) -> None:
         last = self.last
@@ -387,104 +403,194 @@ PUBLISH_CONNECTIONS = (4, 1024)
 PUBLISH_TIMEOUT = 10.0
 
 
-async def _post(conn: list, host: str, port: int, request: bytes) -> int:
-    """One request on the keep-alive connection ``conn`` (``[reader, writer]`` or empty: opened
-    here); returns the response status.  A closed or broken connection is dropped (the next
-    request reopens it) and the error raised."""
-    try:
-        if not conn:
-            conn.extend(await asyncio.open_connection(host, port))
-            conn[1].get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader, writer = conn
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
+class _Publisher:
+    """One frontend URL's publishing connections: raw non-blocking sockets with one request in
+    flight each, answers read by an ``add_reader`` callback -- no task, future or stream per
+    like, so the load generator's own cost per like stays small (it shares the machine's
+    cores with the nodes it measures).  A like waits in ``waiting`` while every connection is
+    busy; a connection that closes (an answer with ``Connection: close``, an error, no answer
+    within ``PUBLISH_TIMEOUT``) is replaced."""
+
+    def __init__(self, url: str, plan: Plan, acked: dict[str, int]):
+        self.parts = urlsplit(url)
+        self.plan = plan
+        self.acked = acked
+        self.errors = 0
+        self.opened = 0          # connections opened, replacements included
+        self.size = 0            # connections open or opening
+        self.idle: list[socket.socket] = []
+        self.busy: dict[int, tuple[socket.socket, str, float]] = {}  # fd -> (sock, video, sent at)
+        self.bufs: dict[int, bytes] = {}
+        self.waiting: collections.deque[int] = collections.deque()
+        self.requests: dict[str, bytes] = {}  # video -> its request bytes
+        self.closed = False
+        self.grown = -math.inf   # loop time a connection was last added
+
+    def pending(self) -> int:
+        return len(self.waiting) + len(self.busy)
+
+    def open(self) -> None:
+        self.size += 1
+        self.opened += 1
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (self.parts.hostname, self.parts.port)), PUBLISH_TIMEOUT)
+        except (OSError, asyncio.TimeoutError):
+            sock.close()
+            self.size -= 1
+            self.errors += 1
+            return
+        if self.closed:
+            sock.close()
+            return
+        loop.add_reader(sock.fileno(), self._readable, sock)
+        self._next(sock)
+
+    def offer(self, k: int) -> None:
+        if self.idle:
+            self._send(self.idle.pop(), k)
+        else:
+            self.waiting.append(k)
+
+    def _next(self, sock: socket.socket) -> None:
+        if self.waiting:
+            self._send(sock, self.waiting.popleft())
+        else:
+            self.idle.append(sock)
+
+    def _send(self, sock: socket.socket, k: int) -> None:
+        video = self.plan.video(k)
+        request = self.requests.get(video)
+        if request is None:
+            body = b'{"user":"bench"}'
+            request = self.requests[video] = (
+                f"POST {self.parts.path.rstrip('/')}/v1/videos/{video}/likes HTTP/1.1\r\n"
+                f"Host: {self.parts.netloc}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        try:
+            sent = sock.send(request)  # ~150 bytes: an idle connection's buffer takes them
+        except OSError:
+            sent = -1
+        if sent != len(request):
+            self.errors += 1
+            self._drop(sock)
+            return
+        self.busy[sock.fileno()] = (sock, video, time.monotonic())
+
+    def _readable(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # closed: an error if a request was waiting for its answer
+            if fd in self.busy:
+                self.errors += 1
+            self._drop(sock)
+            return
+        buf = self.bufs.pop(fd, b"") + data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            self.bufs[fd] = buf
+            return
+        head = buf[:end]
         length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
-        await reader.readexactly(int(length.group(1)) if length else 0)
+        if len(buf) < end + 4 + (int(length.group(1)) if length else 0):
+            self.bufs[fd] = buf
+            return
+        entry = self.busy.pop(fd, None)
+        try:
+            status = int(head.split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            status = 0
+        if entry is None or status != 202:
+            self.errors += 1
+        else:
+            self.acked[entry[1]] = self.acked.get(entry[1], 0) + 1
         if re.search(rb"\r\nconnection: *close", head, re.IGNORECASE):  # answered, then closing
-            writer.close()
-            conn.clear()
-        return status
-    except BaseException:
-        if conn:
-            conn[1].close()
-            conn.clear()
-        raise
+            self._drop(sock)
+        else:
+            self._next(sock)
+
+    def expire(self, now: float) -> None:
+        for sock, _, sent_at in [e for e in self.busy.values() if now - e[2] > PUBLISH_TIMEOUT]:
+            self.errors += 1  # a server too busy to answer: an error, not a wait without end
+            self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        """Close ``sock`` and open its replacement."""
+        fd = sock.fileno()
+        self.busy.pop(fd, None)
+        self.bufs.pop(fd, None)
+        if sock in self.idle:
+            self.idle.remove(sock)
+        asyncio.get_running_loop().remove_reader(fd)
+        sock.close()
+        self.size -= 1
+        if not self.closed:
+            self.open()
+
+    def close(self) -> None:
+        self.closed = True
+        for sock in self.idle + [e[0] for e in self.busy.values()]:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        self.idle, self.busy, self.waiting = [], {}, collections.deque()
 
 
 async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int, int]:
     """``rate`` likes/s for ``duration`` s through the HTTP API, on keep-alive connections
     (``PUBLISH_CONNECTIONS``; a new TCP connection per like would cost the server and the
-    bench more than the like itself).  Likes are queued on schedule until ``duration`` + 5 s
-    (the server cannot keep up: the rest is not published); a like unanswered within
-    ``PUBLISH_TIMEOUT`` is an error, and what is still queued ``PUBLISH_TIMEOUT`` + 5 s after
-    the last one was queued is dropped uncounted (neither acknowledged nor expected)."""
+    bench more than the like itself; ``_Publisher``).  Likes are offered on schedule until
+    ``duration`` + 5 s (the server cannot keep up: the rest is not published); a like unanswered
+    within ``PUBLISH_TIMEOUT`` is an error, and what is still waiting or unanswered
+    ``PUBLISH_TIMEOUT`` + 5 s after the last one was offered is dropped uncounted (neither
+    acknowledged nor expected)."""
     acked: dict[str, int] = {}
-    errors = 0
     total = int(plan.rate * plan.duration)
     loop = asyncio.get_running_loop()
-    queues = {u: asyncio.Queue() for u in plan.urls}
     lo, hi = PUBLISH_CONNECTIONS
     per_url = max(lo, min(hi, math.ceil(plan.rate * PUBLISH_LATENCY_ALLOWED / len(plan.urls))))
     backlog = max(1, plan.rate * PUBLISH_BACKLOG / len(plan.urls))  # likes waiting: one more connection
-
-    async def worker(url: str) -> None:
-        nonlocal errors
-        parts = urlsplit(url)
-        conn: list = []
-        queue = queues[url]
-        try:
-            while True:
-                k = await queue.get()
-                if k is None:
-                    return
-                video = plan.video(k)
-                body = b'{"user":"bench"}'
-                request = (f"POST {parts.path.rstrip('/')}/v1/videos/{video}/likes HTTP/1.1\r\n"
-                           f"Host: {parts.netloc}\r\nContent-Type: application/json\r\n"
-                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-                try:
-                    status = await asyncio.wait_for(_post(conn, parts.hostname, parts.port, request),
-                                                    PUBLISH_TIMEOUT)
-                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError,
-                        ValueError, IndexError):  # a server too busy to answer: an error, not a crash
-                    errors += 1
-                    continue
-                if status == 202:
-                    acked[video] = acked.get(video, 0) + 1
-                else:
-                    errors += 1
-        finally:
-            if conn:
-                conn[1].close()
-
-    pools = {u: [asyncio.ensure_future(worker(u)) for _ in range(per_url)] for u in plan.urls}
-    workers = [w for pool in pools.values() for w in pool]
-    grown = {u: -math.inf for u in plan.urls}  # loop time a connection was last added
-    t0 = loop.time()
+    pubs = {u: _Publisher(u, plan, acked) for u in plan.urls}
     try:
+        for pub in pubs.values():
+            for _ in range(per_url):
+                pub.open()
+        t0 = expired = loop.time()
         for k in range(total):
             delay = t0 + k / plan.rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if loop.time() - t0 > plan.duration + 5:
-                break  # bounded in time even when the server cannot keep up
-            url = plan.urls[k % len(plan.urls)]
-            queues[url].put_nowait(k)
             now = loop.time()
-            if queues[url].qsize() > backlog and len(pools[url]) < hi and now >= grown[url] + PUBLISH_GROW_EVERY:
-                grown[url] = now
-                pools[url].append(asyncio.ensure_future(worker(url)))
-                workers.append(pools[url][-1])
-        for url, q in queues.items():
-            for _ in pools[url]:
-                q.put_nowait(None)
-        await asyncio.wait(workers, timeout=PUBLISH_TIMEOUT + 5)
+            if now - t0 > plan.duration + 5:
+                break  # bounded in time even when the server cannot keep up
+            pub = pubs[plan.urls[k % len(plan.urls)]]
+            pub.offer(k)
+            if len(pub.waiting) > backlog and pub.size < hi and now >= pub.grown + PUBLISH_GROW_EVERY:
+                pub.grown = now
+                pub.open()
+            if now - expired >= 0.5:
+                expired = now
+                for p in pubs.values():
+                    p.expire(time.monotonic())
+        end = loop.time() + PUBLISH_TIMEOUT + 5
+        while any(p.pending() for p in pubs.values()) and loop.time() < end:
+            await asyncio.sleep(0.01)
+            for p in pubs.values():
+                p.expire(time.monotonic())
     finally:
-        for w in workers:
-            w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-    return acked, errors, len(workers)
+        for pub in pubs.values():
+            pub.close()
+    return acked, sum(p.errors for p in pubs.values()), sum(p.opened for p in pubs.values())
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -537,15 +643,17 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         side = asyncio.ensure_future(during()) if during is not None else None
         t0 = loop.time()
         last_events = 0
-        while not pub.done():
-            await asyncio.sleep(1.0)
-            _, _, events = drain()
-            echo(f"bench: {loop.time() - t0:5.1f} s  {events - last_events:>10,} deliveries/s")
-            last_events = events
+        last_report = t0
+        while not pub.done():  # progress every second; the publishing's end when it comes
+            await asyncio.wait({pub}, timeout=max(0.0, last_report + 1.0 - loop.time()))
+            if loop.time() - last_report >= 1.0:
+                _, _, events = drain()
+                echo(f"bench: {loop.time() - t0:5.1f} s  {events - last_events:>10,} deliveries/s")
+                last_events, last_report = events, loop.time()
+        publish_s = loop.time() - t0
         acked, errors, publish_connections = pub.result()
         if side is not None:
             await side
-        publish_s = loop.time() - t0
         settle_deadline = loop.time() + plan.settle + 10
         expected = sum(acked.get(plan.video(i), 0) for i in range(plan.connections) if True)
         while loop.time() < settle_deadline:
