@@ -2,11 +2,11 @@
 (``naive_broadcaster.py``: one ``write`` + ``flush`` per event per viewer), the same
 ``meshctl bench`` workloads on each, in one process tree.
 
-    python tests/bench/bench_fanout.py [--fanout 10000x200,2000x1000] [--duration 10] [--clients 2]
-                                       [--client-nice 0]
+    python tests/bench/bench_fanout.py [--fanout 1000x2200,10000x200] [--fanout-repeats 3]
+                                       [--duration 10] [--clients 2] [--client-nice 0]
                                        [--light-connections 1000] [--light-rate 1]
                                        [--light-duration 10] [--light-clients 4]
-                                       [--ingest-rate 1000]
+                                       [--ingest-rate 1000] [--ingest-repeats 3]
                                        [--agg-connections 2000] [--agg-rate 200] [--agg-above 5]
                                        [--agg-repeats 2]
                                        [--only-aggregation]
@@ -17,13 +17,16 @@ Workloads, the issue's targets:
   RATE likes/s for ``--duration`` seconds: deliveries/s (likes delivered; an aggregated
   ``likes`` event counts as the likes it stands for), SSE events/s, latency p50/p99, server CPU
   per delivery; livemesh as configured by default (likes aggregated past
-  ``frontend.aggregate_likes_above``), livemesh with aggregation off (every like its own
-  event) and the naive broadcaster; ratios.  The viewers are read by ``--clients`` processes;
+  ``frontend.aggregate_likes_above``; ``--fanout-repeats`` runs, alternated with the others,
+  medians and each run's figures), livemesh with aggregation off (every like its own event)
+  and the naive broadcaster; ratios.  The viewers are read by ``--clients`` processes;
 * light load: ``--light-connections`` viewers over 10 videos, ``--light-rate`` likes/s, read by
   ``--light-clients`` processes: latency p50/p99 on livemesh and the naive broadcaster;
 * HTTP ingest: ``--ingest-rate`` likes/s over 10 videos with one viewer each: the frontend's
   CPU per like published (the HTTP request, the mesh publish and its ack, one delivery) on
-  livemesh and the naive broadcaster (a bare Tornado handler: the HTTP server's own share);
+  livemesh (the publish fast path, ``frontend/ingest.py``), livemesh with
+  ``frontend.publish_fast_path = false`` (Tornado's handler) and the naive broadcaster (a bare
+  Tornado handler: the HTTP server's own share), alternated ``--ingest-repeats`` times, medians;
 * like aggregation: ``--agg-connections`` viewers of one hot video at ``--agg-rate`` likes/s,
   on a frontend with ``frontend.aggregate_likes_above = --agg-above`` and one with it off
   (0), alternated
@@ -87,8 +90,9 @@ def workloads(spec: str) -> list[tuple[int, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fanout", type=workloads, default=workloads("10000x200,2000x1000"),
+    ap.add_argument("--fanout", type=workloads, default=workloads("1000x2200,10000x200"),
                     help="fan-out workloads, VIEWERSxRATE,...")
+    ap.add_argument("--fanout-repeats", type=int, default=3, help="livemesh runs per fan-out workload")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=2, help="client processes of the fan-out runs")
     ap.add_argument("--client-nice", type=int, default=0,
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--light-duration", type=float, default=10.0)
     ap.add_argument("--light-clients", type=int, default=4)
     ap.add_argument("--ingest-rate", type=float, default=1000.0)
+    ap.add_argument("--ingest-repeats", type=int, default=3)
     ap.add_argument("--agg-connections", type=int, default=2000)
     ap.add_argument("--agg-rate", type=float, default=200.0)
     ap.add_argument("--agg-above", type=int, default=5)
@@ -116,22 +121,29 @@ def main() -> None:
             return
         front = topo.frontend("f1")
         no_agg = topo.frontend("f1-agg-off", **{"frontend.aggregate_likes_above": "0"})
+        tornado_publish = topo.frontend("f1-tornado-publish", **{"frontend.publish_fast_path": "false"})
         targets = (("livemesh", front.url), ("livemesh, aggregation off", no_agg.url), ("naive", naive_url))
-        heavy = {}
+        heavy, repeats = {}, {}
         for viewers, rate in args.fanout:
-            for name, url in targets:
-                heavy[viewers, rate, name] = bench(name, url, Plan([url], viewers, 1, True, rate, args.duration,
-                                                                   clients=args.clients,
-                                                                   client_nice=args.client_nice))
+            for k in range(max(1, args.fanout_repeats)):  # livemesh runs alternated with the others
+                for name, url in targets if k == 0 else targets[:1]:
+                    r = bench(name, url, Plan([url], viewers, 1, True, rate, args.duration,
+                                              clients=args.clients, client_nice=args.client_nice))
+                    repeats.setdefault((viewers, rate, name), []).append(r)
+            for name, _ in targets:
+                heavy[viewers, rate, name] = median_run(repeats[viewers, rate, name])
         light = {}
         for name, url in (("livemesh", front.url), ("naive", naive_url)):
             light[name] = bench(f"{name}, light load", url, Plan([url], args.light_connections, 10, False,
                                                                  args.light_rate, args.light_duration,
                                                                  clients=args.light_clients))
-        ingest = {}
-        for name, url in (("livemesh", front.url), ("naive", naive_url)):
-            ingest[name] = bench(f"{name}, HTTP ingest", url, Plan([url], 10, 10, False, args.ingest_rate,
-                                                                    args.duration, clients=1))
+        ingest_runs: dict[str, list[dict]] = {}
+        for _ in range(max(1, args.ingest_repeats)):
+            for name, url in (("livemesh", front.url), ("livemesh, Tornado publish", tornado_publish.url),
+                              ("naive", naive_url)):
+                ingest_runs.setdefault(name, []).append(
+                    bench(f"{name}, HTTP ingest", url, Plan([url], 10, 10, False, args.ingest_rate,
+                                                             args.duration, clients=1)))
         print()
         for viewers, rate in args.fanout:
             print(f"fan-out: {viewers:,} viewers of one video, {rate:g} likes/s offered "
@@ -139,12 +151,14 @@ def main() -> None:
             print(f"{'':<26} {'deliveries/s':>13} {'events/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6} "
                   f"{'acked':>7} {'us CPU/delivery':>16}")
             for name, _ in targets:
-                r = heavy[viewers, rate, name]
-                lat = r["latency_ms"]
-                cpu = r["server_cpu_us_per_delivery"]
-                print(f"{name:<26} {r['deliveries_per_s']:>13,} {r['events_per_s']:>11,} {lat['p50'] or 0:>8.1f} "
-                      f"{lat['p99'] or 0:>8.1f} {r['lost']:>6,} {r['published_acked']:>7,} "
-                      f"{'-' if cpu is None else f'{cpu:.2f}':>16}")
+                runs = repeats[viewers, rate, name]
+                for label, r in [(name if len(runs) == 1 else f"{name}, median", heavy[viewers, rate, name])] + \
+                        ([(f"  run {i + 1}", r) for i, r in enumerate(runs)] if len(runs) > 1 else []):
+                    lat = r["latency_ms"]
+                    cpu = r["server_cpu_us_per_delivery"]
+                    print(f"{label:<26} {r['deliveries_per_s']:>13,} {r['events_per_s']:>11,} "
+                          f"{lat['p50'] or 0:>8.1f} {lat['p99'] or 0:>8.1f} {r['lost']:>6,} "
+                          f"{r['published_acked']:>7,} {'-' if cpu is None else f'{cpu:.2f}':>16}")
             a = heavy[viewers, rate, "livemesh"]
             for other, _ in targets[1:]:
                 b = heavy[viewers, rate, other]
@@ -155,11 +169,18 @@ def main() -> None:
             lat = r["latency_ms"]
             print(f"{name:<26} p50 {lat['p50'] or 0:.1f} ms  p99 {lat['p99'] or 0:.1f} ms  "
                   f"({r['latency_samples']} samples, lost {r['lost']})")
-        print(f"HTTP ingest: {args.ingest_rate:g} likes/s offered over 10 videos, one viewer each")
-        for name, r in ingest.items():
-            cpu = r["server_cpu_us_per_delivery"]
-            print(f"{name:<26} {r['published_acked']:,} of {int(args.ingest_rate * args.duration):,} likes acknowledged, "
-                  f"{'-' if cpu is None else f'{cpu:,.0f}'} us server CPU per like, p50 {r['latency_ms']['p50'] or 0:.1f} ms")
+        print(f"HTTP ingest: {args.ingest_rate:g} likes/s offered over 10 videos, one viewer each, "
+              f"medians of {max(1, args.ingest_repeats)} alternated runs")
+        cpus = {}
+        for name, runs in ingest_runs.items():
+            cpus[name] = median(r["server_cpu_us_per_delivery"] for r in runs)
+            acked = median(r["published_acked"] for r in runs)
+            each = ", ".join(f"{r['server_cpu_us_per_delivery'] or 0:,.0f}" for r in runs)
+            print(f"{name:<26} {acked:,.0f} of {int(args.ingest_rate * args.duration):,} likes acknowledged, "
+                  f"{'-' if cpus[name] is None else f'{cpus[name]:,.0f}'} us server CPU per like ({each}), "
+                  f"p50 {median(r['latency_ms']['p50'] for r in runs) or 0:.1f} ms")
+        print(f"fast path / Tornado publish: {ratio(cpus['livemesh'], cpus['livemesh, Tornado publish'])} "
+              f"server CPU per like")
         aggregation(topo, args)
     finally:
         topo.close()
@@ -199,6 +220,12 @@ def aggregation(topo: Topology, args) -> None:
         print(f"{name:<18}" + "".join(f"{'-' if v is None else f'{v:,.2f}':>18}" for v in row.values()))
     on, off = rows["aggregation on"], rows["aggregation off"]
     print("on / off: " + ", ".join(f"{c} {ratio(on[c], off[c])}" for c in ("us CPU/like", "bytes/like", "p50 ms", "p99 ms")))
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run whose p99 is the median one (its own figures, consistent with each other)."""
+    ranked = sorted(runs, key=lambda r: r["latency_ms"]["p99"] or 0)
+    return ranked[len(ranked) // 2]
 
 
 def median(values) -> float | None:
