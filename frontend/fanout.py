@@ -12,7 +12,10 @@ events instead of 200 writes/s.  A video with more viewers than ``slice_size`` i
 slices, yielding to the loop between slices so that one hot video never blocks the loop for
 long (one event to ~20 k connections in one turn blocked it ~0.9 s on our machines); what
 arrives meanwhile waits for the next round, which starts no sooner than ``tick`` after the
-previous one -- so the tick stretches by itself to the time one round takes.  Order holds per
+previous one -- so the tick stretches by itself to the time one round takes.  A slice is 1,000
+viewers (~13 ms of sends): with 500, the loop's other work (a turn's publishes) ran between a
+round's halves under load, and 1,000 viewers x 2,200 likes/s measured p99 95.5 ms (median of
+6 runs) against 88.1 ms (7 runs, alternated) with whole rounds.  Order holds per
 video: everything of a video goes through its one queue; a ``reset`` queued behind events is
 written after them, as its own write.
 
@@ -55,7 +58,7 @@ class Viewer(Protocol):
 
 
 class Fanout:
-    def __init__(self, table: SubscriptionTable, slice_size: int = 500, tick: float = 0.0,
+    def __init__(self, table: SubscriptionTable, slice_size: int = 1000, tick: float = 0.0,
                  aggregate_likes_above: int = 0, count_writes_max: int = 0):
         self.table = table
         self.count_writes_max = count_writes_max  # 0: every count at once

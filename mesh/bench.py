@@ -7,7 +7,9 @@ ephemeral-port limit of one address pair) and over the target URLs, on ``videos`
 all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s through the
 HTTP API for ``duration`` seconds, on keep-alive connections with one request in flight each
 (a new TCP connection per like costs the server more than the like; the pool grows while likes
-wait for a connection, ``PUBLISH_CONNECTIONS``), and counts the acknowledged ones per video.
+wait for a connection, ``PUBLISH_CONNECTIONS``; raw sockets read by ``add_reader`` callbacks,
+``_Publisher``: the load generator shares the cores it measures), and counts the acknowledged
+ones per video.
 Readers stay cheap so they can keep up: each stream is a plain ``add_reader`` callback on a
 raw socket (no coroutine or StreamReader per read; ``recv`` asks for 64 KiB, below glibc's
 mmap threshold: ``RECV_BYTES``), they count ``event: like`` lines and SSE ids in raw bytes
@@ -24,7 +26,11 @@ deliveries, and the bench checks that claim: the bench publishes only likes, so 
 ``first_id`` .. ``last_id`` are consecutive positions of one chain and ``count`` must equal
 their span (else ``aggregate_mismatch``); the run must start after the stream's last id (else
 its overlap counts as duplicates).  Latency of an aggregated event is taken from its ``ts``,
-the run's oldest like.  ``bytes_received`` (body bytes) compares encodings.  Progress is printed every second; a table (or ``--json``) at the end.
+the run's oldest like: under load each sample is the worst like of its write, so percentiles
+are an upper bound on the per-like ones.  A read holding exactly one ``likes`` event (the
+common read under load) is parsed in one match (``ONE_RUN_RE``).  ``bytes_received`` (body
+bytes) compares encodings.  Progress is printed every second; a table (or ``--json``) at the
+end.
 """
 
 from __future__ import annotations
