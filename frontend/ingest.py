@@ -286,8 +286,9 @@ class PublishPath:
         length = dict.get(headers, "content-length")
         if length is None:
             length = 0
-        elif not length.isdigit() or not length.isascii() or int(length) > self.max_body:
-            return None
+        elif not length.isdigit() or not length.isascii() or int(length) > self.max_body \
+                or head_len + int(length) > PEEK_BYTES:
+            return None  # Tornado's (its 413, or a body larger than one peek)
         else:
             length = int(length)
         if len(data) < head_len + length:
@@ -327,6 +328,9 @@ class PublishPath:
         for conn, call, video, kind, body in batch:
             try:
                 event = prepare_publish(self.node, call, video, kind, body)
+                if self.node.link is None:  # still starting: no mesh yet
+                    raise ClientError(503, "no_dispatcher", "the frontend is starting", retryable=True)
+                owner = self.node.link.owner_of(video)
             except ClientError as err:
                 self._answer_error(conn, call, err)
                 continue
@@ -334,7 +338,7 @@ class PublishPath:
                 log.exception("publish on the fast path failed")
                 self._answer_error(conn, call, ClientError(500, "internal", "internal error", retryable=True))
                 continue
-            groups.setdefault(self.node.link.owner_of(video), []).append((conn, call, event))
+            groups.setdefault(owner, []).append((conn, call, event))
         loop = asyncio.get_running_loop()
         for items in groups.values():
             loop.create_task(self._publish(items))

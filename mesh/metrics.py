@@ -36,6 +36,10 @@ name                               type       nodes                 meaning
 ``deliveries_total``               counter    frontend              event writes to viewers (events x viewers)
 ``publishes_total``                counter    frontend              publish requests accepted over HTTP
 ``publish_retries_total``          counter    frontend              publish attempts sent again
+``ingest_fast_total``              counter    frontend              publish requests answered on the fast
+                                                                    path (``frontend/ingest.py``)
+``ingest_handoffs_total``          counter    frontend              connections the fast path handed to
+                                                                    Tornado (every SSE stream, page, ...)
 ``viewers_opened_total``/``_closed``  counter  frontend             viewer streams opened / closed
 ``fanout_messages_total``          counter    dispatcher            XPUB event messages (batches)
 ``subscribes_total``               counter    dispatcher            subscriptions that reached the XPUB
@@ -119,6 +123,9 @@ class FrontendCollector(Collector):
         yield _counter("deliveries", "event writes to viewers (events x viewers)", node.fanout.deliveries)
         yield _counter("publishes", "publish requests accepted over HTTP", stats.get("publishes", 0))
         yield _counter("publish_retries", "publish attempts sent again", link_stats.get("publish_retries", 0))
+        yield _counter("ingest_fast", "publish requests answered on the fast path", stats.get("ingest_fast", 0))
+        yield _counter("ingest_handoffs", "connections the fast path handed to Tornado",
+                       stats.get("ingest_handoffs", 0))
         yield _counter("viewers_opened", "viewer streams opened", stats.get("viewers_opened", 0))
         yield _counter("viewers_closed", "viewer streams closed", stats.get("viewers_closed", 0))
         yield _drops({"malformed": link_stats.get("malformed", 0),

@@ -53,6 +53,8 @@ async def test_metrics_reflect_what_the_mesh_did(topology):
     assert (a["livemesh_events_out_total"], b["livemesh_events_out_total"]) == (5, 8)
     assert (a["livemesh_deliveries_total"], b["livemesh_deliveries_total"]) == (5 * 2, 5 + 3)
     assert (a["livemesh_publishes_total"], b["livemesh_publishes_total"]) == (5, 4)
+    assert (a["livemesh_ingest_fast_total"], b["livemesh_ingest_fast_total"]) == (5, 4)  # all on the fast path
+    assert a["livemesh_ingest_handoffs_total"] >= 2  # the viewers' streams (and the scrape) are Tornado's
     for m in (a, b):
         assert m["livemesh_viewers_opened_total"] == 2 and m["livemesh_viewers_closed_total"] == 0
         for reason in ("malformed", "slow_viewer", "sync_timeout", "publish_failure"):
