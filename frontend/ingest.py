@@ -309,7 +309,7 @@ class PublishPath:
             self._close(conn)
             return
         conn.busy = True
-        if "close" in dict.get(headers, "connection", "").lower():
+        if "close" in (t.strip() for t in dict.get(headers, "connection", "").lower().split(",")):
             conn.closing = True
         self.node.stats["ingest_fast"] += 1
         call = Call(Request(path.split("?", 1)[0], headers, conn.address[0] if conn.address else "?"))
