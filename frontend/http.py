@@ -26,6 +26,7 @@ from mesh import protocol as P
 from mesh.errors import ClientError
 from mesh.sse import encode_retry
 
+from .link import acked
 from .page import page_routes
 from .security import check_comment_text, check_json_depth
 from .stream import ViewerStream
@@ -188,7 +189,7 @@ async def publish(node: "Frontend", call, video: str, kind: str, raw: bytes) -> 
     raise ClientError.  The fast path (``frontend/ingest.py``) runs the same two halves,
     ``prepare_publish`` and ``accepted``, for a loop turn's requests at once."""
     event = prepare_publish(node, call, video, kind, raw)
-    return accepted(event, await node.publish(event))
+    return accepted(event, acked((await node.publish_many([event]))[0]))
 
 
 def prepare_publish(node: "Frontend", call, video: str, kind: str, raw: bytes) -> dict:

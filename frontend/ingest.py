@@ -142,10 +142,9 @@ class Call:
 class Conn:
     """One connection while it is served here."""
 
-    __slots__ = ("path", "sock", "fd", "address", "since", "want", "busy", "paused", "closing", "out")
+    __slots__ = ("sock", "fd", "address", "since", "want", "busy", "paused", "closing", "out")
 
-    def __init__(self, path: "PublishPath", sock: socket.socket, address):
-        self.path = path
+    def __init__(self, sock: socket.socket, address):
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address
@@ -177,7 +176,7 @@ class PublishPath:
             sock.close()
             return
         sock.setblocking(False)
-        conn = Conn(self, sock, address)
+        conn = Conn(sock, address)
         self.conns[conn.fd] = conn
         self.node.security.stream_attached()
         asyncio.get_running_loop().add_reader(conn.fd, self._readable, conn)
@@ -336,7 +335,7 @@ class PublishPath:
                 continue
             except Exception:  # noqa: BLE001 - a bug answers 500, like Tornado, and the node goes on
                 log.exception("publish on the fast path failed")
-                self._answer_error(conn, call, ClientError(500, "internal", "internal error", retryable=True))
+                self._answer_error(conn, call, _internal())
                 continue
             groups.setdefault(owner, []).append((conn, call, event))
         loop = asyncio.get_running_loop()
@@ -346,13 +345,13 @@ class PublishPath:
     async def _publish(self, items: list) -> None:
         try:
             results = await self.node.publish_many([event for _, _, event in items])
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - as in _flush
             log.exception("publish on the fast path failed")
-            results = [None] * len(items)
+            for conn, call, _ in items:
+                self._answer_error(conn, call, _internal())
+            return
         for (conn, call, event), result in zip(items, results):
             try:
-                if result is None:
-                    raise ClientError(500, "internal", "internal error", retryable=True)
                 body = json_encode(accepted(event, acked(result)))
             except ClientError as err:
                 self._answer_error(conn, call, err)
@@ -419,3 +418,8 @@ class PublishPath:
         if conn.paused:  # bytes came while answering: look at them now
             conn.paused = False
             asyncio.get_running_loop().add_reader(conn.fd, self._readable, conn)
+
+
+def _internal() -> ClientError:
+    """What a bug answers, as Tornado's handler would (``JSONHandler.write_error``)."""
+    return ClientError(500, "internal", "internal error", retryable=True)

@@ -400,12 +400,6 @@ class MeshLink:
 
     # --- publish ----------------------------------------------------------------------------
 
-    async def publish(self, event: dict) -> dict:
-        """Send ``event`` to its owner and return the ack result ``{"id","epoch","seq"}``.
-        Raises ClientError(503) when no dispatcher acknowledges within ``publish_timeout``
-        or the owner rejects it."""
-        return acked((await self.publish_many([event]))[0])
-
     async def publish_many(self, events: list[dict]) -> list[dict]:
         """Send ``events`` to their owners; one result per event, in order: the ack result
         ``{"id","epoch","seq"}``, or ``{"id","error": {"code","message"}}`` (the owner's

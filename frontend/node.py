@@ -149,10 +149,6 @@ class Frontend:
         self.counts.set(video, self.table.count(video))
         self._kv_wake.set()
 
-    async def publish(self, event: dict) -> dict:
-        self.stats["publishes"] += 1
-        return await self.link.publish(event)
-
     async def publish_many(self, events: list[dict]) -> list[dict]:
         """``events`` to their owners; one ``MeshLink.publish_many`` result per event."""
         self.stats["publishes"] += len(events)

@@ -95,34 +95,33 @@ def test_a_run_whose_count_is_not_its_id_span_is_a_mismatch():
     assert res.aggregate_mismatch == 1 and res.duplicates == 0
 
 
+async def publish_to(serve, rate: float, duration: float) -> tuple[dict, int, int]:
+    """``_publish`` against a loopback server running ``serve``: (acked, errors, connections)."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    plan = Plan([f"http://127.0.0.1:{port}"], connections=1, videos=1, rate=rate, duration=duration)
+    try:
+        return await _publish(plan, print)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def test_the_publisher_counts_an_answer_that_closes_the_connection_and_reopens_it():
     """A ``202`` with ``Connection: close`` is an answer (not an error); the closed connection
     is replaced, so the next likes still go out."""
-    import asyncio
+    opened = 0
 
-    async def scenario():
-        opened = 0
+    async def serve(reader, writer):
+        nonlocal opened
+        opened += 1
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(16)  # the bench's body
+        writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
 
-        async def serve(reader, writer):
-            nonlocal opened
-            opened += 1
-            await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(16)  # the bench's body
-            writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        plan = Plan([f"http://127.0.0.1:{port}"], connections=1, videos=1, rate=50, duration=0.2)
-        try:
-            acked, errors, connections = await _publish(plan, print)
-        finally:
-            server.close()
-            await server.wait_closed()
-        return acked, errors, connections, opened
-
-    acked, errors, connections, opened = asyncio.run(scenario())
+    acked, errors, connections = asyncio.run(publish_to(serve, rate=50, duration=0.2))
     # 10 likes on a pool of 4 connections, each closed after one answer
     assert acked == {"bench-0": 10} and errors == 0
     assert opened >= 10 and connections >= 10
@@ -162,34 +161,24 @@ def test_the_publisher_opens_connections_while_answers_are_slow():
     """Likes are offered at the planned rate however slowly the server answers: when likes
     wait for a free connection, the publisher opens another (the viewers' browsers do not
     queue behind each other)."""
-    async def scenario():
-        in_flight = peak = 0
+    in_flight = peak = 0
 
-        async def serve(reader, writer):
-            nonlocal in_flight, peak
-            try:
-                while True:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                    await reader.readexactly(length)
-                    in_flight += 1
-                    peak = max(peak, in_flight)
-                    await asyncio.sleep(0.3)  # sleep-ok: a server slow to answer, on purpose
-                    in_flight -= 1
-                    writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        plan = Plan([f"http://127.0.0.1:{port}"], connections=1, videos=1, rate=100, duration=1)
+    async def serve(reader, writer):
+        nonlocal in_flight, peak
         try:
-            acked, errors, connections = await _publish(plan, print)
-        finally:
-            server.close()
-        return acked, errors, connections, peak
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                in_flight += 1
+                peak = max(peak, in_flight)
+                await asyncio.sleep(0.3)  # sleep-ok: a server slow to answer, on purpose
+                in_flight -= 1
+                writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
 
-    acked, errors, connections, peak = asyncio.run(scenario())
+    acked, errors, connections = asyncio.run(publish_to(serve, rate=100, duration=1))
     # 0.3 s per answer at 100 likes/s needs ~30 in flight; the first pool has 10
     assert sum(acked.values()) == 100 and errors == 0
     assert connections > 10 and peak > 10
