@@ -1,6 +1,6 @@
 """``livemesh-dispatcher [--config FILE] [--set section.key=value ...]``"""
 
-from mesh.launch import node_main
+from mesh.io.launch import node_main
 
 from .node import run
 

@@ -1,5 +1,5 @@
 """The bridge process: one per datacenter, it joins its DC's mesh to the peer DCs' bridges
-with two ZeroMQ proxies (the rules of what crosses are in ``mesh.bridging``).
+with two ZeroMQ proxies (the rules of what crosses are in ``mesh.core.bridging``).
 
 Endpoints (bind|connect TYPE for PURPOSE):
 
@@ -22,11 +22,11 @@ Endpoints (bind|connect TYPE for PURPOSE):
 
 It registers in its DC's KV as role ``bridge`` with ``pub`` = the import XPUB (frontends connect
 their SUB there), ``export`` = the export XPUB and ``router`` = the relay ROUTER.  Local
-dispatchers are found in the KV (``mesh.peers.DispatcherPeers``, whose links linger after a
+dispatchers are found in the KV (``mesh.io.peers.DispatcherPeers``, whose links linger after a
 dispatcher leaves, so a draining dispatcher's last events still cross); peer DCs are configured
 (``bridge.peers``, ``bridge.relay_peers``), because each DC has its own KV -- or, on
 WAN-federated Consul (``bridge.peers = "consul"`` or empty), found with their relay endpoints
-in the other datacenters' catalogs and followed (``mesh.federation``).
+in the other datacenters' catalogs and followed (``mesh.kv.federation``).
 
 Restarts: ZeroMQ replays subscriptions when a pipe (re)connects -- a SUB/XSUB sends its whole
 subscription set to a new publisher -- so a restarted bridge gets its frontends' and its peers'
@@ -42,18 +42,18 @@ import tornado.web
 import zmq
 import zmq.asyncio
 
-from mesh import protocol as P
-from mesh.bridging import EXPORT, IMPORT, Gate, Relay, parse_peers, relayed_history
+from mesh.wire import protocol as P
+from mesh.core.bridging import EXPORT, IMPORT, Gate, Relay, parse_peers, relayed_history
 from mesh.config import Config
-from mesh.curve import CurveError, connect as curve_connect, secure_links
+from mesh.io.curve import CurveError, connect as curve_connect, secure_links
 from mesh.errors import RemoteProtocolError
-from mesh.federation import Links, discovers_peers, follow_peer_bridges
+from mesh.kv.federation import Links, discovers_peers, follow_peer_bridges
 from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
-from mesh.metrics import MetricsHandler, bridge_registry
-from mesh.node import release, serve
-from mesh.ownership import owner
-from mesh.peers import DispatcherPeers, PeerGone
-from mesh.sockets import bind, make_socket
+from mesh.io.metrics import MetricsHandler, bridge_registry
+from mesh.io.node import release, serve
+from mesh.core.ownership import owner
+from mesh.io.peers import DispatcherPeers, PeerGone
+from mesh.io.sockets import bind, make_socket
 
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
@@ -336,7 +336,7 @@ async def run(cfg: Config) -> None:
 
 
 def main() -> None:
-    from mesh.launch import node_main
+    from mesh.io.launch import node_main
     node_main("bridge", run)
 
 

@@ -1,6 +1,6 @@
-"""The dispatcher process: thin I/O around ``mesh.sequencing.Sequencer``.
+"""The dispatcher process: thin I/O around ``mesh.core.sequencing.Sequencer``.
 
-Publish path (theory of operation).  The ROUTER is served by a ``mesh.pump.SocketPump``:
+Publish path (theory of operation).  The ROUTER is served by a ``mesh.io.pump.SocketPump``:
 every burst of readable requests (up to ``DRAIN_MAX`` messages) is handled as one batch,
 synchronously, with no future, task or lock per event:
 
@@ -46,19 +46,19 @@ import tornado.web
 import zmq
 import zmq.asyncio
 
-from mesh import protocol as P
+from mesh.wire import protocol as P
 from mesh.config import Config
-from mesh.curve import secure_links
+from mesh.io.curve import secure_links
 from mesh.errors import RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_DISPATCHER
-from mesh.metrics import MetricsHandler, dispatcher_registry
-from mesh.node import release, rss_kb, serve
-from mesh.ownership import owner, rank
-from mesh.peers import DispatcherPeers, PeerGone
-from mesh.presence import PresenceBoard
-from mesh.pump import SocketPump
-from mesh.sequencing import Sequencer
-from mesh.sockets import bind, make_socket
+from mesh.io.metrics import MetricsHandler, dispatcher_registry
+from mesh.io.node import release, rss_kb, serve
+from mesh.core.ownership import owner, rank
+from mesh.io.peers import DispatcherPeers, PeerGone
+from mesh.core.presence import PresenceBoard
+from mesh.io.pump import SocketPump
+from mesh.core.sequencing import Sequencer
+from mesh.io.sockets import bind, make_socket
 
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
@@ -115,7 +115,7 @@ class Dispatcher:
     async def start(self) -> None:
         d = self.cfg.dispatcher
         self.curve, self.zap = secure_links(self.ctx, self.cfg, self.stats)  # before any bind
-        # plain sockets on the async context's shadow, served by pumps (mesh.pump: no future
+        # plain sockets on the async context's shadow, served by pumps (mesh.io.pump: no future
         # per message); the pumps close them
         sync_ctx = zmq.Context.shadow(self.ctx.underlying)
         router = make_socket(sync_ctx, zmq.ROUTER, curve=self.curve, curve_server=True)
@@ -470,7 +470,7 @@ class Dispatcher:
 
     def _handle_presence(self, peer: bytes, msg: P.Control) -> None:
         """A frontend's updates (``PRES``), or a peer DC's summary of its own presence
-        relayed by our bridge (``PRDC``, mesh.bridging)."""
+        relayed by our bridge (``PRDC``, mesh.core.bridging)."""
         now = asyncio.get_running_loop().time()
         try:
             if msg.msg_type == P.MSG_PRESENCE_DC:

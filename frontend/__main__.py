@@ -1,6 +1,6 @@
 """``livemesh-frontend [--config FILE] [--set section.key=value ...]``"""
 
-from mesh.launch import node_main
+from mesh.io.launch import node_main
 
 from .node import run
 

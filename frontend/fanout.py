@@ -1,6 +1,6 @@
 """Local fan-out: events of a video to every local viewer of it.
 
-Each write of a video's events is SSE-encoded once (``mesh.sse``) and the same bytes are
+Each write of a video's events is SSE-encoded once (``mesh.core.sse``) and the same bytes are
 written to every viewer: one write per viewer per round, never one encode per viewer.
 
 Tick coalescing.  What costs is the number of ``send()`` calls, not bytes (~13 us of kernel
@@ -20,7 +20,7 @@ video: everything of a video goes through its one queue; a ``reset`` queued behi
 written after them, as its own write.
 
 Like aggregation.  A write carrying more than ``aggregate_likes_above`` likes (0: off) is
-encoded with each run of consecutive likes as one ``likes`` event (``mesh.sse.encode_events``):
+encoded with each run of consecutive likes as one ``likes`` event (``mesh.core.sse.encode_events``):
 encoding waits for the round so the decision sees the whole round; it is still done once per
 round for all viewers.  The decoded events travel with the bytes, so a viewer catching up
 from history drops (and re-encodes) only what history already gave it.
@@ -35,7 +35,7 @@ Counts then cost a frontend at most ~B writes/s; with N <= B nothing changes (th
 a video's count at most once per ``presence.count_interval``, 1 s).  Joins and leaves go out
 at once (their owner stops sending them past ``presence.broadcast_max`` viewers).
 
-Latency: when ``observe_latency`` is set (``mesh.metrics`` installs it), each write round
+Latency: when ``observe_latency`` is set (``mesh.io.metrics`` installs it), each write round
 reports the ``ts`` of its oldest event once, when its first slice is written -- once per
 round, never per viewer.
 """
@@ -47,8 +47,8 @@ import logging
 import math
 from typing import Callable, Protocol
 
-from mesh.sse import encode_events, encode_presence, encode_reset
-from mesh.subscriptions import SubscriptionTable
+from mesh.core.sse import encode_events, encode_presence, encode_reset
+from mesh.core.subscriptions import SubscriptionTable
 
 log = logging.getLogger("mesh.app")
 

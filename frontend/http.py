@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import tornado.web
 from tornado.ioloop import IOLoop
 
-from mesh import protocol as P
+from mesh.wire import protocol as P
 from mesh.errors import ClientError
-from mesh.sse import encode_retry
+from mesh.core.sse import encode_retry
 
 from .link import acked
 from .page import page_routes
@@ -265,7 +265,7 @@ def viewer_identity(handler: "EventsHandler") -> str | None:
 
 class PresenceHandler(JSONHandler):
     """``GET /v1/videos/{video}/presence?offset=0&limit=100``: the owner's merged presence
-    (its DC's frontends and the summaries of the peer DCs it receives, ``mesh.presence``)."""
+    (its DC's frontends and the summaries of the peer DCs it receives, ``mesh.core.presence``)."""
 
     async def get(self, video: str) -> None:
         check_video(video)

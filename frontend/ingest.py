@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 from tornado.escape import json_encode
 
-from mesh import protocol as P
+from mesh.wire import protocol as P
 from mesh.errors import ClientError
 
 from .http import accepted, prepare_publish

@@ -1,5 +1,5 @@
 """The frontend's side of the mesh: the SUB socket (events in), the dispatcher links
-(``mesh.peers``: publish requests and history fetches out), per-video chain following.
+(``mesh.io.peers``: publish requests and history fetches out), per-video chain following.
 
 Theory of operation.  The SUB socket connects to every live dispatcher's XPUB; ZeroMQ replays
 our subscriptions to a dispatcher whenever we (re)connect to it.  A subscription is only useful
@@ -8,11 +8,11 @@ subscribe with a sync marker on that very topic, and ``wait_synced`` holds a new
 stream until the marker of the current owner has arrived, so a viewer that sees its stream open
 receives every event published after that.
 
-Incoming events pass through a ``ChainFollower`` per video (``mesh.ordering``): in order, no
+Incoming events pass through a ``ChainFollower`` per video (``mesh.core.ordering``): in order, no
 duplicates; a gap (PUB/SUB drop, reconnect, owner change) is repaired from the owner's history
 within ``gap_timeout``, or announced to viewers as ``reset``.
 
-Publishes go to the owner by rendezvous hashing (``mesh.ownership``, cached per video until
+Publishes go to the owner by rendezvous hashing (``mesh.core.ownership``, cached per video until
 the dispatcher set changes); publishes made in one loop turn to the same dispatcher travel in
 one request (several when they exceed one message, ``protocol.chunked``), and
 ``publish_many`` hands a whole batch over with one future per owner, not one per event.  A publish whose ack does not come
@@ -43,15 +43,15 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from mesh import protocol as P
+from mesh.wire import protocol as P
 from mesh.errors import ClientError, RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
-from mesh.ordering import ChainFollower
-from mesh.ownership import owner, rank
-from mesh.peers import DispatcherPeers, NodeWatcher, PeerGone
-from mesh.pump import SocketPump
-from mesh.curve import connect as curve_connect
-from mesh.sockets import make_socket
+from mesh.core.ordering import ChainFollower
+from mesh.core.ownership import owner, rank
+from mesh.io.peers import DispatcherPeers, NodeWatcher, PeerGone
+from mesh.io.pump import SocketPump
+from mesh.io.curve import connect as curve_connect
+from mesh.io.sockets import make_socket
 
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
@@ -86,8 +86,8 @@ class MeshLink:
         self.coalesce_max = max(1, coalesce_max)
         self.event_rows = event_rows  # publish events as rows (protocol.event_row)
         self._received = 0
-        self.curve = curve  # mesh.curve.CurveKeys (None: plaintext links)
-        # a plain socket on the async context's shadow, served by a pump (mesh.pump: no future
+        self.curve = curve  # mesh.io.curve.CurveKeys (None: plaintext links)
+        # a plain socket on the async context's shadow, served by a pump (mesh.io.pump: no future
         # per message; the fan-out arrives here at up to 100 k messages/s)
         self.sub = make_socket(zmq.Context.shadow(ctx.underlying), zmq.SUB, curve=curve)
         self.sub_pump = SocketPump(self.sub, self._on_fanout, self.coalesce_max, "SUB")

@@ -14,13 +14,13 @@ import tornado.web
 import zmq.asyncio
 
 from mesh.config import Config
-from mesh.curve import from_config as curve_from_config
+from mesh.io.curve import from_config as curve_from_config
 from mesh.errors import KVError
 from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
-from mesh.node import release, rss_kb, serve
-from mesh.sse import encode_comment
-from mesh.presence import LocalPresence
-from mesh.subscriptions import CountSync, SubscriptionTable
+from mesh.io.node import release, rss_kb, serve
+from mesh.core.sse import encode_comment
+from mesh.core.presence import LocalPresence
+from mesh.core.subscriptions import CountSync, SubscriptionTable
 
 from .fanout import Fanout
 from .gcpause import CHECK_INTERVAL, GCWatch, freeze_allowance

@@ -2,7 +2,7 @@
 
 * ``GET /``                 the page (``static/index.html``): watch a video, like, comment
 * ``GET /static/{file}``    its script and style sheet, served from the installed package
-* ``GET /metrics``          Prometheus text format (``mesh.metrics``)
+* ``GET /metrics``          Prometheus text format (``mesh.io.metrics``)
 
 The page is plain HTML, CSS and JavaScript (no build step, nothing from a CDN): it holds one
 ``EventSource`` to this frontend's ``/v1/videos/{video}/events`` and publishes through the same
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import tornado.web
 
-from mesh.metrics import MetricsHandler, frontend_registry
+from mesh.io.metrics import MetricsHandler, frontend_registry
 
 if TYPE_CHECKING:
     from .node import Frontend

@@ -2,7 +2,7 @@
 connections a frontend takes before it sheds them.
 
 Theory of operation.  The HTTP handlers (``frontend/http.py``) call in at a few points; the
-decisions are in the sans-IO cores (``mesh.auth``, ``mesh.ratelimit``):
+decisions are in the sans-IO cores (``mesh.core.auth``, ``mesh.core.ratelimit``):
 
 * ``check_publish`` (every POST): browser origin, per-IP token bucket, JWT (``Authorization:
   Bearer``), per-user-per-video token bucket; returns the verified user (or None when
@@ -50,9 +50,9 @@ import tornado.web
 from tornado.ioloop import IOLoop
 from tornado.log import access_log
 
-from mesh.auth import ACTION_SUBSCRIBE, Grant, SubscribePolicy, TokenVerifier
+from mesh.core.auth import ACTION_SUBSCRIBE, Grant, SubscribePolicy, TokenVerifier
 from mesh.errors import ClientError, ConfigError
-from mesh.ratelimit import PublishLimits
+from mesh.core.ratelimit import PublishLimits
 
 if TYPE_CHECKING:
     from .node import Frontend

@@ -41,7 +41,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from mesh.sse import encode_reset, recv_nowait
+from mesh.core.sse import encode_reset, recv_nowait
 
 if TYPE_CHECKING:
     from .node import Frontend

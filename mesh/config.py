@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from mesh.errors import ConfigError
 
 ENV_PREFIX = "LIVEMESH_"
 

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from mesh.topology import Topology
+from mesh.tools.topology import Topology
 
 pytest_plugins = ["consul_fixtures"]
 

@@ -29,7 +29,7 @@ the test fails; the agent's log is attached to startup errors.
 
 ``consul_federation(["dc1", "dc2", "dc3"])`` (per test) starts one ``-dev`` agent per
 datacenter, all booting at once, WAN-federated on loopback
-(``mesh.consul_agent.start_federation``): it returns once ``/v1/catalog/datacenters`` on every
+(``mesh.tools.consul_agent.start_federation``): it returns once ``/v1/catalog/datacenters`` on every
 agent lists every datacenter (~0.5 s for three).
 """
 
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh import consul_agent as _agent
-from mesh.consul_agent import (ENSURE_CONSUL, START_TIMEOUT, ConsulAgent, ConsulUnavailable,
+from mesh.tools import consul_agent as _agent
+from mesh.tools.consul_agent import (ENSURE_CONSUL, START_TIMEOUT, ConsulAgent, ConsulUnavailable,
                                consul_binary, start_federation)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from mesh.sse_client import SSEClient
+from mesh.tools.sse_client import SSEClient
 
 
 async def http(method: str, url: str, body: Any = None, raw: bytes | None = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
-from mesh.topology import Topology, free_port
+from mesh.tools.topology import Topology, free_port
 
 
 class DC:

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from helpers import comment, like, viewer
-from mesh.sse import SSEParser, encode_events
+from mesh.core.sse import SSEParser, encode_events
 
 KINDS = {"like", "likes", "comment", "reset"}
 

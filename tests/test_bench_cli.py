@@ -38,7 +38,7 @@ def test_meshctl_bench_counts_aggregated_likes_as_their_count(topology):
     deliveries, their claimed id ranges add up, nothing lost or counted twice."""
     topology.dispatcher("d1")
     f = topology.frontend("f1", **{"frontend.fanout_tick": "0.5", "frontend.aggregate_likes_above": "2"})
-    out = subprocess.run([sys.executable, "-m", "mesh.cli", "bench", "--frontend", f.url, "--hot",
+    out = subprocess.run([sys.executable, "-m", "mesh.tools.meshctl", "bench", "--frontend", f.url, "--hot",
                           "-n", "20", "-r", "40", "-d", "2", "--clients", "1", "--sources", "1",
                           "--json"], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-2000:]

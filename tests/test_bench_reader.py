@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mesh.bench import ClientResult, Plan, _publish, _Reader, merge_samples, sample
+from mesh.tools.bench import ClientResult, Plan, _publish, _Reader, merge_samples, sample
 
 
 def like(epoch: int, seq: int) -> bytes:
@@ -66,7 +66,7 @@ def test_a_block_that_repeats_the_previous_reads_last_id_is_a_duplicate():
 
 
 def likes(epoch: int, first: int, last: int, count: int | None = None) -> bytes:
-    """An aggregated run as ``mesh.sse.encode_likes`` writes it (``count`` may lie)."""
+    """An aggregated run as ``mesh.core.sse.encode_likes`` writes it (``count`` may lie)."""
     data = json.dumps({"video": "v", "count": last - first + 1 if count is None else count, "users": ["u"],
                        "first_id": f"{epoch}:{first}", "last_id": f"{epoch}:{last}", "ts": 1.0},
                       separators=(",", ":"))
@@ -152,7 +152,7 @@ def test_merged_samples_weigh_each_client_by_what_it_observed():
 
 
 def test_a_reader_samples_latencies_past_the_cap(monkeypatch):
-    monkeypatch.setattr("mesh.bench.MAX_LATENCY_SAMPLES", 5)
+    monkeypatch.setattr("mesh.tools.bench.MAX_LATENCY_SAMPLES", 5)
     _, res = read([like(5, s) for s in range(1, 51)])
     assert res.latency_seen == 50 and len(res.latencies) == 5
 

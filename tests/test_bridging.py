@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from mesh import protocol as P
-from mesh.bridging import EXPORT, IMPORT, Gate, parse_peers
+from mesh.wire import protocol as P
+from mesh.core.bridging import EXPORT, IMPORT, Gate, parse_peers
 from mesh.errors import ConfigError, RemoteProtocolError
-from mesh.ordering import ChainFollower
-from mesh.sequencing import Sequencer
-from mesh.sse import encode_event
+from mesh.core.ordering import ChainFollower
+from mesh.core.sequencing import Sequencer
+from mesh.core.sse import encode_event
 
 
 def _event(video="v", dc="dc1", epoch=1, seq=1, prev=None):

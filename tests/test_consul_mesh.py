@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from mesh.kv_consul import ConsulKV
-from mesh.ownership import owner
-from mesh.topology import Topology
+from mesh.kv.consul import ConsulKV
+from mesh.core.ownership import owner
+from mesh.tools.topology import Topology
 
 from helpers import health, like, read_lines_until, viewer, wait_until
 
@@ -38,7 +38,7 @@ def reader(consul_agent, aclose):
 
 
 def meshctl(agent, *args) -> str:
-    cmd = [sys.executable, "-m", "mesh.cli", "--kv", "consul", "--consul-addr", agent.http_addr, *args]
+    cmd = [sys.executable, "-m", "mesh.tools.meshctl", "--kv", "consul", "--consul-addr", agent.http_addr, *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout
 
 
@@ -199,7 +199,7 @@ def test_mesh_up_on_consul_starts_a_dev_agent(tmp_path, consul_binary_path):
         lines = read_lines_until(proc, "ready")
         assert lines[0].startswith("consul agent http://127.0.0.1:")
         addr = lines[0].split("//")[1]
-        nodes = json.loads(subprocess.run([sys.executable, "-m", "mesh.cli", "--kv", "consul", "--consul-addr",
+        nodes = json.loads(subprocess.run([sys.executable, "-m", "mesh.tools.meshctl", "--kv", "consul", "--consul-addr",
                                            addr, "nodes", "--json"], capture_output=True, text=True,
                                           check=True).stdout)
         assert sorted(n["role"] for n in nodes) == ["dispatcher", "frontend"]

@@ -7,13 +7,13 @@ import collections
 import msgpack
 import pytest
 
-from mesh import protocol as P
+from mesh.wire import protocol as P
 from mesh.config import load_config
 from mesh.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from mesh.ownership import owner, rank
-from mesh.sequencing import Sequencer
-from mesh.sse import SSEParser, encode_comment, encode_event, encode_retry
-from mesh.subscriptions import CountSync, SubscriptionTable
+from mesh.core.ownership import owner, rank
+from mesh.core.sequencing import Sequencer
+from mesh.core.sse import SSEParser, encode_comment, encode_event, encode_retry
+from mesh.core.subscriptions import CountSync, SubscriptionTable
 
 
 # --- topics ---------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def test_publish_items_rejects_bad_events_one_by_one():
 
 
 def test_chunked_keeps_every_message_far_below_the_size_limit():
-    from mesh.sockets import MAX_MSG_SIZE
+    from mesh.io.sockets import MAX_MSG_SIZE
     likes = [_ev() for _ in range(4500)]
     assert [len(c) for c in P.chunked(likes)] == [2000, 2000, 500]
     assert P.chunked(likes[:10]) == [likes[:10]]
@@ -366,7 +366,7 @@ def test_pre_packed_events_are_the_bytes_packing_would_give(count):
 
 
 def test_chain_follower_delivers_in_order_and_repairs_gaps():
-    from mesh.ordering import ChainFollower
+    from mesh.core.ordering import ChainFollower
     seq = Sequencer(epoch=1)
     evs = [seq.accept(_ev())[0] for _ in range(6)]
     f = ChainFollower()
@@ -384,7 +384,7 @@ def test_chain_follower_delivers_in_order_and_repairs_gaps():
 
 
 def test_chain_follower_resets_when_history_cannot_fill():
-    from mesh.ordering import ChainFollower
+    from mesh.core.ordering import ChainFollower
     seq = Sequencer(epoch=1)
     evs = [seq.accept(_ev())[0] for _ in range(4)]
     f = ChainFollower()
@@ -541,7 +541,7 @@ def test_example_configs_load():
 
 
 def test_tail_announcement_reveals_a_lost_last_event():
-    from mesh.ordering import ChainFollower
+    from mesh.core.ordering import ChainFollower
     seq = Sequencer(epoch=1)
     evs = [seq.accept(_ev())[0] for _ in range(3)]
     f = ChainFollower()

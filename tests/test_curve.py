@@ -13,8 +13,8 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from mesh import protocol as P
-from mesh.sockets import make_socket
+from mesh.wire import protocol as P
+from mesh.io.sockets import make_socket
 
 from helpers import health, http, like, viewer, wait_until
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.topology
 
 def make_keys(key_dir: str, *names: str) -> None:
     for name in names:
-        out = subprocess.run([sys.executable, "-m", "mesh.cli", "keys", name, "--dir", key_dir],
+        out = subprocess.run([sys.executable, "-m", "mesh.tools.meshctl", "keys", name, "--dir", key_dir],
                              capture_output=True, text=True, check=True).stdout
         assert f"public {os.path.join(key_dir, name)}.key" in out
 
@@ -133,7 +133,7 @@ async def test_plaintext_is_said_loudly(topology, tmp_path):
 def test_meshctl_keys_refuses_to_overwrite(tmp_path):
     key_dir = str(tmp_path)
     make_keys(key_dir, "n1")
-    again = subprocess.run([sys.executable, "-m", "mesh.cli", "keys", "n1", "--dir", key_dir],
+    again = subprocess.run([sys.executable, "-m", "mesh.tools.meshctl", "keys", "n1", "--dir", key_dir],
                            capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr
     public, secret = zmq.auth.load_certificate(os.path.join(key_dir, "n1.key_secret"))
@@ -143,7 +143,7 @@ def test_meshctl_keys_refuses_to_overwrite(tmp_path):
 async def test_curve_between_datacenters_through_bridges(tmp_path):
     """Two DCs, every link CURVE: a like in dc1 reaches a viewer in dc2 through the bridges;
     a stranger without an allowed key subscribed at dc1's export gets nothing of it."""
-    from mesh.topology import Topology, free_port
+    from mesh.tools.topology import Topology, free_port
     key_dir = str(tmp_path / "keys")
     names = {dc: (f"{dc}-d1", f"{dc}-f1", f"bridge-{dc}") for dc in ("dc1", "dc2")}
     make_keys(key_dir, *[n for group in names.values() for n in group])

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from mesh.kv_embedded import EmbeddedKV
-from mesh.ownership import owner
+from mesh.kv.embedded import EmbeddedKV
+from mesh.core.ownership import owner
 
 from helpers import Collector, comment, health, http, like, viewer, wait_until
 

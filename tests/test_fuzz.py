@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh import protocol as P
+from mesh.wire import protocol as P
 from mesh.errors import RemoteProtocolError
 
 from helpers import health, like, viewer

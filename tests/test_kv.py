@@ -10,8 +10,8 @@ import uuid
 import pytest
 
 from mesh.kv import NodeInfo
-from mesh.kv_embedded import EmbeddedKV
-from mesh.kv_memory import MemoryKV, MemoryStore
+from mesh.kv.embedded import EmbeddedKV
+from mesh.kv.memory import MemoryKV, MemoryStore
 
 BACKENDS = ["memory", "embedded", pytest.param("consul", marks=pytest.mark.consul)]
 
@@ -27,7 +27,7 @@ def make_kv(request, tmp_path, aclose):
         path = str(tmp_path / "kv.db")
         factory = lambda: EmbeddedKV(path, ttl=2.0)  # noqa: E731
     else:
-        from mesh.kv_consul import ConsulKV
+        from mesh.kv.consul import ConsulKV
         agent = request.getfixturevalue("shared_consul_agent")
         prefix = f"t{uuid.uuid4().hex[:8]}"
         factory = lambda: ConsulKV(agent.host, agent.port, prefix=prefix)  # noqa: E731

@@ -19,7 +19,7 @@ import pytest
 
 from mesh.errors import KVError
 from mesh.kv import ROLE_DISPATCHER, ROLE_FRONTEND, NodeInfo
-from mesh.kv_consul import TXN_MAX_OPS, ConsulKV
+from mesh.kv.consul import TXN_MAX_OPS, ConsulKV
 
 pytestmark = pytest.mark.consul
 
@@ -192,7 +192,7 @@ def test_restarted_node_replaces_its_predecessors_session(consul_agent, caplog):
 CHILD = textwrap.dedent("""
     import asyncio, json, sys
     from mesh.kv import NodeInfo
-    from mesh.kv_consul import ConsulKV
+    from mesh.kv.consul import ConsulKV
 
     async def main():
         kv = ConsulKV(host="127.0.0.1", port=int(sys.argv[1]))

@@ -11,10 +11,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from mesh import protocol as P
+from mesh.wire import protocol as P
 from mesh.kv import NodeInfo, ROLE_DISPATCHER
-from mesh.kv_embedded import EmbeddedKV
-from mesh.ownership import owner
+from mesh.kv.embedded import EmbeddedKV
+from mesh.core.ownership import owner
 
 from helpers import comment, health, http, like, read_lines_until, viewer, wait_until
 
@@ -266,7 +266,7 @@ async def test_meshctl_subs_and_nodes(mesh2, kv_path):
         await wait_until(settled, what="counts written")
     finally:
         await kv.close()
-    cli = [sys.executable, "-m", "mesh.cli", "--kv-path", kv_path]
+    cli = [sys.executable, "-m", "mesh.tools.meshctl", "--kv-path", kv_path]
     out = subprocess.run(cli + ["subs", "--json"], capture_output=True, text=True, check=True).stdout
     data = json.loads(out)
     assert data["videos"]["show"] == {"frontends": {"f1": 2, "f2": 1}, "total": 3}

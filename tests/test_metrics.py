@@ -9,9 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient
 
 from frontend.fanout import Fanout
-from mesh import protocol as P
-from mesh.metrics import latency_observer
-from mesh.subscriptions import SubscriptionTable
+from mesh.wire import protocol as P
+from mesh.io.metrics import latency_observer
+from mesh.core.subscriptions import SubscriptionTable
 
 from helpers import comment, like, viewer, wait_until
 

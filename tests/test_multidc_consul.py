@@ -1,6 +1,6 @@
 """Several datacenters on real Consul: one Consul datacenter per livemesh DC, WAN-federated on
 loopback (``consul_federation``), each DC's nodes on its own agent; the bridges find each other
-in the federated catalog (``bridge.peers = "consul"``, ``mesh.federation``); ``meshctl
+in the federated catalog (``bridge.peers = "consul"``, ``mesh.kv.federation``); ``meshctl
 --all-dcs`` reads every DC's KV through dc1's agent (``?dc=``)."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import time
 import pytest
 
 from mesh.errors import ConfigError, KVError
-from mesh.federation import DISCOVERY_INTERVAL, PeerBridges, discovers_peers
-from mesh.kv_consul import ConsulKV
-from mesh.topology import Topology
+from mesh.kv.federation import DISCOVERY_INTERVAL, PeerBridges, discovers_peers
+from mesh.kv.consul import ConsulKV
+from mesh.tools.topology import Topology
 
 from helpers import Collector, health, like, read_lines_until, viewer, wait_until
 

@@ -13,8 +13,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from mesh import protocol as P
-from mesh.sse_client import SSEClient
+from mesh.wire import protocol as P
+from mesh.tools.sse_client import SSEClient
 
 from helpers import Collector, health, http, like, viewer, wait_until
 from multidc_fixtures import datacenters
@@ -82,7 +82,7 @@ async def test_global_count_joins_leaves_and_a_killed_frontend_across_dcs(two_dc
             assert status == 200, page
             assert page["count"] == 4 and page["users"] == ["ann", "bob"], page
             assert page["dcs"] == {"dc1": 2, "dc2": 2}, page
-        cli = [sys.executable, "-m", "mesh.cli", "--kv-path", str(tmp_path / "kv-dc1.db"),
+        cli = [sys.executable, "-m", "mesh.tools.meshctl", "--kv-path", str(tmp_path / "kv-dc1.db"),
                "presence", "gv", "--json"]
         out = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True).stdout)
         assert out == {"video": "gv", "count": 4, "users": ["ann", "bob"]}

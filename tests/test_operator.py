@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from mesh.cli import escape_text, format_event, json_line
+from mesh.tools.meshctl import escape_text, format_event, json_line
 from mesh.kv import NodeInfo, ROLE_FRONTEND
-from mesh.kv_embedded import EmbeddedKV
+from mesh.kv.embedded import EmbeddedKV
 
 from helpers import comment, health, http, like, viewer, wait_until
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.topology
 
 
 def meshctl(kv_path: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "mesh.cli", "--kv-path", kv_path, *args]
+    return [sys.executable, "-m", "mesh.tools.meshctl", "--kv-path", kv_path, *args]
 
 
 class Lines:

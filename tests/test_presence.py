@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mesh.presence import LocalPresence, PresenceBoard
+from mesh.core.presence import LocalPresence, PresenceBoard
 
 from helpers import Collector, health, http, wait_until
 
@@ -98,7 +98,7 @@ def presence_mesh(topology):
 
 
 async def _open(url, path):
-    from mesh.sse_client import SSEClient
+    from mesh.tools.sse_client import SSEClient
     return await SSEClient(f"{url}/v1/videos/{path}").connect()
 
 
@@ -196,7 +196,7 @@ async def test_meshctl_presence(presence_mesh, kv_path):
     vs = [Collector(await _open(fa.url, "mp/events?user=ann")), Collector(await _open(fb.url, "mp/events?user=bob")),
           Collector(await _open(fb.url, "mp/events"))]
     await wait_until(lambda: _counts(vs[0])[-1:] == [3], what="count 3")
-    cli = [sys.executable, "-m", "mesh.cli", "--kv-path", kv_path, "presence", "mp"]
+    cli = [sys.executable, "-m", "mesh.tools.meshctl", "--kv-path", kv_path, "presence", "mp"]
     out = json.loads(subprocess.run(cli + ["--json", "--limit", "1"], capture_output=True, text=True,
                                     check=True).stdout)
     assert out == {"video": "mp", "count": 3, "users": ["ann", "bob"]}   # two pages of one

@@ -1,5 +1,5 @@
 """Presence across datacenters and history through bridges: unit tests of the sans-IO core
-(``mesh.presence`` export/update_dc, ``mesh.bridging`` Gate and relay checks, the protocol's
+(``mesh.core.presence`` export/update_dc, ``mesh.core.bridging`` Gate and relay checks, the protocol's
 new shapes).  Two boards are paired by a fake bridge, as h11's ``ConnectionPair`` pairs two
 connections.  No sockets."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from mesh import protocol as P
-from mesh.bridging import EXPORT, IMPORT, Gate, Relay, relayed_history
+from mesh.wire import protocol as P
+from mesh.core.bridging import EXPORT, IMPORT, Gate, Relay, relayed_history
 from mesh.errors import RemoteProtocolError
-from mesh.presence import PresenceBoard
+from mesh.core.presence import PresenceBoard
 
 
 def upd(video="v", anon=0, joined=(), left=()):

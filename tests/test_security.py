@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from frontend.security import check_comment_text, json_depth
-from mesh.auth import SubscribePolicy, TokenVerifier
+from mesh.core.auth import SubscribePolicy, TokenVerifier
 from mesh.errors import ClientError, ConfigError
-from mesh.ratelimit import RateLimit
-from mesh.sse_client import SSEClient, SSEError
-from mesh.topology import NodeProcess
+from mesh.core.ratelimit import RateLimit
+from mesh.tools.sse_client import SSEClient, SSEError
+from mesh.tools.topology import NodeProcess
 
 from helpers import Collector, health, http, like, viewer, wait_until
 

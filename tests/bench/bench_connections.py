@@ -34,8 +34,8 @@ import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from mesh.bench import Plan, run  # noqa: E402
-from mesh.topology import Topology  # noqa: E402
+from mesh.tools.bench import Plan, run  # noqa: E402
+from mesh.tools.topology import Topology  # noqa: E402
 
 
 def healthz(url: str) -> dict:

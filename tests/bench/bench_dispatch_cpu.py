@@ -79,7 +79,7 @@ def build(P, count: int, maps: bool) -> list[list[list[bytes]]]:
 
 async def run(args) -> None:
     from dispatcher.node import Dispatcher
-    from mesh import protocol as P
+    from mesh.wire import protocol as P
     from mesh.config import load_config
 
     cfg = load_config(None, env={})
@@ -91,7 +91,7 @@ async def run(args) -> None:
     work = bursts(P, args.bursts, args.maps)
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50000, 20, 100)  # as mesh.node.settle_gc
+    gc.set_threshold(50000, 20, 100)  # as mesh.io.node.settle_gc
     times = []
     for burst in work:
         t0 = time.process_time()
@@ -106,7 +106,7 @@ async def run(args) -> None:
 
 
 def instructions(args, count: int) -> int:
-    from mesh import protocol as P
+    from mesh.wire import protocol as P
     bursts(P, count, args.maps)  # built and cached outside the count
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
            os.path.abspath(__file__), "--tree", args.tree, "--bursts", str(count)] + (["--maps"] if args.maps else [])

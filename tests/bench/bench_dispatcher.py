@@ -57,8 +57,8 @@ import urllib.request
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, ROOT)
 
-from mesh.ownership import owner  # noqa: E402
-from mesh.topology import NodeProcess  # noqa: E402
+from mesh.core.ownership import owner  # noqa: E402
+from mesh.tools.topology import NodeProcess  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
 #: main before this round (round 4: event rows; round 3, the compact ACK and the per-event path,
@@ -105,7 +105,7 @@ def emulated_videos(args) -> tuple[list[str], list[str]]:
 
 def emulate_light(args) -> None:
     """The light feeder (``--feeder light``): plain synchronous sockets, no MeshLink.  Every
-    PUB request of the run is built (``mesh.protocol`` encoders, a fresh id per event) and
+    PUB request of the run is built (``mesh.wire.protocol`` encoders, a fresh id per event) and
     packed before the timed part; then requests leave on time (``window`` in flight at most),
     ACK results are counted, and fan-out messages get one plain msgpack decode with event ids
     into a set (loss and duplicates), no validation or chain following: what one dispatcher
@@ -113,8 +113,8 @@ def emulate_light(args) -> None:
     import msgpack
     import zmq
 
-    from mesh import protocol as P
-    from mesh.node import settle_gc
+    from mesh.wire import protocol as P
+    from mesh.io.node import settle_gc
 
     videos, watched = emulated_videos(args)
     total = int(args.rate * args.duration)
@@ -229,9 +229,9 @@ async def emulate(args) -> None:
     import zmq.asyncio
 
     from frontend.link import MeshLink
-    from mesh import protocol as P
-    from mesh.kv_embedded import EmbeddedKV
-    from mesh.node import settle_gc
+    from mesh.wire import protocol as P
+    from mesh.kv.embedded import EmbeddedKV
+    from mesh.io.node import settle_gc
 
     videos, watched = emulated_videos(args)
     dispatchers = list(DISPATCHERS[: args.dispatchers])

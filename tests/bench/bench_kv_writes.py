@@ -24,9 +24,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from mesh.consul_agent import ConsulAgent, consul_binary  # noqa: E402
-from mesh.sse_client import SSEClient  # noqa: E402
-from mesh.topology import Topology  # noqa: E402
+from mesh.tools.consul_agent import ConsulAgent, consul_binary  # noqa: E402
+from mesh.tools.sse_client import SSEClient  # noqa: E402
+from mesh.tools.topology import Topology  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient  # noqa: E402
 
 

@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from helpers import Collector, like, viewer, wait_until  # noqa: E402
-from mesh.topology import Topology, free_port  # noqa: E402
+from mesh.tools.topology import Topology, free_port  # noqa: E402
 
 DCS = ("dc1", "dc2", "dc3")
 VIDEO = "bench"

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from tornado.httpclient import AsyncHTTPClient  # noqa: E402
 
-from mesh.sse_client import SSEClient  # noqa: E402
-from mesh.topology import Topology  # noqa: E402
+from mesh.tools.sse_client import SSEClient  # noqa: E402
+from mesh.tools.topology import Topology  # noqa: E402
 from multidc_fixtures import datacenters  # noqa: E402
 
 EXTRA = {"security.max_viewers_per_ip": "20000"}  # all viewers come from 127.0.0.1

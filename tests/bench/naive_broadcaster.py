@@ -22,7 +22,7 @@ import tornado.web
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from mesh.node import rss_kb  # noqa: E402
+from mesh.io.node import rss_kb  # noqa: E402
 
 VIEWERS: dict[str, set] = {}
 SEQ = itertools.count(1)

@@ -49,11 +49,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
-from .sse import recv_nowait
+from mesh.core.sse import recv_nowait
 
 ID_RE = re.compile(rb"(?:^|\n)id: (\d+):(\d+)\n")
 TS_RE = re.compile(rb'"(?:kind":"like"|first_id").*?"ts":([0-9.]+)')
-#: an aggregated like run: count, first id, last id (``mesh.sse.encode_likes``)
+#: an aggregated like run: count, first id, last id (``mesh.core.sse.encode_likes``)
 LIKES_RE = re.compile(rb'\nevent: likes\ndata: \{"video":"[^"]*","count":(\d+),.*?'
                       rb'"first_id":"(\d+):(\d+)","last_id":"(\d+):(\d+)"')
 #: a read holding exactly one ``likes`` event (the common read under load): its position,
@@ -785,8 +785,8 @@ def bench_command():
         """Open N SSE streams, publish R likes/s for D seconds, report deliveries/s, latency
         percentiles, lost and duplicated events, and RSS per connection."""
         if not urls:
-            from .cli import _run, probe_all
-            from .kv import ROLE_FRONTEND
+            from mesh.tools.meshctl import _run, probe_all
+            from mesh.kv import ROLE_FRONTEND
             found = _run(ctx, lambda kv: probe_all(kv, ROLE_FRONTEND))
             urls = [n.http for n, h in found if h is not None and n.http]
             if not urls:

@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parent.parent  # a source checkout: bin/ sits beside mesh/
+REPO = Path(__file__).resolve().parents[2]  # a source checkout: bin/ sits beside mesh/
 ENSURE_CONSUL = REPO / "bin" / "ensure-consul"
 ENSURE_TIMEOUT = 30 * 60.0  # a cold build downloads and compiles Consul: minutes
 START_TIMEOUT = 30.0
@@ -74,7 +74,7 @@ def consul_binary() -> str:
 
 #: Consul's ports are picked here: below the ephemeral range (32768-60999) so that no socket
 #: binding port 0 can take one between choosing and starting, and apart from
-#: ``mesh.topology.PICKED_PORTS``
+#: ``mesh.tools.topology.PICKED_PORTS``
 AGENT_PORTS = (10000, 19999)
 
 

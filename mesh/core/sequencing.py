@@ -23,9 +23,9 @@ dict plus the batches in insertion order, evicted a whole batch at a time (an ``
 with one ``popitem`` per event was a quarter of the sequencing time, the profile of round 3);
 history and arrival times are extended once per batch, in C; the placement returned per event
 is its bare ``seq`` (an ``int``) when it was placed in this epoch, which is what the compact
-``ACK`` carries (mesh.protocol ``ack_body``).
+``ACK`` carries (mesh.wire.protocol ``ack_body``).
 
-Events are maps, or rows (``rows=True``: ``mesh.protocol.check_row``'s full rows, what a
+Events are maps, or rows (``rows=True``: ``mesh.wire.protocol.check_row``'s full rows, what a
 dispatcher keeps: no map is built per event, and its fan-out packs them as they are); the
 sequencer reads and writes their fields by key or by index alike.
 """
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
 
-from . import protocol as P
+from mesh.wire import protocol as P
 
 Position = tuple[int, int]  # (epoch, seq)
 _consume = deque(maxlen=0).extend

@@ -44,7 +44,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .errors import ClientError, ConfigError
+from mesh.errors import ClientError, ConfigError
 
 ACTION_LIKE = "like"
 ACTION_COMMENT = "comment"

@@ -162,7 +162,7 @@ class DispatcherCollector(Collector):
 
 
 class BridgeCollector(Collector):
-    """Reads a ``dispatcher.bridge.Bridge``'s counters (``mesh.bridging.Gate``) at scrape time:
+    """Reads a ``dispatcher.bridge.Bridge``'s counters (``mesh.core.bridging.Gate``) at scrape time:
     ``bridge_frames_total{direction}``, ``bridge_events_total{direction}``,
     ``bridge_subscriptions_total{direction,op}``, ``drops_total{reason}``.  Per-video frame
     counts are in ``/healthz`` only (one series per video would be unbounded cardinality)."""

@@ -20,7 +20,7 @@ The import path never feeds the export path, so nothing imported is re-exported:
 of DCs has no loops by construction, and each message crosses each link once.  Frontends also
 drop duplicate events by id.  An imported summary does not go on to the frontends: the gate
 returns a :class:`Relay` and the bridge sends it to the video's owner in its DC (``PRDC``),
-whose board merges it (``mesh.presence``).  It travels on the video's topic, so it reaches only
+whose board merges it (``mesh.core.presence``).  It travels on the video's topic, so it reaches only
 the DCs whose frontends watch the video.
 
 History relay: a frontend that finds a gap in another DC's chain asks its
@@ -38,8 +38,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import NamedTuple
 
-from . import protocol as P
-from .errors import ConfigError, RemoteProtocolError
+from mesh.wire import protocol as P
+from mesh.errors import ConfigError, RemoteProtocolError
 
 EXPORT = "export"
 IMPORT = "import"

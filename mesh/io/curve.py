@@ -33,7 +33,7 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from .errors import ConfigError, MeshError
+from mesh.errors import ConfigError, MeshError
 
 log = logging.getLogger("mesh.wire")
 

@@ -23,8 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
-from .errors import KVError
-from .kv import KV, Counts, NodeInfo
+from mesh.errors import KVError
+from mesh.kv import KV, Counts, NodeInfo
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a file another node holds locked
 

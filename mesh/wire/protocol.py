@@ -29,7 +29,7 @@ Fan-out, XPUB (dispatcher) -> SUB (frontend), two frames::
                           video, repeated every second, so that a subscriber that lost a
                           video's last event notices without waiting for the next one.
                 k == "P": "presence": [{"kind": "count", "count": int} |
-                          {"kind": "join"|"leave", "user": str}, ...] (mesh.presence)
+                          {"kind": "join"|"leave", "user": str}, ...] (mesh.core.presence)
                 k == "D": "summary": one DC's own presence of the video, for the other DCs
                           (owner -> its DC's bridge -> peer bridges -> their owners, see
                           ``check_dc_summary``); frontends ignore it.
@@ -51,7 +51,7 @@ rolling upgrade from a version that decodes maps only).  A dispatcher keeps even
 (``check_row``) from decoding to fan-out.
 
 ``epoch``/``seq``/``prev`` are assigned by the video's owner dispatcher (0/0/None before);
-``prev`` is the position of the previous event of the video's chain (mesh.sequencing).
+``prev`` is the position of the previous event of the video's chain (mesh.core.sequencing).
 ``dc`` is the origin datacenter, stamped by the owner that sequenced the event (optional on
 the wire: a receiver treats an event without it as its own DC's).  Bridges (dispatcher.bridge)
 export only events of their own DC and never re-export imported ones.
@@ -68,7 +68,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from mesh.errors import LocalProtocolError, RemoteProtocolError
 
 MAGIC_V1 = b"LM\x01"
 PROTOCOL_VERSION = 1
@@ -91,7 +91,7 @@ FANOUT_SYNC = "S"
 FANOUT_TAIL = "T"
 FANOUT_PRESENCE = "P"
 FANOUT_DC_PRESENCE = "D"
-#: most users one DC's presence summary lists (beyond: counted, not listed; see mesh.presence)
+#: most users one DC's presence summary lists (beyond: counted, not listed; see mesh.core.presence)
 MAX_SUMMARY_USERS = 10000
 PRESENCE_KINDS = frozenset({"count", "join", "leave"})
 
@@ -445,7 +445,7 @@ def publish_items(msg: Control, check: Callable[[Any], Any] = check_event) -> tu
 
 
 #: most events, and most estimated bytes, in one PUB, REPL or fan-out message: a batch stays far
-#: below the MAXMSGSIZE every node sets (mesh.sockets, 4 MiB), over which ZeroMQ drops the link
+#: below the MAXMSGSIZE every node sets (mesh.io.sockets, 4 MiB), over which ZeroMQ drops the link
 MAX_BATCH_EVENTS = 2000
 MAX_BATCH_BYTES = 1024 * 1024
 
@@ -586,7 +586,7 @@ def _user_list(items: Any) -> bool:
 
 
 def check_dc_summary(obj: Any) -> dict:
-    """One DC's own presence of a video (``mesh.presence.PresenceBoard.export``)::
+    """One DC's own presence of a video (``mesh.core.presence.PresenceBoard.export``)::
 
         {"dc": str, "from": owner dispatcher, "n": int (per owner and video, +1 per summary),
          "count": int (viewers of that DC), "full": bool,

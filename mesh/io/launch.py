@@ -8,9 +8,9 @@ from typing import Awaitable, Callable
 
 import click
 
-from . import logsetup
-from .config import Config, load_config
-from .errors import ConfigError
+from mesh.io import logsetup
+from mesh.config import Config, load_config
+from mesh.errors import ConfigError
 
 
 def node_main(role: str, run: Callable[[Config], Awaitable[None]]) -> None:

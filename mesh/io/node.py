@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import zmq.asyncio
 
-from .config import Config
-from .kv import KV
+from mesh.config import Config
+from mesh.kv import KV
 
 log = logging.getLogger("mesh.app")
 
@@ -22,12 +22,12 @@ log = logging.getLogger("mesh.app")
 def make_kv(cfg: Config) -> KV:
     kind = cfg.kv.backend
     if kind == "memory":
-        from .kv_memory import MemoryKV
+        from mesh.kv.memory import MemoryKV
         return MemoryKV()
     if kind == "embedded":
-        from .kv_embedded import EmbeddedKV
+        from mesh.kv.embedded import EmbeddedKV
         return EmbeddedKV(cfg.kv.path, ttl=cfg.kv.liveness_ttl)
-    from .kv_consul import ConsulKV
+    from mesh.kv.consul import ConsulKV
     host, _, port = cfg.kv.consul_addr.rpartition(":")
     return ConsulKV(host=host or "127.0.0.1", port=int(port or 8500), dc=cfg.node.dc,
                     prefix=cfg.kv.prefix, session_ttl=cfg.kv.session_ttl,

@@ -24,11 +24,11 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from . import protocol as P
-from .errors import KVError, RemoteProtocolError
-from .kv import KV, NodeInfo, ROLE_DISPATCHER
-from .curve import CurveError, connect as curve_connect
-from .sockets import make_socket
+from mesh.wire import protocol as P
+from mesh.errors import KVError, RemoteProtocolError
+from mesh.kv import KV, NodeInfo, ROLE_DISPATCHER
+from mesh.io.curve import CurveError, connect as curve_connect
+from mesh.io.sockets import make_socket
 
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
@@ -69,7 +69,7 @@ class DispatcherPeers:
         self.me = me  # a dispatcher's own name: never linked to itself
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
-        self.curve = curve  # mesh.curve.CurveKeys: links are CURVE clients; None: plaintext
+        self.curve = curve  # mesh.io.curve.CurveKeys: links are CURVE clients; None: plaintext
         self.peers: dict[str, Peer] = {}
         self.retired: dict[str, Peer] = {}
         self.stats = defaultdict(int)

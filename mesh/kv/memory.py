@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Mapping
 
-from .kv import KV, Counts, NodeInfo
+from mesh.kv import KV, Counts, NodeInfo
 
 
 class MemoryKV(KV):

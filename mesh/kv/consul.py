@@ -80,8 +80,8 @@ from consul.callback import CB
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
 
-from .errors import ConfigError, KVError
-from .kv import KV, ROLES, Counts, NodeInfo
+from mesh.errors import ConfigError, KVError
+from mesh.kv import KV, ROLES, Counts, NodeInfo
 
 log = logging.getLogger("mesh.kv")
 

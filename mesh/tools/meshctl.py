@@ -24,12 +24,12 @@ from typing import Any
 import click
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from . import protocol as P
-from .config import load_config
-from .errors import ConfigError, KVError
-from .kv import KV, NodeInfo, ROLE_FRONTEND
-from .node import make_kv
-from .sse_client import SSEClient, SSEError
+from mesh.wire import protocol as P
+from mesh.config import load_config
+from mesh.errors import ConfigError, KVError
+from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
+from mesh.io.node import make_kv
+from mesh.tools.sse_client import SSEClient, SSEError
 
 #: seconds to wait for one node's /healthz
 PROBE_TIMEOUT = 1.5
@@ -111,7 +111,7 @@ async def datacenter_kvs(ctx: click.Context, cfg) -> dict[str, KV]:
             return {dc: local.in_datacenter(dc) for dc in await local.datacenters()}
         finally:
             await local.close()
-    from .kv_embedded import EmbeddedKV
+    from mesh.kv.embedded import EmbeddedKV
     paths = dict(ctx.obj["dc_kvs"])
     if cfg.kv.backend == "embedded" and (ctx.obj["overrides"].get("kv.path") or not paths):
         paths.setdefault(cfg.node.dc, cfg.kv.path)
@@ -469,11 +469,11 @@ def presence(ctx, video, frontend_url, limit, as_json):
         click.echo(f"  {user}")
 
 
-from .bench import bench_command  # noqa: E402 - ``meshctl bench`` (load generator)
+from mesh.tools.bench import bench_command  # noqa: E402 - ``meshctl bench`` (load generator)
 
 main.add_command(bench_command())
 
-from .curve import keys_command  # noqa: E402 - ``meshctl keys NAME --dir DIR`` (CURVE keypairs)
+from mesh.io.curve import keys_command  # noqa: E402 - ``meshctl keys NAME --dir DIR`` (CURVE keypairs)
 
 main.add_command(keys_command)
 

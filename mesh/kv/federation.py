@@ -32,8 +32,8 @@ import asyncio
 import logging
 from typing import Callable, NamedTuple
 
-from .errors import ConfigError, KVError
-from .kv import ROLE_BRIDGE
+from mesh.errors import ConfigError, KVError
+from mesh.kv import ROLE_BRIDGE
 
 log = logging.getLogger("mesh.app")
 

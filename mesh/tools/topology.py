@@ -3,7 +3,7 @@
 Each node is a child process (``python -m dispatcher`` / ``python -m frontend`` /
 ``python -m dispatcher.bridge``) configured by
 ``--set`` overrides; it prints one JSON readiness line on stdout once it serves
-(``mesh.node.announce_ready``), which :meth:`NodeProcess.wait_ready` waits for with a deadline.
+(``mesh.io.node.announce_ready``), which :meth:`NodeProcess.wait_ready` waits for with a deadline.
 Logs go to stderr (a file per node when ``log_dir`` is given).
 """
 
@@ -199,7 +199,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _start_consul(workdir: str, datacenters: list[str]) -> list:
     """A dev agent for one DC; for several, one per DC, WAN-federated (``start_federation``)."""
-    from .consul_agent import ConsulAgent, ConsulUnavailable, consul_binary, start_federation
+    from mesh.tools.consul_agent import ConsulAgent, ConsulUnavailable, consul_binary, start_federation
     try:
         if len(datacenters) == 1:
             return [ConsulAgent(consul_binary(), workdir).start()]

@@ -12,7 +12,7 @@ MAX_MSG_SIZE = 4 * 1024 * 1024
 
 def make_socket(ctx: zmq.Context, kind: int, *, sndhwm: int = 100000, rcvhwm: int = 100000,
                 identity: bytes | None = None, curve=None, curve_server: bool = False) -> zmq.Socket:
-    """``curve``: this node's ``mesh.curve.CurveKeys`` (None: plaintext); ``curve_server``
+    """``curve``: this node's ``mesh.io.curve.CurveKeys`` (None: plaintext); ``curve_server``
     for the sockets a dispatcher binds (clients set the server key per connection)."""
     sock = ctx.socket(kind)
     if curve is not None:

@@ -2,7 +2,7 @@
 
 Sans-IO.  Events arrive from the dispatchers over PUB/SUB, which may drop (high-water mark,
 a reconnect, the slow joiner) and, across an owner change, may come from two dispatchers.  Each
-event names its predecessor (``prev``, see ``mesh.sequencing``).  ``ChainFollower.offer`` passes
+event names its predecessor (``prev``, see ``mesh.core.sequencing``).  ``ChainFollower.offer`` passes
 on every event whose ``prev`` is the last one delivered; on the first that does not fit it asks
 its owner (``fetch_after``) for the missing events and holds everything that follows until
 ``repaired`` is called with the fetched events (or None: history cannot say, or the fetch timed
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .sequencing import Position, position
+from mesh.core.sequencing import Position, position
 
 RECENT_IDS = 4096
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .protocol import sse_id
+from mesh.wire.protocol import sse_id
 
 
 def event_data(event: dict) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
-from .sse import SSEEvent, SSEParser
+from mesh.core.sse import SSEEvent, SSEParser
 
 
 class SSEError(Exception):

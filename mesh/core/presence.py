@@ -23,7 +23,7 @@ Several datacenters.  Each DC's owner of a video also *exports* its DC's own pre
 (``export``): a summary -- the DC's count and its identified users, as deltas at most every
 ``dc_flush`` seconds while they change and in full every ``dc_refresh`` seconds (and at once
 when someone new subscribes to the video, e.g. a peer DC's bridge) -- published on the video's
-topic, so it reaches only the DCs whose frontends subscribed to the video (``mesh.bridging``
+topic, so it reaches only the DCs whose frontends subscribed to the video (``mesh.core.bridging``
 relays it to their owner).  A summary only ever holds the exporting DC's *own* frontends'
 presence, so nothing is re-exported.  The receiving owner merges each peer DC as one more
 contributor (``update_dc``): its users join the union, and its count minus its listed users is
@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .protocol import MAX_SUMMARY_USERS
+from mesh.wire.protocol import MAX_SUMMARY_USERS
 
 #: prefix of a peer DC's contributor name on a board (no frontend name holds a NUL)
 DC_CONTRIBUTOR = "\x00dc:"

@@ -1,0 +1,1 @@
+"""Sans-IO cores: state machines that take messages and time in and return messages out."""

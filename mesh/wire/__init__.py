@@ -1,0 +1,1 @@
+"""The wire format: frames, protocol constants, event rows (docs/PROTOCOL.md)."""
