@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from frontend.security import check_comment_text, json_depth
+from frontend.security import check_comment_text, json_deeper_than
 from mesh.core.auth import SubscribePolicy, TokenVerifier
 from mesh.errors import ClientError, ConfigError
 from mesh.core.ratelimit import RateLimit
@@ -136,9 +136,14 @@ def test_token_bucket_table_is_bounded():
 
 
 def test_json_depth_and_comment_text():
-    assert json_depth('{"a": [1, {"b": "[[[[{{{{"}]}') == 3
-    assert json_depth("[" * 50 + "]" * 50) == 50
-    json_depth('{"unterminated": "[[[')  # garbage: any answer, never an exception
+    nested = '{"a": [1, {"b": "[[[[{{{{", "c\\\\": "\\"]]]]"}]}'
+    assert json.loads(nested)["a"][1]["c\\"] == '"]]]]'
+    assert json_deeper_than(nested, 2) and not json_deeper_than(nested, 3)
+    assert json_deeper_than("[" * 50 + "]" * 50, 49) and not json_deeper_than("[" * 50 + "]" * 50, 50)
+    assert json_deeper_than("[" * 50, 4)  # never closed: still past the limit
+    assert not json_deeper_than("[[]][[]]]]]", 2)  # stray closers: not deep (the parser refuses it)
+    for garbage in ('{"unterminated": "[[[', '"' + '\\"' * 100, "]]]][[[", '\\' * 9):
+        json_deeper_than(garbage, 2)  # garbage: any answer, never an exception
     check_comment_text("tab\tnew\nline\r\n 🎉")
     for bad in ("bell\x07", "esc\x1b[31m", "nul\x00", "c1\x85", "lone \ud800"):
         with pytest.raises(ClientError) as info:
@@ -232,13 +237,75 @@ async def test_input_limits_say_which_limit(secure):
     assert (status, body["error"]["code"]) == (413, "body_too_large") and "16384" in body["error"]["message"]
     status, body = await http("POST", url, raw=b'{"text": "a", "x": [[[[[[1]]]]]]}', headers=hdr)
     assert (status, body["error"]["code"]) == (400, "invalid_json"), body
-    assert "7 levels" in body["error"]["message"] and "limit is 4" in body["error"]["message"]
+    assert "more than 4 levels" in body["error"]["message"] and "limit is 4" in body["error"]["message"]
     status, body = await http("POST", url, {"text": "ring\x07ring"}, headers=hdr)
     assert (status, body["error"]["code"]) == (400, "invalid_text") and "U+0007" in body["error"]["message"]
     status, body = await http("POST", url, raw=b'{"text": "half \\ud83d"}', headers=hdr)
     assert (status, body["error"]["code"]) == (400, "invalid_text"), body
     status, body = await http("POST", url, {"text": "x" * 2001}, headers=hdr)
     assert (status, body["error"]["code"]) == (400, "comment_too_long")
+
+
+def test_json_depth_check_is_linear():
+    """The check's cost grows with its input, not with its square: 4x the input costs at most
+    ~8x (a quadratic check costs 16x).  Best of several runs, so a busy machine cannot fail it."""
+    def cost(body: str) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            json_deeper_than(body, 4)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    quarter = 1 << 18
+    for unit in ('\\"', "[", '{"[":', '[""],', "[[[[[]]]]]", '"\\\\",'):
+        small, large = ("[[[[[[" + unit * (n // len(unit)) for n in (quarter, 4 * quarter))
+        assert cost(large) <= 8 * cost(small) + 0.002, unit
+
+
+async def test_adversarial_megabyte_bodies_do_not_stall_the_loop(topology):
+    """Bodies built against the depth check (an unterminated run of escaped quotes, 1 MiB of
+    open brackets, objects nested without end, one long string) are refused, each in at most
+    20 ms of the frontend's CPU, and ``/healthz`` answers in under 50 ms meanwhile."""
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"frontend.max_body_bytes": "1048576"})
+    mib = 1 << 20
+    bodies = {"escapes": '"' + '\\"' * (mib // 2 - 1), "brackets": "[" * mib,
+              "objects": '{"a":' * (mib // 5), "long string": '{"user": "' + "x" * (mib - 13) + '"}'}
+    url = f"{f.url}/v1/videos/adv-1/likes"
+    sending = True
+    probes: list[float] = []
+
+    async def probe() -> None:
+        while sending:
+            start = time.perf_counter()
+            await health(f.url)
+            probes.append(time.perf_counter() - start)
+
+    async def refuse_all() -> None:
+        for name, body in bodies.items():
+            status, answer = await http("POST", url, raw=body.encode())
+            assert status == 400, (name, status, answer)
+
+    await health(f.url)
+    rounds = 3
+    cpu_before = (await health(f.url))["cpu_s"]
+    for _ in range(rounds):
+        await refuse_all()
+    cpu_per_body = ((await health(f.url))["cpu_s"] - cpu_before) / (rounds * len(bodies))
+    prober = asyncio.ensure_future(probe())
+    try:
+        for _ in range(rounds):
+            await refuse_all()
+    finally:
+        sending = False
+        await prober
+    print(f"cpu per refused 1 MiB body {cpu_per_body * 1000:.1f} ms; /healthz max "
+          f"{max(probes) * 1000:.1f} ms over {len(probes)} probes")
+    assert len(probes) >= 3
+    assert cpu_per_body <= 0.020
+    assert max(probes) < 0.050
+    assert (await like(f.url, "adv-1"))["video"] == "adv-1"  # and it still publishes
 
 
 async def test_private_videos_need_a_token_to_watch(secure):
