@@ -99,11 +99,12 @@ class Headers(dict):
 class Request:
     """What the guards read of a request (``HTTPServerRequest``'s names)."""
 
-    __slots__ = ("method", "path", "headers", "remote_ip", "host", "protocol", "_start")
+    __slots__ = ("method", "uri", "path", "headers", "remote_ip", "host", "protocol", "_start")
 
-    def __init__(self, path: str, headers: Headers, remote_ip: str):
+    def __init__(self, uri: str, headers: Headers, remote_ip: str):
         self.method = "POST"
-        self.path = path
+        self.uri = uri
+        self.path = uri.split("?", 1)[0]
         self.headers = headers
         self.remote_ip = remote_ip
         self.host = headers.get("host") or "127.0.0.1"
@@ -134,9 +135,6 @@ class Call:
 
     def get_status(self) -> int:
         return self.status
-
-    def _request_summary(self) -> str:
-        return f"POST {self.request.path} ({self.request.remote_ip})"
 
 
 class Conn:
@@ -311,7 +309,7 @@ class PublishPath:
         if "close" in (t.strip() for t in dict.get(headers, "connection", "").lower().split(",")):
             conn.closing = True
         self.node.stats["ingest_fast"] += 1
-        call = Call(Request(path.split("?", 1)[0], headers, conn.address[0] if conn.address else "?"))
+        call = Call(Request(path, headers, conn.address[0] if conn.address else "?"))
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush)
         self._batch.append((conn, call, video, kind, body))

@@ -10,7 +10,6 @@ import time
 from collections import defaultdict
 
 import tornado.httpserver
-import tornado.web
 import zmq.asyncio
 
 from mesh.config import Config
@@ -27,7 +26,7 @@ from .gcpause import CHECK_INTERVAL, GCWatch, freeze_allowance
 from .http import NotFoundHandler, routes
 from .ingest import PublishPath
 from .link import MeshLink
-from .security import FrontendSecurity
+from .security import Application, FrontendSecurity
 
 log = logging.getLogger("mesh.app")
 
@@ -58,7 +57,7 @@ class Frontend:
 
     async def start(self) -> None:
         f = self.cfg.frontend
-        app = tornado.web.Application(routes(self), default_handler_class=NotFoundHandler,
+        app = Application(routes(self), default_handler_class=NotFoundHandler,
                                       default_handler_args={"node": self}, compress_response=False,
                                       log_function=lambda handler: self.security.log_request(handler))
         self.server = tornado.httpserver.HTTPServer(

@@ -43,9 +43,11 @@ import re
 import resource
 import socket
 import time
-from typing import TYPE_CHECKING
+import urllib.parse
+from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
+import tornado.httputil
 import tornado.netutil
 import tornado.web
 from tornado.ioloop import IOLoop
@@ -81,7 +83,11 @@ SHED_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application
 # control characters (Unicode Cc) other than \t \n \r, and unpaired surrogates (JSON's \ud800
 # escapes make them; they cannot be encoded as UTF-8 for the wire)
 _BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
-_TOKEN_PARAM = "access_token"
+#: the query parameter of a subscribe token (``mesh.core.auth``), and what a log reads instead
+TOKEN_PARAM = "access_token"
+REDACTED = "REDACTED"
+#: query-string separators: ``&`` (how Tornado splits), and ``;`` (how some clients do)
+_QUERY_SEPARATORS = re.compile("([&;])")
 #: what the depth check keeps of a body: ``(`` opens a container, ``)`` closes one, ``"``
 #: delimits a string (whose content is kept only where it holds brackets)
 _SHAPE = bytes.maketrans(b"[{]}", b"(())")
@@ -126,6 +132,53 @@ def check_json_depth(text: str, limit: int) -> None:
         # message names the limit
         raise ClientError(400, "invalid_json", f"JSON nested too deeply: more than {limit} "
                           f"levels; the limit is {limit} (security.max_json_depth)")
+
+
+def redact_query(uri: str) -> str:
+    """``uri`` with the value of every ``access_token`` query parameter replaced by
+    ``REDACTED``, however its name is spelled: percent-encoding of any character (hex digits
+    in either case), ``+`` for a space, any letter case.  Names are decoded as Tornado decodes
+    them (``urllib.parse.unquote_plus``), so whatever Tornado reads as the token is redacted;
+    one pass over the query."""
+    path, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    pieces = _QUERY_SEPARATORS.split(query)  # fields at even indices, separators between
+    for i in range(0, len(pieces), 2):
+        name, eq, _ = pieces[i].partition("=")
+        if eq and urllib.parse.unquote_plus(name, "latin-1").lower() == TOKEN_PARAM:
+            pieces[i] = f"{name}={REDACTED}"
+    return f"{path}?{''.join(pieces)}"
+
+
+def redact_request(request: tornado.httputil.HTTPServerRequest) -> None:
+    """Redact subscribe tokens from ``request`` before anything can log it: Tornado's lines
+    (errors, uncaught exceptions) print ``request.uri``.  The parsed arguments keep the token
+    for ``admit_viewer``, except that a value that is not UTF-8 is replaced by one that is:
+    Tornado's error for it would quote the bytes into a log line."""
+    if "?" not in request.uri:
+        return
+    request.uri = redact_query(request.uri)
+    request.query = request.uri.partition("?")[2]
+    for args in (request.query_arguments, request.arguments):
+        for name, values in args.items():
+            if name.lower() == TOKEN_PARAM:
+                args[name] = [v.decode("utf-8", "replace").encode("utf-8") for v in values]
+
+
+def request_summary(request) -> str:
+    """``METHOD URI (client)`` of a request for a log line, its subscribe tokens redacted."""
+    return f"{request.method} {redact_query(request.uri)} ({request.remote_ip})"
+
+
+class Application(tornado.web.Application):
+    """Tornado's ``Application``, redacting every request (``redact_request``) as it is
+    routed: before any handler runs, and so before any line about it is logged, whatever its
+    route or status."""
+
+    def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any):
+        redact_request(request)
+        return super().find_handler(request, **kwargs)
 
 
 def check_comment_text(text: str) -> None:
@@ -236,23 +289,24 @@ class FrontendSecurity:
         handler._security_headers = {"Retry-After": str(retry_after)}
         raise ClientError(429, "rate_limited", f"{message}; retry after {retry_after} s", retryable=True)
 
-    def log_request(self, handler: tornado.web.RequestHandler) -> None:
-        """The access log (Tornado's ``log_function``: what Tornado logs, at its levels), except
-        for 429s: counted in ``rate_limited`` and summed up in at most one line per
-        ``SHED_LOG_INTERVAL``."""
+    def log_request(self, handler) -> None:
+        """The access log (Tornado's ``log_function``, and the publish fast path's: what
+        Tornado logs, at its levels), except for 429s: counted in ``rate_limited`` and summed
+        up in at most one line per ``SHED_LOG_INTERVAL``.  Every line reads the request
+        through ``request_summary``, which redacts subscribe tokens."""
         status = handler.get_status()
         if status == 429:
             self._limited_since_log += 1
             now = time.monotonic()
             if now - self._limited_logged_at >= SHED_LOG_INTERVAL:
                 access_log.warning("429: rate limited %d requests in the last %.0f s, the latest %s",
-                                   self._limited_since_log, SHED_LOG_INTERVAL, handler._request_summary())
+                                   self._limited_since_log, SHED_LOG_INTERVAL, request_summary(handler.request))
                 self._limited_logged_at = now
                 self._limited_since_log = 0
             return
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         if access_log.isEnabledFor(level):  # info is off by default: no summary made per request
-            access_log.log(level, "%d %s %.2fms", status, handler._request_summary(),
+            access_log.log(level, "%d %s %.2fms", status, request_summary(handler.request),
                            1000.0 * handler.request.request_time())
 
     # --- viewers ----------------------------------------------------------------------------
@@ -262,10 +316,7 @@ class FrontendSecurity:
         Sets ``handler.auth_user`` (the verified user, or None); returns the client IP, which
         the stream counts against once ``track_viewer`` sees it."""
         request = handler.request
-        query_token = handler.get_query_argument("access_token", None)
-        if query_token is not None:  # never let the token reach a log line
-            request.uri = _TOKEN_PARAM.sub("REDACTED", request.uri)
-            request.query = _TOKEN_PARAM.sub("REDACTED", "?" + request.query)[1:]
+        query_token = handler.get_query_argument(TOKEN_PARAM, None)  # redacted from the URI
         handler.auth_user = None
         ip = request.remote_ip or "?"
         now = time.monotonic()

@@ -338,6 +338,38 @@ async def test_private_videos_need_a_token_to_watch(secure):
     assert expired not in log_text and sub_tok not in log_text
 
 
+async def test_subscribe_tokens_never_reach_the_log_on_any_route_or_status(secure):
+    """Every request is redacted before any line about it is logged: a bad video (400), a
+    route that does not exist (404), a publish (401), the name percent-encoded in either
+    case, a value that is not UTF-8; a valid token so spelled still opens the stream."""
+    _, f = secure
+    secrets = {name: f"SECRET{name}x{i}" for i, name in enumerate(("bad", "route", "publish", "enc", "utf8"))}
+    cases = [  # (request, its status, the access line that must appear)
+        ("GET", f"/v1/videos/-bad/events?access_token={secrets['bad']}", 400,
+         "400 GET /v1/videos/-bad/events?access_token=REDACTED"),
+        ("GET", f"/no/such/route?x=1&access_token={secrets['route']}", 404,
+         "404 GET /no/such/route?x=1&access_token=REDACTED"),
+        ("POST", f"/v1/videos/open-9/likes?access_token={secrets['publish']}", 401,
+         "401 POST /v1/videos/open-9/likes?access_token=REDACTED"),
+        ("GET", f"/v1/videos/priv-1/events?access%5Ftoken={secrets['enc']}", 401,
+         "401 GET /v1/videos/priv-1/events?access%5Ftoken=REDACTED"),
+        ("GET", f"/v1/videos/priv-1/events?%61ccess_token=%ff%fe{secrets['utf8']}", 401,
+         "401 GET /v1/videos/priv-1/events?%61ccess_token=REDACTED"),
+    ]
+    for method, path, status, line in cases:
+        assert (await http(method, f.url + path))[0] == status, path
+        await wait_until(lambda: _log_with(f, line), what=line)
+    valid = token(sub="gil", aud="livemesh-subscribe", exp_in=60, videos=["priv-1"])
+    v = await _viewer_url(f"{f.url}/v1/videos/priv-1/events?access%5ftoken={valid}")
+    assert (await http("POST", f"{f.url}/v1/videos/priv-1/likes", headers=auth_header(token())))[0] == 202
+    assert (await v.events(1))[0].event == "like"
+    v.close()
+    await http("GET", f.url + "/marker/after/the/valid/token")  # logged after everything above
+    text = await wait_until(lambda: _log_with(f, "404 GET /marker/after/the/valid/token"), what="the marker")
+    for secret in [*secrets.values(), valid]:
+        assert secret not in text
+
+
 async def _viewer_url(url: str):
     return await SSEClient(url).connect()
 
