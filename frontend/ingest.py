@@ -45,7 +45,7 @@ import json
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import httptools
 from tornado.escape import json_encode
@@ -65,6 +65,8 @@ log = logging.getLogger("mesh.app")
 MAX_HEAD = 16384
 #: bytes peeked per readable event: a whole head and body fit
 PEEK_BYTES = 65536
+#: seconds a lingering close discards the client's input before closing
+LINGER_SECONDS = 2.0
 #: seconds between sweeps for connections past their deadline
 SWEEP_EVERY = 1.0
 
@@ -115,9 +117,16 @@ class _Head:
         self.done = True
 
 
+class TooLarge(NamedTuple):
+    """A publish whose ``Content-Length`` is over ``frontend.max_body_bytes``."""
+    path: str
+    headers: Headers
+    length: int
+
+
 def parse_publish(data: bytes, max_body: int):
     """The publish request at the head of ``data``, framed by llhttp (``httptools``): (video,
-    kind, path, headers, body, length); an int when it is incomplete (the bytes to wait for, in
+    kind, path, headers, body, length); a ``TooLarge`` for a body over ``max_body``; an int when it is incomplete (the bytes to wait for, in
     all); None when it is not this path's (anything else, or what llhttp refuses: Tornado
     answers it)."""
     end = data.find(b"\r\n\r\n", 0, MAX_HEAD)
@@ -153,9 +162,12 @@ def parse_publish(data: bytes, max_body: int):
     length = dict.get(head.headers, "content-length")
     if length is None:
         length = 0
-    elif not length.isdigit() or not length.isascii() or int(length) > max_body \
-            or head_len + int(length) > PEEK_BYTES:
-        return None  # Tornado's (its 413, or a body larger than one peek)
+    elif not length.isdigit() or not length.isascii():
+        return None  # Tornado's 400
+    elif int(length) > max_body:  # refused before a byte of the body is read
+        return TooLarge(head.url.decode("ascii").split("?", 1)[0], head.headers, int(length))
+    elif head_len + int(length) > PEEK_BYTES:
+        return None  # a body larger than one peek: Tornado reads it
     else:
         length = int(length)
     if len(data) < head_len + length:
@@ -211,7 +223,7 @@ class Call:
 class Conn:
     """One connection while it is served here."""
 
-    __slots__ = ("sock", "fd", "address", "since", "want", "busy", "paused", "closing", "out")
+    __slots__ = ("sock", "fd", "address", "since", "want", "busy", "paused", "closing", "linger", "out")
 
     def __init__(self, sock: socket.socket, address):
         self.sock = sock
@@ -222,6 +234,7 @@ class Conn:
         self.busy = False              # a request is being answered
         self.paused = False            # its reader is off until the answer is out
         self.closing = False           # close once the answer is out
+        self.linger = False            # ... lingering (``_linger``): unread input follows
         self.out = b""                 # answer bytes the kernel has not taken yet
 
 
@@ -314,7 +327,9 @@ class PublishPath:
             return
         woken_for, conn.want = conn.want, 0
         request = parse_publish(data, self.max_body)
-        if request is None:
+        if isinstance(request, TooLarge):
+            self._refuse_too_large(conn, request)
+        elif request is None:
             self._handoff(conn)
         elif isinstance(request, int):  # incomplete: wait until the kernel holds ``request`` bytes
             if woken_for and len(data) < woken_for:
@@ -441,8 +456,42 @@ class PublishPath:
             asyncio.get_running_loop().remove_writer(conn.fd)
             self._done(conn)
 
+    def _refuse_too_large(self, conn: Conn, request: TooLarge) -> None:
+        """A JSON 413 at once, then a lingering close: the body is never read whole."""
+        conn.busy = conn.closing = conn.linger = True
+        call = Call(Request(request.path, request.headers, conn.address[0] if conn.address else "?"))
+        self._answer_error(conn, call, ClientError(
+            413, "body_too_large", f"body has {request.length} bytes; the limit is {self.max_body}"))
+
+    def _linger(self, conn: Conn) -> None:
+        """Lingering close (as nginx's ``lingering_close``): no more output, the client's unread
+        input discarded for at most ``LINGER_SECONDS``, then close, so closing with unread
+        bytes does not reset the connection before the client has read the answer."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(conn.fd)
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        loop.add_reader(conn.fd, self._discard, conn)
+        loop.call_later(LINGER_SECONDS, self._close, conn)
+
+    def _discard(self, conn: Conn) -> None:
+        try:
+            if conn.sock.recv(PEEK_BYTES):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(conn)  # the client closed (or the connection broke): done
+
     def _done(self, conn: Conn) -> None:
         """The answer is out: close, or look at the next request."""
+        if conn.linger:
+            self._linger(conn)
+            return
         if conn.closing or self.stopping:
             self._close(conn)
             return
