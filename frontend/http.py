@@ -45,6 +45,9 @@ class JSONHandler(tornado.web.RequestHandler):
     def initialize(self, node: "Frontend") -> None:
         self.node = node
 
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")  # no version advertised
+
     def flush(self, include_footers: bool = False):
         if not self._headers_written:  # CORS, Retry-After, WWW-Authenticate: frontend/security.py
             self.node.security.before_headers(self)

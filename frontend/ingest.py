@@ -12,7 +12,8 @@ one loop turn are checked one by one and published together (``MeshLink.publish_
 task per owner, not one per request).
 
 Theory of operation.  Every accepted connection starts here (``adopt``).  Its bytes are
-*peeked* (``MSG_PEEK``), not read, until a whole request is in the kernel's buffer; then:
+*peeked* (``MSG_PEEK``), not read, until a whole request is in the kernel's buffer, and framed
+by llhttp (``httptools``, the parser uvicorn and Node.js use; ``parse_publish``); then:
 
 * a request this path serves -- ``POST /v1/videos/{video}/likes|comments`` over HTTP/1.1, with
   a ``Content-Length`` body (or none) no larger than ``frontend.max_body_bytes``, no
@@ -22,7 +23,7 @@ Theory of operation.  Every accepted connection starts here (``adopt``).  Its by
   (``frontend.http.prepare_publish`` and ``accepted``: origin, rate limits, JWT, body checks;
   then the mesh publish, CORS and ``Retry-After`` headers, the access log).  The connection stays here for its next request;
 * anything else hands the connection as it is, unread bytes included, to Tornado
-  (``HTTPServer._handle_connection``), which serves it from then on: SSE streams, the page,
+  (``HTTPServer.handle_stream`` on a new ``IOStream``), which serves it from then on: SSE streams, the page,
   health, metrics, CORS preflights, and every error about HTTP framing itself.  Tornado
   stays the reference; this path only ever answers the common case.
 
@@ -42,11 +43,11 @@ import email.utils
 import http.client
 import json
 import logging
-import re
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+import httptools
 from tornado.escape import json_encode
 
 from mesh.wire import protocol as P
@@ -64,22 +65,17 @@ log = logging.getLogger("mesh.app")
 MAX_HEAD = 16384
 #: bytes peeked per readable event: a whole head and body fit
 PEEK_BYTES = 65536
+#: seconds a lingering close discards the client's input before closing
+LINGER_SECONDS = 2.0
 #: seconds between sweeps for connections past their deadline
 SWEEP_EVERY = 1.0
 
 _PREFIX = b"POST /v1/videos/"
-_REQUEST_LINE = re.compile(rb"POST /v1/videos/([^\x00-\x20\x7f-\xff/?%#]+)/(likes|comments)"
-                           rb"(\?[^\x00-\x20\x7f-\xff#]*)? HTTP/1\.1\r\n")
-#: in a head still arriving: what Tornado parses more leniently or rejects (a bare CR or LF,
-#: control characters), so waiting for the rest is pointless
-_ODD_BYTES = re.compile(rb"\r(?!\n)|(?<!\r)\n|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-#: header fields: a token, a colon, a value without control characters (tab aside), CRLF
-_FIELDS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
 _KINDS = {b"likes": P.KIND_LIKE, b"comments": P.KIND_COMMENT}
+#: fields that make a request Tornado's: chunked or ``Expect`` bodies, upgrades
 _HANDOFF_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
-#: the fields this path reads (the guards': ``frontend/security.py``) and those it hands over
-_READ = re.compile(rb"\r\n(content-length|connection|host|origin|cookie|authorization|"
-                   rb"transfer-encoding|expect|upgrade):[ \t]*([^\r]*)", re.IGNORECASE)
+#: the fields this path reads (the guards': ``frontend/security.py``)
+_READ = frozenset({"content-length", "connection", "host", "origin", "cookie", "authorization"})
 
 
 class Headers(dict):
@@ -94,6 +90,91 @@ class Headers(dict):
 
     def __contains__(self, name):
         return dict.__contains__(self, name.lower())
+
+
+class _Head:
+    """httptools' callbacks for one request head: the URL and the fields this path reads."""
+
+    __slots__ = ("url", "headers", "handoff", "done")
+
+    def __init__(self):
+        self.url = b""
+        self.headers = Headers()
+        self.handoff = False  # a field that makes the request Tornado's, or one repeated
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.lower().decode("latin-1")
+        if key in _HANDOFF_HEADERS or dict.__contains__(self.headers, key):
+            self.handoff = True
+        elif key in _READ:
+            self.headers[key] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+
+
+class TooLarge(NamedTuple):
+    """A publish whose ``Content-Length`` is over ``frontend.max_body_bytes``."""
+    path: str
+    headers: Headers
+    length: int
+
+
+def parse_publish(data: bytes, max_body: int):
+    """The publish request at the head of ``data``, framed by llhttp (``httptools``): (video,
+    kind, path, headers, body, length); a ``TooLarge`` for a body over ``max_body``; an int when it is incomplete (the bytes to wait for, in
+    all); None when it is not this path's (anything else, or what llhttp refuses: Tornado
+    answers it)."""
+    end = data.find(b"\r\n\r\n", 0, MAX_HEAD)
+    if end < 0:
+        if len(data) >= MAX_HEAD or not (data.startswith(_PREFIX) or _PREFIX.startswith(data[:len(_PREFIX)])):
+            return None
+        partial = _Head()
+        try:  # what llhttp refuses already (a bare LF, a control character) waits for nothing
+            httptools.HttpRequestParser(partial).feed_data(data)
+        except httptools.HttpParserError:
+            return None
+        return None if partial.done else len(data) + 1
+    head_len = end + 4
+    head = _Head()
+    parser = httptools.HttpRequestParser(head)
+    try:
+        parser.feed_data(data[:head_len])
+    except httptools.HttpParserError:  # HttpParserUpgrade included
+        return None
+    if not head.done or head.handoff or parser.get_method() != b"POST" \
+            or parser.get_http_version() != "1.1":
+        return None
+    try:
+        url = httptools.parse_url(head.url)
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if url.schema or url.fragment or b"%" in url.path:
+        return None
+    parts = url.path.split(b"/")  # "", "v1", "videos", video, kind
+    if len(parts) != 5 or parts[1] != b"v1" or parts[2] != b"videos" or parts[4] not in _KINDS \
+            or not parts[3].isascii():
+        return None
+    length = dict.get(head.headers, "content-length")
+    if length is None:
+        length = 0
+    elif not length.isdigit() or not length.isascii():
+        return None  # Tornado's 400
+    elif int(length) > max_body:  # refused before a byte of the body is read
+        return TooLarge(head.url.decode("ascii").split("?", 1)[0], head.headers, int(length))
+    elif head_len + int(length) > PEEK_BYTES:
+        return None  # a body larger than one peek: Tornado reads it
+    else:
+        length = int(length)
+    if len(data) < head_len + length:
+        return head_len + length
+    path = head.url.decode("ascii")
+    return (parts[3].decode("ascii"), _KINDS[parts[4]], path, head.headers,
+            data[head_len:head_len + length], head_len + length)
 
 
 class Request:
@@ -140,7 +221,7 @@ class Call:
 class Conn:
     """One connection while it is served here."""
 
-    __slots__ = ("sock", "fd", "address", "since", "want", "busy", "paused", "closing", "out")
+    __slots__ = ("sock", "fd", "address", "since", "want", "busy", "paused", "closing", "linger", "out")
 
     def __init__(self, sock: socket.socket, address):
         self.sock = sock
@@ -151,13 +232,14 @@ class Conn:
         self.busy = False              # a request is being answered
         self.paused = False            # its reader is off until the answer is out
         self.closing = False           # close once the answer is out
+        self.linger = False            # ... lingering (``_linger``): unread input follows
         self.out = b""                 # answer bytes the kernel has not taken yet
 
 
 class PublishPath:
     def __init__(self, node: "Frontend", handoff):
         self.node = node
-        self.handoff_to = handoff  # Tornado's ``HTTPServer._handle_connection``
+        self.handoff_to = handoff  # ``Frontend.to_tornado``
         self.conns: dict[int, Conn] = {}
         self.header_timeout = node.cfg.security.header_timeout
         self.max_body = node.cfg.frontend.max_body_bytes
@@ -242,8 +324,10 @@ class PublishPath:
             self._close(conn)
             return
         woken_for, conn.want = conn.want, 0
-        request = self._parse(data)
-        if request is None:
+        request = parse_publish(data, self.max_body)
+        if isinstance(request, TooLarge):
+            self._refuse_too_large(conn, request)
+        elif request is None:
             self._handoff(conn)
         elif isinstance(request, int):  # incomplete: wait until the kernel holds ``request`` bytes
             if woken_for and len(data) < woken_for:
@@ -257,42 +341,6 @@ class PublishPath:
             conn.want = request
         else:
             self._take(conn, *request)
-
-    def _parse(self, data: bytes):
-        """The request at the head of ``data``: (video, kind, path, headers, body, length); an
-        int when it is incomplete (the bytes to wait for, in all); None when it is not ours."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            if len(data) >= MAX_HEAD or not (data.startswith(_PREFIX) or _PREFIX.startswith(data)) \
-                    or _ODD_BYTES.search(data, 0, len(data) - 1):
-                return None
-            return len(data) + 1
-        head_len = end + 4
-        if head_len > MAX_HEAD:
-            return None
-        line = _REQUEST_LINE.match(data)
-        if line is None or not _FIELDS.fullmatch(data, line.end(), end + 2):
-            return None  # a line without a colon, a folded line, whitespace before a colon, a CTL
-        headers = Headers()
-        # only the fields this route reads, found by one regex scan (a browser sends a dozen)
-        for name, value in _READ.findall(data, line.end() - 2, end + 2):
-            key = name.lower().decode("ascii")
-            if key in _HANDOFF_HEADERS or dict.__contains__(headers, key):
-                return None  # Tornado's: chunked or Expect bodies, upgrades; a repeated field
-            headers[key] = value.rstrip(b" \t").decode("latin-1")
-        length = dict.get(headers, "content-length")
-        if length is None:
-            length = 0
-        elif not length.isdigit() or not length.isascii() or int(length) > self.max_body \
-                or head_len + int(length) > PEEK_BYTES:
-            return None  # Tornado's (its 413, or a body larger than one peek)
-        else:
-            length = int(length)
-        if len(data) < head_len + length:
-            return head_len + length
-        video = line.group(1).decode("ascii")
-        path = line.group(0)[5:-11].decode("ascii")  # between "POST " and " HTTP/1.1\r\n"
-        return video, _KINDS[line.group(2)], path, headers, data[head_len:head_len + length], head_len + length
 
     def _take(self, conn: Conn, video: str, kind: str, path: str, headers: Headers, body: bytes,
               length: int) -> None:
@@ -406,8 +454,42 @@ class PublishPath:
             asyncio.get_running_loop().remove_writer(conn.fd)
             self._done(conn)
 
+    def _refuse_too_large(self, conn: Conn, request: TooLarge) -> None:
+        """A JSON 413 at once, then a lingering close: the body is never read whole."""
+        conn.busy = conn.closing = conn.linger = True
+        call = Call(Request(request.path, request.headers, conn.address[0] if conn.address else "?"))
+        self._answer_error(conn, call, ClientError(
+            413, "body_too_large", f"body has {request.length} bytes; the limit is {self.max_body}"))
+
+    def _linger(self, conn: Conn) -> None:
+        """Lingering close (as nginx's ``lingering_close``): no more output, the client's unread
+        input discarded for at most ``LINGER_SECONDS``, then close, so closing with unread
+        bytes does not reset the connection before the client has read the answer."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(conn.fd)
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        loop.add_reader(conn.fd, self._discard, conn)
+        loop.call_later(LINGER_SECONDS, self._close, conn)
+
+    def _discard(self, conn: Conn) -> None:
+        try:
+            if conn.sock.recv(PEEK_BYTES):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(conn)  # the client closed (or the connection broke): done
+
     def _done(self, conn: Conn) -> None:
         """The answer is out: close, or look at the next request."""
+        if conn.linger:
+            self._linger(conn)
+            return
         if conn.closing or self.stopping:
             self._close(conn)
             return

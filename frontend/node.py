@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import tornado.httpserver
 import zmq.asyncio
+from tornado.iostream import IOStream
 
 from mesh.config import Config
 from mesh.io.curve import from_config as curve_from_config
@@ -35,6 +36,22 @@ log = logging.getLogger("mesh.app")
 MAX_REQUEST_BYTES = 1024 * 1024
 
 
+class CountingHTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server, counting the connections it serves through its public delegate
+    hooks (``handle_stream`` and ``HTTPServerConnectionDelegate.on_close``), so the connection
+    limit sees them."""
+
+    open_connections = 0
+
+    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        self.open_connections += 1
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn: object) -> None:
+        self.open_connections -= 1
+        super().on_close(server_conn)
+
+
 class Frontend:
     def __init__(self, cfg: Config, kv: KV, ctx: zmq.asyncio.Context):
         self.cfg = cfg
@@ -49,8 +66,9 @@ class Frontend:
         self.stats = defaultdict(int)
         self.link: MeshLink | None = None
         self.url = ""
-        self.server: tornado.httpserver.HTTPServer | None = None
+        self.server: CountingHTTPServer | None = None
         self.ingest: PublishPath | None = None
+        self.security: FrontendSecurity | None = None
         self._kv_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.gc = GCWatch()
@@ -60,14 +78,15 @@ class Frontend:
         app = Application(routes(self), default_handler_class=NotFoundHandler,
                                       default_handler_args={"node": self}, compress_response=False,
                                       log_function=lambda handler: self.security.log_request(handler))
-        self.server = tornado.httpserver.HTTPServer(
+        self.server = CountingHTTPServer(
             app, max_body_size=MAX_REQUEST_BYTES, max_buffer_size=MAX_REQUEST_BYTES,
             idle_connection_timeout=30.0, body_timeout=10.0, max_header_size=16384)
         self.security = FrontendSecurity(self.cfg, self)  # auth, limits, CORS, accept loop
         if f.publish_fast_path:  # likes and comments off Tornado's HTTP stack
-            self.ingest = PublishPath(self, self.server._handle_connection)
-        self.security.listen(self.server, f.port, f.host, self.ingest.adopt if self.ingest else None)
-        port = next(iter(self.server._sockets.values())).getsockname()[1]
+            self.ingest = PublishPath(self, self.to_tornado)
+        sockets = self.security.listen(self.server, f.port, f.host,
+                                       self.ingest.adopt if self.ingest else self.to_tornado)
+        port = sockets[0].getsockname()[1]
         self.url = f"http://{f.host}:{port}"
         if not self.name:
             self.name = f"frontend-{port}"
@@ -88,6 +107,10 @@ class Frontend:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, self.gc.collect_now)
         log.info("frontend %s serving on %s", self.name, self.url)
 
+    def to_tornado(self, sock, address) -> None:
+        """Tornado serves the connection from here on, bytes still unread included."""
+        self.server.handle_stream(IOStream(sock, max_buffer_size=MAX_REQUEST_BYTES), address)
+
     @property
     def endpoints(self) -> dict[str, str]:
         return {"http": self.url}
@@ -96,8 +119,8 @@ class Frontend:
         """Graceful shutdown, first step: stop accepting, leave the registry (so no new viewer
         or count points here), then end every SSE response so browsers reconnect elsewhere
         after ``retry``."""
-        if self.server:
-            self.server.stop()
+        if self.security:
+            self.security.stop_listening()
         if self.ingest:
             self.ingest.stop()
         try:
@@ -120,6 +143,8 @@ class Frontend:
             self.ingest.stop()
         if self.link:
             await self.link.stop()
+        if self.security:
+            self.security.stop_listening()
         await release(self.kv, http_server=self.server)
 
     # --- viewers ------------------------------------------------------------------------
@@ -218,7 +243,7 @@ class Frontend:
         frozen_at = self.stats["viewers_opened"]
         while after:
             await asyncio.sleep(CHECK_INTERVAL)
-            in_tornado = len(self.server._connections)  # requests, viewers before their head
+            in_tornado = self.server.open_connections  # requests, viewers before their head
             if self.stats["viewers_opened"] - frozen_at >= after and \
                     in_tornado <= freeze_allowance(len(self.table)):
                 frozen_at = self.stats["viewers_opened"]

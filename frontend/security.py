@@ -249,7 +249,9 @@ class FrontendSecurity:
         self._shed_logged_at = -1e9
         self._limited_since_log = 0
         self._limited_logged_at = -1e9
-        self._server: tornado.httpserver.HTTPServer | None = None
+        self._server = None  # counts Tornado's connections (``open_connections``)
+        self.sockets: list[socket.socket] = []
+        self._stop_accepting: list = []
 
     # --- publishing -------------------------------------------------------------------------
 
@@ -366,7 +368,7 @@ class FrontendSecurity:
         self.raw_streams -= 1
 
     def open_connections(self) -> int:
-        return len(self._server._connections) + self.raw_streams
+        return self._server.open_connections + self.raw_streams
 
     def _sweep(self, now: float) -> None:
         self._swept = now
@@ -428,18 +430,28 @@ class FrontendSecurity:
 
     # --- accepting connections ----------------------------------------------------------------
 
-    def listen(self, server: tornado.httpserver.HTTPServer, port: int, host: str, on_connection=None) -> None:
-        """``server.listen(port, host)`` with our accept loop and header deadline; accepted
-        connections go to ``on_connection(sock, address)`` (default: the server's)."""
+    def listen(self, server, port: int, host: str, on_connection) -> list[socket.socket]:
+        """Bind ``port`` on ``host`` with our accept loop and header deadline; accepted
+        connections go to ``on_connection(sock, address)``.  ``server`` counts Tornado's
+        connections (``open_connections``).  Returns the listening sockets
+        (``stop_listening`` closes them)."""
         server.conn_params.header_timeout = self.sec.header_timeout
         self._server = server
         self._reserve_fd = _open_reserve()
         # a deep accept queue: bursts of viewers (a live event starting) wait in the kernel
         # instead of being dropped and retried after 1 s, 3 s, ... (Tornado's default is 128)
-        for sock in tornado.netutil.bind_sockets(port, address=host, backlog=ACCEPT_BACKLOG):
-            server._sockets[sock.fileno()] = sock
-            server._handlers[sock.fileno()] = self._add_accept_handler(
-                sock, on_connection or server._handle_connection)
+        self.sockets = tornado.netutil.bind_sockets(port, address=host, backlog=ACCEPT_BACKLOG)
+        self._stop_accepting = [self._add_accept_handler(sock, on_connection) for sock in self.sockets]
+        return self.sockets
+
+    def stop_listening(self) -> None:
+        """No new connections: the accept handlers go, the listening sockets close."""
+        for remove in self._stop_accepting:
+            remove()
+        self._stop_accepting = []
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
 
     def _add_accept_handler(self, sock: socket.socket, callback):
         loop = IOLoop.current()
