@@ -33,7 +33,9 @@ video's count goes to its viewers at most every N / B seconds: the first at once
 within the gap replaces the one waiting, and the latest is written when the gap has passed.
 Counts then cost a frontend at most ~B writes/s; with N <= B nothing changes (the owner sends
 a video's count at most once per ``presence.count_interval``, 1 s).  Joins and leaves go out
-at once (their owner stops sending them past ``presence.broadcast_max`` viewers).
+at once (their owner stops sending them past ``presence.broadcast_max`` viewers).  A viewer that
+opens gets the latest count received at once (``welcome``), so every stream shows the number
+the video's other viewers see.
 
 Latency: when ``observe_latency`` is set (``mesh.io.metrics`` installs it), each write round
 reports the ``ts`` of its oldest event once, when its first slice is written -- once per
@@ -63,6 +65,7 @@ class Fanout:
         self.table = table
         self.count_writes_max = count_writes_max  # 0: every count at once
         self._counts: dict[str, dict] = {}      # video -> its latest count, waiting for its gap
+        self._known_count: dict[str, dict] = {}  # video -> the latest count received, for newcomers
         self._count_at: dict[str, float] = {}   # video -> loop time its count was last written
         self.counts_replaced = 0                # counts never written: a newer one came first
         self.slice_size = slice_size
@@ -96,7 +99,22 @@ class Fanout:
             others = [e for e in events if e.get("kind") != "count"]
             self._write(list(self.table.viewers(video).values()), encode_presence(video, others), None)
         if counts:
+            self._known_count[video] = counts[-1]
             self._count(video, counts[-1])
+
+    def welcome(self, video: str, viewer: Viewer) -> None:
+        """A viewer that just opened gets the video's latest count at once.  The first viewer
+        here gets it from the owner instead (a frontend's first viewers make the owner send
+        it), so a count kept from before the video was last left here is dropped, not sent."""
+        if len(self.table.viewers(video)) <= 1:
+            self._known_count.pop(video, None)
+            if len(self._known_count) > 2 * len(self.table.by_video) + 1000:
+                for gone in [v for v in self._known_count if v not in self.table.by_video]:
+                    del self._known_count[gone]
+            return
+        event = self._known_count.get(video)
+        if event is not None:
+            self._write([viewer], encode_presence(video, [event]), None)
 
     def _count(self, video: str, event: dict) -> None:
         if not self.count_writes_max:

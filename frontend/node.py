@@ -155,6 +155,7 @@ class Frontend:
         self.security.track_viewer(viewer)
         self.stats["viewers_opened"] += 1
         self.presence.add(viewer.video, viewer.user)
+        self.fanout.welcome(viewer.video, viewer)
         self._count_changed(viewer.video)
 
     def remove_viewer(self, viewer) -> None:

@@ -219,7 +219,8 @@ class FrontendSecurity:
                     raise ConfigError(f"security.jwt_public_key: {sec.jwt_public_key}: {exc.strerror}") from None
             self.verifier = TokenVerifier(sec.jwt_secret, pem, audience=sec.jwt_audience,
                                           issuer=sec.jwt_issuer, leeway=sec.jwt_leeway,
-                                          subscribe_ttl=sec.subscribe_token_ttl)
+                                          subscribe_ttl=sec.subscribe_token_ttl,
+                                          max_lifetime=sec.jwt_max_lifetime)
             log.info("publishing needs a JWT (%s)", ", ".join(self.verifier.algorithms))
         else:
             log.warning("publishing is UNAUTHENTICATED (security.auth = off): anyone who reaches "

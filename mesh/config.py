@@ -149,9 +149,11 @@ class SecuritySection:
                       doc="publish authentication: off (anyone may publish; logged loudly at start) or jwt")
     jwt_secret: str = _spec("", doc="HS256 secret (at least 32 bytes); prefer the environment variable")
     jwt_public_key: str = _spec("", doc="PEM file of the RS256 (RSA) or ES256 (EC P-256) public key")
-    jwt_audience: str = _spec("livemesh", doc="required `aud` of tokens; subscribe tokens: this + `-subscribe`")
+    jwt_audience: str = _spec("livemesh", doc="required `aud` of tokens (never empty with auth = jwt); subscribe tokens: this + `-subscribe`")
     jwt_issuer: str = _spec("", doc="required `iss` of tokens (empty: not checked)")
     jwt_leeway: float = _spec(5.0, lo=0.0, hi=300.0, doc="seconds of clock skew allowed on `exp`")
+    jwt_max_lifetime: float = _spec(86400.0, lo=1.0, hi=31536000.0,
+                                    doc="longest life of a publish token: `exp - iat`, or `exp - now` without `iat` (401 `token_lifetime_too_long` beyond)")
     subscribe_token_ttl: float = _spec(300.0, lo=1.0, hi=86400.0,
                                        doc="longest life (`exp - iat`) of a `?access_token=` subscribe token")
     private_videos: tuple = _spec((), doc="video id glob patterns that need a token to watch (`;`-separated in env)")
@@ -283,7 +285,16 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         _apply(cfg, section, key, value, "command line")
+    _check_together(cfg)
     return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """The rules that span keys, once every source is applied."""
+    sec = cfg.security
+    if sec.auth == "jwt" and not sec.jwt_audience.strip():
+        raise ConfigError("security.jwt_audience: must not be empty when security.auth = jwt "
+                          "(an empty audience would accept tokens minted for any service)")
 
 
 def describe() -> list[tuple[str, str, Any, str]]:

@@ -3,15 +3,19 @@ a peer with no key or an unknown key gets nothing and cannot publish."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import zmq
 import zmq.asyncio
 import zmq.auth
+from zmq.utils.monitor import parse_monitor_message
 
 from mesh.wire import protocol as P
 from mesh.io.sockets import make_socket
@@ -127,7 +131,11 @@ async def test_plaintext_is_said_loudly(topology, tmp_path):
         text = open(os.path.join(str(tmp_path), f"{name}.log")).read()
         assert "node links are PLAINTEXT" in text
     assert "publishing is UNAUTHENTICATED" in open(os.path.join(str(tmp_path), "f1.log")).read()
-    assert f.url
+    # said loudly, and still working: the plaintext mesh delivers
+    v = await viewer(f.url, "in-the-clear")
+    sent = await like(f.url, "in-the-clear")
+    assert json.loads((await v.events(1))[0].data)["id"] == sent["id"]
+    v.close()
 
 
 def test_meshctl_keys_refuses_to_overwrite(tmp_path):
@@ -178,3 +186,108 @@ async def test_curve_between_datacenters_through_bridges(tmp_path):
         ctx.destroy(linger=0)
         for topo in topos.values():
             topo.close()
+
+
+
+class CurveServer:
+    """A real CURVE ROUTER guarded by the dispatchers' authenticator, and handshakes against it:
+    each ``handshake`` is a fresh DEALER whose socket monitor reports the ZAP verdict."""
+
+    def __init__(self, key_dir: str):
+        from mesh.io.curve import CurveKeys, start_authenticator
+        self.key_dir = key_dir
+        self.stats: dict = {}
+        self.ctx = zmq.asyncio.Context()
+        keys = CurveKeys(os.path.join(key_dir, "srv.key_secret"), key_dir)
+        self.auth = start_authenticator(self.ctx, keys, self.stats)
+        self.router = make_socket(self.ctx, zmq.ROUTER)
+        keys.configure(self.router, server=True)
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.server_key = keys.public
+
+    async def handshake(self, secret_file: str, timeout: float = 2.0) -> bool:
+        """True when the server admits the client keypair in ``secret_file``, False when it
+        refuses it; fails the test when neither happens within ``timeout``."""
+        public, secret = zmq.auth.load_certificate(secret_file)
+        dealer = make_socket(self.ctx, zmq.DEALER)
+        dealer.curve_publickey, dealer.curve_secretkey, dealer.curve_serverkey = public, secret, self.server_key
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        try:
+            dealer.connect(self.endpoint)
+            try:
+                frames = await asyncio.wait_for(monitor.recv_multipart(), timeout)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"no handshake verdict for {secret_file} in {timeout} s "
+                                     "(is the authenticator alive?)") from None
+            return parse_monitor_message(frames)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        finally:
+            dealer.disable_monitor()
+            monitor.close(linger=0)
+            dealer.close(linger=0)
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+        self.auth.stop()
+        self.ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def curve_keys(tmp_path):
+    key_dir = str(tmp_path / "keys")
+    make_keys(key_dir, "srv", "c1", "c2")
+    make_keys(str(tmp_path / "elsewhere"), "c3")    # a keypair the server does not allow
+    return key_dir, str(tmp_path / "elsewhere" / "c3.key_secret")
+
+
+def curve_server(key_dir: str, aclose: list) -> CurveServer:
+    """A CurveServer (made inside the test's loop, which the authenticator runs on), closed after."""
+    server = CurveServer(key_dir)
+
+    async def cleanup():
+        server.close()
+    aclose.append(cleanup)
+    return server
+
+
+async def _until_verdict(server: CurveServer, secret_file: str, verdict: bool, start: float, within: float) -> None:
+    """Fresh handshakes until ``secret_file`` gets ``verdict``; fails past ``start + within``."""
+    while await server.handshake(secret_file) != verdict:
+        assert time.monotonic() - start < within, \
+            f"{secret_file} not {'admitted' if verdict else 'refused'} within {within} s"
+
+
+async def test_a_key_rotated_with_force_is_picked_up_within_two_seconds(curve_keys, tmp_path, aclose):
+    key_dir, stranger = curve_keys
+    server = curve_server(key_dir, aclose)
+    c1, c2 = (os.path.join(key_dir, f"{n}.key_secret") for n in ("c1", "c2"))
+    assert await server.handshake(c1) and await server.handshake(c2)
+    assert not await server.handshake(stranger)
+    old_c1 = str(tmp_path / "old-c1.key_secret")
+    shutil.copy(c1, old_c1)
+    # rotation in place: same file names, same sizes, the directory's own mtime unchanged
+    subprocess.run([sys.executable, "-m", "mesh.tools.meshctl", "keys", "c1", "--dir", key_dir, "--force"],
+                   capture_output=True, text=True, check=True)
+    rotated = time.monotonic()
+    assert zmq.auth.load_certificate(c1)[0] != zmq.auth.load_certificate(old_c1)[0]
+    await _until_verdict(server, old_c1, False, rotated, within=2.0)
+    await _until_verdict(server, c1, True, rotated, within=2.0)
+    assert await server.handshake(c2)
+
+
+async def test_bad_key_files_are_skipped_and_the_authenticator_survives(curve_keys, tmp_path, aclose):
+    key_dir, stranger = curve_keys
+    server = curve_server(key_dir, aclose)
+    c2 = os.path.join(key_dir, "c2.key_secret")
+    open(os.path.join(key_dir, "empty.key"), "wb").close()
+    with open(os.path.join(key_dir, "junk.key"), "wb") as f:
+        f.write(b"\xff\xfe garbage\npublic-key = \"short\"\n\x00\x01")
+    # the directory is read again on a handshake at most once a second: handshake until it was
+    async def c2_admitted_after_reading_both():
+        return await server.handshake(c2) and server.stats.get("curve_bad_key_files", 0) >= 2
+    await wait_until(c2_admitted_after_reading_both, timeout=5.0, what="both bad files read, c2 admitted")
+    assert not await server.handshake(stranger)
+    # fix the empty file: it now holds c3's public key, which is admitted from then on
+    shutil.copy(str(tmp_path / "elsewhere" / "c3.key"), os.path.join(key_dir, "empty.key"))
+    await _until_verdict(server, stranger, True, time.monotonic(), within=3.0)
+    assert await server.handshake(c2)

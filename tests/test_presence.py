@@ -53,6 +53,20 @@ def test_board_counts_union_and_debounces_leave():
     assert b.tick(14.2) == {"v": [{"kind": "leave", "user": "ann"}]}  # exactly one, after grace
 
 
+def test_board_sends_the_count_to_a_frontend_that_starts_watching():
+    b = PresenceBoard(grace=5.0, expiry=100.0, count_interval=1.0, broadcast_max=100)
+    b.update("f1", upd(anon=1, joined=["amy"]), now=0.0)
+    assert b.tick(0.0) == {"v": [{"kind": "count", "count": 2}]}
+    assert b.tick(1.5) == {}
+    b.update("f2", upd(joined=["amy"]), now=2.0)           # amy's second tab on f2: still 2
+    assert b.tick(2.0) == {"v": [{"kind": "count", "count": 2}]}
+    b.update("f2", upd(), now=2.5)                          # f2 changes nothing more: no count
+    assert b.tick(3.5) == {}
+    b.update("f2", upd(left=["amy"]), now=4.0)
+    b.update("f2", upd(joined=["amy"]), now=4.1)           # f2 empty, then watching again
+    assert b.tick(4.1) == {"v": [{"kind": "count", "count": 2}]}
+
+
 def test_board_expires_dead_frontends_and_limits_counts():
     b = PresenceBoard(grace=5.0, expiry=3.0, count_interval=1.0, broadcast_max=100)
     b.update("f1", upd(anon=1, joined=["ann"]), now=0.0)
@@ -121,6 +135,24 @@ async def test_counts_add_up_across_frontends_and_tabs_count_once(presence_mesh)
     await others[3].close()
     await wait_until(lambda: _counts(watcher)[-1:] == [3], what="count drops to 3")
     for c in [watcher, *others[:3]]:
+        await c.close()
+
+
+@pytest.mark.topology
+async def test_a_stream_whose_arrival_changes_no_count_still_gets_the_count(presence_mesh):
+    fa, fb = presence_mesh
+    others = [Collector(await _open(fa.url, "nc/events")) for _ in range(2)]
+    amy_a = Collector(await _open(fa.url, "nc/events?user=amy"))
+    await wait_until(lambda: _counts(amy_a)[-1:] == [3], what="count 3 at amy's stream on f1")
+    # amy opens on the other frontend (a second tab, or a reload within grace): the count stays 3
+    amy_b = Collector(await _open(fb.url, "nc/events?user=amy"))
+    await wait_until(lambda: _counts(amy_b), timeout=3.0, what="a count at amy's stream on f2")
+    assert _counts(amy_b)[-1] == _counts(amy_a)[-1] == 3
+    # and a second tab on the same frontend gets it from that frontend at once
+    tab = Collector(await _open(fa.url, "nc/events?user=amy"))
+    await wait_until(lambda: _counts(tab), timeout=1.0, what="a count at amy's second tab on f1")
+    assert _counts(tab) == [3]
+    for c in [*others, amy_a, amy_b, tab]:
         await c.close()
 
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from frontend.security import check_comment_text, json_deeper_than
+from mesh.config import load_config
 from mesh.core.auth import SubscribePolicy, TokenVerifier
 from mesh.errors import ClientError, ConfigError
 from mesh.core.ratelimit import RateLimit
@@ -103,6 +104,39 @@ def test_subscribe_tokens_are_short_lived_and_subscribe_only():
     assert code_of(v.authorize, long_lived, "priv-1", "subscribe", subscribe_token=True) == (401, "invalid_token")
 
 
+def test_publish_tokens_live_at_most_jwt_max_lifetime():
+    v = TokenVerifier(SECRET, max_lifetime=3600)
+    assert v.authorize(token(exp_in=3600), "vid", "like").user == "ann"
+    assert code_of(v.authorize, token(exp_in=3601), "vid", "like") == (401, "token_lifetime_too_long")
+    ten_years = token(exp_in=10 * 365 * 86400)
+    assert code_of(v.authorize, ten_years, "vid", "like") == (401, "token_lifetime_too_long")
+    # without iat the life left (exp - now) counts
+    no_iat = lambda exp_in: jwt.encode({"sub": "ann", "exp": time.time() + exp_in, "aud": "livemesh"},
+                                       SECRET, algorithm="HS256")
+    assert v.authorize(no_iat(3500), "vid", "like").user == "ann"
+    assert code_of(v.authorize, no_iat(7200), "vid", "like") == (401, "token_lifetime_too_long")
+    # an old iat with a near exp is a token issued long ago: too long-lived as issued
+    now = time.time()
+    issued_long_ago = jwt.encode({"sub": "ann", "iat": now - 7200, "exp": now + 60, "aud": "livemesh"},
+                                 SECRET, algorithm="HS256")
+    assert code_of(v.authorize, issued_long_ago, "vid", "like") == (401, "token_lifetime_too_long")
+    assert TokenVerifier(SECRET).max_lifetime == 86400  # the default: one day
+
+
+def test_an_empty_audience_is_refused():
+    for empty in ("", "   "):
+        with pytest.raises(ConfigError, match="jwt_audience"):
+            TokenVerifier(SECRET, audience=empty)
+        with pytest.raises(ConfigError, match="security.jwt_audience: must not be empty"):
+            load_config(env={}, overrides={"security.auth": "jwt", "security.jwt_secret": SECRET,
+                                           "security.jwt_audience": empty})
+    # without JWT auth the audience is unused, and an empty one is no error
+    assert load_config(env={}, overrides={"security.jwt_audience": ""}).security.jwt_audience == ""
+    cfg = load_config(env={"LIVEMESH_SECURITY_JWT_MAX_LIFETIME": "600"})
+    assert cfg.security.jwt_max_lifetime == 600.0
+    assert load_config(env={}).security.jwt_max_lifetime == 86400.0
+
+
 def test_config_errors():
     with pytest.raises(ConfigError):
         TokenVerifier("short")
@@ -171,7 +205,8 @@ async def test_publish_needs_a_valid_token(secure, tmp_path):
     assert status == 401 and body["error"]["code"] == "missing_token"
     assert body["error"]["retryable"] is False
     for tok, code in ((token(exp_in=-30), "token_expired"), (token(key="y" * 40), "invalid_token"),
-                      (token(alg="HS512", key=SECRET * 2), "invalid_token")):
+                      (token(alg="HS512", key=SECRET * 2), "invalid_token"),
+                      (token(exp_in=10 * 365 * 86400), "token_lifetime_too_long")):
         status, body = await http("POST", url, headers=auth_header(tok))
         assert (status, body["error"]["code"]) == (401, code), body
     status, body = await http("POST", url, headers=auth_header(token(videos=["other-*"])))
@@ -188,7 +223,7 @@ async def test_publish_needs_a_valid_token(secure, tmp_path):
     assert got["user"] == "ann" and got["text"] == "hello"
     v.close()
     stats = (await health(f.url))["stats"]
-    assert stats["auth_401"] >= 4 and stats["auth_403"] >= 2
+    assert stats["auth_401"] >= 5 and stats["auth_403"] >= 2
 
 
 async def test_burst_over_the_limit_gets_429_and_refills(secure):

@@ -16,7 +16,10 @@ one algorithm it is used with, so a token cannot pick its own verification (the 
 Claims: ``sub`` (required) is the user and replaces any ``user`` field of a publish body;
 ``exp`` (required) is enforced with ``jwt_leeway`` seconds of clock skew; ``aud`` must be
 ``jwt_audience`` (``jwt_audience + "-subscribe"`` for subscribe tokens, below); ``iss`` must be
-``jwt_issuer`` when one is configured.  Optional restrictions: ``videos`` (a list of video ids
+``jwt_issuer`` when one is configured.  The audience is never empty (refused at config load), so
+a token minted for another service never passes.  A publish token lives at most
+``jwt_max_lifetime`` seconds: ``exp - iat``, or ``exp - now`` when it carries no ``iat``, so a
+leaked token is useless after a day however its issuer set ``exp``.  Optional restrictions: ``videos`` (a list of video ids
 or glob patterns such as ``"launch-*"``) and ``actions`` (a subset of ``like``, ``comment``,
 ``subscribe``); a token without them may do anything on any video.
 
@@ -78,7 +81,7 @@ def unauthorized(code: str, message: str) -> ClientError:
 class TokenVerifier:
     def __init__(self, secret: str = "", public_key_pem: bytes | None = None,
                  audience: str = "livemesh", issuer: str = "", leeway: float = 5.0,
-                 subscribe_ttl: float = 300.0, clock=time.time):
+                 subscribe_ttl: float = 300.0, max_lifetime: float = 86400.0, clock=time.time):
         self.keys: dict[str, object] = {}
         if secret:
             if len(secret.encode()) < MIN_SECRET_BYTES:
@@ -89,7 +92,11 @@ class TokenVerifier:
                 self.keys[alg] = load_pem_public_key(public_key_pem)
         if not self.keys:
             raise ConfigError("security.auth = jwt needs security.jwt_secret or security.jwt_public_key")
+        if not audience or not audience.strip():
+            raise ConfigError("security.jwt_audience must not be empty: without an audience a token "
+                              "minted for another service, or a subscribe token, would be accepted")
         self.audience = audience
+        self.max_lifetime = max_lifetime
         self.issuer = issuer or None
         self.leeway = leeway
         self.subscribe_ttl = subscribe_ttl
@@ -141,9 +148,9 @@ class TokenVerifier:
         audience = self.audience + SUBSCRIBE_AUDIENCE_SUFFIX if subscribe_token else self.audience
         required = ["exp", "sub"] + (["iat"] if subscribe_token else [])
         try:
-            claims = jwt.decode(token, key, algorithms=[alg], audience=audience or None,
+            claims = jwt.decode(token, key, algorithms=[alg], audience=audience,
                                 issuer=self.issuer, leeway=self.leeway,
-                                options={"require": required, "verify_aud": bool(audience)})
+                                options={"require": required})
         except jwt.ExpiredSignatureError:
             raise unauthorized("token_expired", "the token has expired") from None
         except jwt.InvalidSignatureError:
@@ -179,6 +186,13 @@ class TokenVerifier:
                 raise unauthorized("invalid_token", f"a subscribe token may live at most "
                                    f"{self.subscribe_ttl:g} s (exp - iat)")
             actions = actions & {ACTION_SUBSCRIBE}
+        else:
+            iat = claims.get("iat")
+            lifetime = exp - (iat if isinstance(iat, (int, float)) else now)
+            if lifetime > self.max_lifetime:
+                raise unauthorized("token_lifetime_too_long",
+                                   f"a publish token may live at most {self.max_lifetime:g} s "
+                                   f"({'exp - iat' if iat is not None else 'exp - now'} is {lifetime:.0f} s)")
         return Grant(user, videos, actions, float(exp))
 
 

@@ -14,7 +14,9 @@ user who disappears from every frontend becomes "leaving" and is announced ``lea
 still absent ``grace`` seconds later; one who comes back meanwhile (a page reload, a network
 blip) produces neither event.  Above ``broadcast_max`` viewers, per-user join/leave is not
 broadcast at all (a 100 k-viewer video must not storm its viewers); counts still are, at most
-once per ``count_interval`` and only when the number changed.  A frontend that stops sending
+once per ``count_interval`` and only when the number changed or a frontend started watching the
+video (its first viewers there get the count even when their arrival does not change it: a
+second tab, a reload within ``grace`` on another frontend).  A frontend that stops sending
 (it died) is dropped after ``expiry`` seconds without an update, so its viewers leave within
 ``expiry + grace``.  A new owner (failover, rebalancing) learns the state from the next
 snapshots, within ``refresh``.
@@ -131,6 +133,7 @@ class _Board:
     announced: set[str] = field(default_factory=set)           # users announced as present
     broadcast_count: int | None = None
     broadcast_at: float = float("-inf")
+    count_wanted: bool = False  # a frontend started watching: it needs the count, changed or not
     # export of our own DC's presence to peer DCs
     local_dirty: bool = True
     exported: set[str] | None = None   # our DC's users as of the last summary (None: none sent)
@@ -172,7 +175,11 @@ class PresenceBoard:
         """Merge one frontend's update; returns presence events to broadcast now (joins)."""
         video = upd["video"]
         board = self.videos.setdefault(video, _Board())
-        contrib = board.frontends.setdefault(frontend, _Contribution())
+        contrib = board.frontends.get(frontend)
+        if contrib is None or (not contrib.anon and not contrib.users):
+            # its first viewers of the video: the count may not change, but they must see it
+            board.count_wanted = True
+            contrib = board.frontends.setdefault(frontend, _Contribution())
         contrib.anon = upd.get("anon", 0)
         contrib.seen = now
         board.local_dirty = True
@@ -250,8 +257,9 @@ class PresenceBoard:
                         if self.count(video) <= self.broadcast_max:
                             events.append({"kind": "leave", "user": user})
             count = self.count(video)
-            if count != board.broadcast_count and now - board.broadcast_at >= self.count_interval:
-                board.broadcast_count, board.broadcast_at = count, now
+            if ((count != board.broadcast_count or board.count_wanted)
+                    and now - board.broadcast_at >= self.count_interval):
+                board.broadcast_count, board.broadcast_at, board.count_wanted = count, now, False
                 events.append({"kind": "count", "count": count})
             if events:
                 out[video] = events

@@ -9,8 +9,9 @@ same directory of allowed public keys (``security.curve_public_keys``, ``*.key``
   (pyzmq's ``zmq.auth.asyncio.AsyncioAuthenticator``) that admits a client only when its public
   key is a file in the public-key directory.  A client whose key is not there fails the
   handshake: it gets no messages at all (no fan-out, no replies) and its messages are never
-  read.  The directory is read again when it changes, so adding or removing a node's key needs
-  no restart (established connections stay up until they reconnect).
+  read.  The directory is read again when a file in it changes (``KeyDirectory``), so adding,
+  removing or rotating a node's key needs no restart (established connections stay up until
+  they reconnect).
 * Frontends (SUB, DEALERs) and dispatchers (DEALERs to each other) are CURVE clients.  A client
   must know the server's public key before it connects: it is ``<dispatcher name>.key`` in the
   same directory, so a client connects only to dispatchers whose key it holds (a registry entry
@@ -32,6 +33,7 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
 
 from mesh.errors import ConfigError, MeshError
 
@@ -94,30 +96,71 @@ def connect(sock: zmq.Socket, endpoint: str, peer: str, curve: CurveKeys | None)
 
 
 class KeyDirectory:
-    """The ZAP credentials provider: allowed client keys are the ``*.key`` files of a
-    directory, read again when the directory changes (checked at most once a second)."""
+    """The ZAP credentials provider: allowed client keys are the ``*.key`` files of a directory.
+
+    The directory is fingerprinted per file (name, size, mtime_ns) at most once a second, on the
+    next handshake, so a key replaced in place (``meshctl keys NAME --force``, which leaves the
+    directory's own mtime alone) is seen as well as a file added or removed.  Only files whose
+    fingerprint changed are read again, each on its own: a file that cannot be read or holds no
+    valid public key (empty, half-copied, garbage) is logged and skipped, and the key that file
+    last held stays allowed until it reads well again or is deleted.  Nothing a file holds can
+    raise out of ``callback``, so the authenticator task never dies from one."""
 
     def __init__(self, path: str, stats: dict | None = None, clock=time.monotonic):
         self.path = path
         self.stats = stats if stats is not None else {}
         self.clock = clock
         self.allowed: set[bytes] = set()
-        self._mtime = None
+        self._files: dict[str, tuple[int, int]] = {}   # file name -> (size, mtime_ns) last read
+        self._keys: dict[str, bytes] = {}              # file name -> its last good public key
         self._checked = -1e9
         self._warned: dict[bytes, float] = {}
         self._reload()
 
-    def _reload(self) -> None:
+    def _fingerprint(self) -> dict[str, tuple[int, int]] | None:
+        found = {}
         try:
-            mtime = os.stat(self.path).st_mtime_ns
+            with os.scandir(self.path) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(".key"):
+                        continue
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue  # removed between the listing and the stat
+                    found[entry.name] = (st.st_size, st.st_mtime_ns)
         except OSError as exc:
             log.error("CURVE public key directory %s unreadable (%s); keeping %d keys",
                       self.path, exc, len(self.allowed))
+            return None
+        return found
+
+    def _load(self, name: str) -> bytes | None:
+        path = os.path.join(self.path, name)
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+            if len(public) != 40 or len(z85.decode(public)) != 32:
+                raise ValueError(f"not a 40-character Z85 public key ({len(public)} characters)")
+        except Exception as exc:  # noqa: BLE001 - a file's content is untrusted input
+            self.stats["curve_bad_key_files"] = self.stats.get("curve_bad_key_files", 0) + 1
+            log.error("CURVE: skipping key file %s (%s: %s); keeping its last good key",
+                      path, type(exc).__name__, exc)
+            return None
+        return public
+
+    def _reload(self) -> None:
+        found = self._fingerprint()
+        if found is None or found == self._files:
             return
-        if mtime == self._mtime:
-            return
-        self._mtime = mtime
-        self.allowed = set(zmq.auth.load_certificates(self.path))
+        for name in set(self._keys) - set(found):
+            del self._keys[name]
+        for name, fp in found.items():
+            if self._files.get(name) != fp:
+                public = self._load(name)
+                if public is not None:
+                    self._keys[name] = public
+        self._files = found
+        self.allowed = set(self._keys.values())
         log.info("CURVE: %d allowed public keys from %s", len(self.allowed), self.path)
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
