@@ -1,5 +1,5 @@
 """The live-video page in a real browser: headless Chromium (Debian's ``chromium`` package,
-installed by ``.ci/install-browser``) driven by Playwright, against real frontends and
+installed by ``bin/install-deps``, which ``bin/test`` runs) driven by Playwright, against real frontends and
 dispatchers.  Every wait is a condition with a deadline (Playwright's ``expect`` and
 ``wait_for_function``), never a fixed sleep.  A missing browser FAILS these tests (a skipped
 browser test proves nothing)."""
@@ -48,7 +48,7 @@ RAW_EVENTSOURCE = """async (video) => {
 def browser_path():
     if not os.path.exists(CHROMIUM):
         ci = " (CI=true: browser tests must run)" if os.environ.get("CI") == "true" else ""
-        pytest.fail(f"no browser at {CHROMIUM}{ci}: run `bash .ci/install-browser`", pytrace=False)
+        pytest.fail(f"no browser at {CHROMIUM}{ci}: run `bin/install-deps` (bin/test does)", pytrace=False)
     pytest.importorskip("playwright", reason="pip install -e '.[test]'")
     return CHROMIUM
 
