@@ -111,7 +111,8 @@ class _Head:
         if key in _HANDOFF_HEADERS or dict.__contains__(self.headers, key):
             self.handoff = True
         elif key in _READ:
-            self.headers[key] = value.decode("latin-1")
+            # llhttp keeps a field value's trailing whitespace; RFC 9110 (5.5) and Tornado drop it
+            self.headers[key] = value.decode("latin-1").strip(" \t")
 
     def on_headers_complete(self) -> None:
         self.done = True
