@@ -22,7 +22,7 @@ Endpoints (bind|connect TYPE for PURPOSE):
 
 It registers in its DC's KV as role ``bridge`` with ``pub`` = the import XPUB (frontends connect
 their SUB there), ``export`` = the export XPUB and ``router`` = the relay ROUTER.  Local
-dispatchers are found in the KV (``mesh.io.peers.DispatcherPeers``, whose links linger after a
+dispatchers are found in the KV (``mesh.io.peers.PeerLinks``, whose links linger after a
 dispatcher leaves, so a draining dispatcher's last events still cross); peer DCs are configured
 (``bridge.peers``, ``bridge.relay_peers``), because each DC has its own KV -- or, on
 WAN-federated Consul (``bridge.peers = "consul"`` or empty), found with their relay endpoints
@@ -52,8 +52,9 @@ from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
 from mesh.io.metrics import MetricsHandler, bridge_registry
 from mesh.io.node import release, serve
 from mesh.core.ownership import owner
-from mesh.io.peers import DispatcherPeers, PeerGone
+from mesh.io.peers import PeerLinks, PeerGone
 from mesh.io.sockets import bind, make_socket
+from mesh.io.tasks import Tasks
 
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
@@ -77,13 +78,13 @@ class Bridge:
         self.discovery = discovers_peers(cfg.bridge.peers, cfg.kv.backend)
         self.peers = {} if self.discovery else parse_peers(cfg.bridge.peers, self.dc)  # dc -> export endpoint
         self.relay_peers = parse_peers(cfg.bridge.relay_peers, self.dc, "bridge.relay_peers")
-        self.peer_relays: DispatcherPeers | None = None  # DEALERs to the peer bridges' relays
+        self.peer_relays: PeerLinks | None = None  # DEALERs to the peer bridges' relays
         self._imported = 0  # event batches imported (fault injection counts them)
-        self._inflight: set[asyncio.Task] = set()
+        self.tasks = Tasks(log)
         self.gate = Gate(self.dc)
         self.stats: dict[str, int] = {}
         self.endpoints: dict[str, str] = {}
-        self.dispatchers: DispatcherPeers | None = None
+        self.dispatchers: PeerLinks | None = None
         self.http_server = None
         self._sockets: list[zmq.asyncio.Socket] = []
         self._tasks: list[asyncio.Task] = []
@@ -113,10 +114,10 @@ class Bridge:
                        asyncio.create_task(self._data(self.import_in, self.import_out, IMPORT)),
                        asyncio.create_task(self._subscriptions(self.import_out, self.import_in, IMPORT)),
                        asyncio.create_task(self._serve_relay())]
-        self.peer_relays = DispatcherPeers(self.ctx, self.kv, curve=self.curve)
+        self.peer_relays = PeerLinks(self.ctx, self.kv, curve=self.curve)
         self._link_relays()
         await self.kv.open()
-        self.dispatchers = DispatcherPeers(self.ctx, self.kv, curve=self.curve,
+        self.dispatchers = PeerLinks(self.ctx, self.kv, curve=self.curve,
                                            on_connect=self._dispatcher_up,
                                            on_disconnect=self._dispatcher_gone)
         await self.dispatchers.start()
@@ -181,6 +182,7 @@ class Bridge:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self.tasks.cancel()
         if self.dispatchers:
             await self.dispatchers.stop()
         if self.peer_relays:
@@ -201,7 +203,7 @@ class Bridge:
             if out is None:
                 continue
             if isinstance(out, Relay):  # tasks start (and send, NOBLOCK) in arrival order: FIFO
-                self._spawn(self._relay_presence(out))
+                self.tasks.spawn(self._relay_presence(out))
                 continue
             if direction == IMPORT and self._fault_drop():
                 continue
@@ -216,11 +218,6 @@ class Bridge:
             msg = await xpub.recv()
             if self.gate.subscription(direction, msg):
                 await xsub.send(msg)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -282,7 +279,7 @@ class Bridge:
                 wire_log.warning("relay: rejected a request from %r: %s", peer[:16], exc)
                 self._relay_reply(peer, P.Control(P.MSG_ERROR, msg.request_id, P.error_body("malformed", str(exc))))
                 continue
-            self._spawn(self._relay_history(peer, msg.request_id, video, after, dc))
+            self.tasks.spawn(self._relay_history(peer, msg.request_id, video, after, dc))
 
     async def _relay_history(self, peer: bytes, request_id: bytes, video: str, after, dc: str) -> None:
         timeout = self.cfg.frontend.gap_timeout  # the requesting frontend waits no longer

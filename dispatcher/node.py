@@ -54,11 +54,12 @@ from mesh.kv import KV, NodeInfo, ROLE_DISPATCHER
 from mesh.io.metrics import MetricsHandler, dispatcher_registry
 from mesh.io.node import release, rss_kb, serve
 from mesh.core.ownership import owner, rank
-from mesh.io.peers import DispatcherPeers, PeerGone
+from mesh.io.peers import PeerLinks, PeerGone
 from mesh.core.presence import PresenceBoard
 from mesh.io.pump import SocketPump
 from mesh.core.sequencing import Sequencer
 from mesh.io.sockets import bind, make_socket
+from mesh.io.tasks import Tasks
 
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
@@ -88,7 +89,7 @@ class Dispatcher:
         self.stats = defaultdict(int)
         self.router: SocketPump | None = None
         self.xpub: SocketPump | None = None
-        self.peers: DispatcherPeers | None = None
+        self.peers: PeerLinks | None = None
         self.http_server = None
         self.endpoints: dict[str, str] = {}
         self.leaving = False
@@ -99,7 +100,7 @@ class Dispatcher:
         self._ranks: dict[str, list[str]] = {}  # video -> rendezvous order over _ranks_for
         self._ranks_for: list[str] = []
         self._tasks: list[asyncio.Task] = []
-        self._inflight: set[asyncio.Task] = set()
+        self.tasks = Tasks(log)
         # video -> (loop time, position) of the last event published on the XPUB here: tails
         # announce what subscribers can have seen, never events still awaiting replication
         self._active: dict[str, tuple[float, tuple[int, int]]] = {}
@@ -139,7 +140,7 @@ class Dispatcher:
         self._tasks = [asyncio.create_task(self._announce_tails()),
                        asyncio.create_task(self._presence_ticks())]
         await self.kv.open()
-        self.peers = DispatcherPeers(self.ctx, self.kv, me=self.name, curve=self.curve)
+        self.peers = PeerLinks(self.ctx, self.kv, me=self.name, curve=self.curve)
         await self.peers.start()
         await self.kv.register(NodeInfo(self.name, ROLE_DISPATCHER, self.cfg.node.dc,
                                         http=self.endpoints["http"], router=router_ep, pub=pub_ep))
@@ -158,8 +159,9 @@ class Dispatcher:
         await asyncio.sleep(self.cfg.dispatcher.drain_seconds)
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._inflight]:
+        for task in self._tasks:
             task.cancel()
+        self.tasks.cancel()
         if self.peers:
             await self.peers.stop()
         await release(self.kv, deregister=not self.leaving, http_server=self.http_server,
@@ -169,11 +171,6 @@ class Dispatcher:
         """The dispatcher set ownership is computed over (without us once we are leaving)."""
         names = self.peers.names if self.peers else []
         return names if self.leaving else [*names, self.name]
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
 
     # --- the ROUTER -------------------------------------------------------------------------
 
@@ -196,7 +193,7 @@ class Dispatcher:
             elif msg.msg_type == P.MSG_PING:
                 self._reply(peer, P.Control(P.MSG_PONG, msg.request_id, {"name": self.name}))
             elif msg.msg_type == P.MSG_HISTORY:
-                self._spawn(self._handle_history(peer, msg))
+                self.tasks.spawn(self._handle_history(peer, msg))
             elif msg.msg_type == P.MSG_REPLICATE:
                 self._handle_replicate(peer, msg)
             elif msg.msg_type in (P.MSG_PRESENCE, P.MSG_PRESENCE_DC):
@@ -280,9 +277,7 @@ class Dispatcher:
             if not burst.replicas and (prev is None or prev.done()):
                 self._finish(burst)  # nothing to wait for: publish and acknowledge now
             else:
-                self._last_commit = asyncio.ensure_future(self._commit(burst, prev))
-                self._inflight.add(self._last_commit)
-                self._last_commit.add_done_callback(self._inflight.discard)
+                self._last_commit = self.tasks.spawn(self._commit(burst, prev))
         for video, items, fwd in slow:  # after this burst: a video's events may be in both
             batch = self._slow_open.get((video, fwd))
             if batch is not None and len(batch.items) + len(items) <= P.MAX_BATCH_EVENTS:
@@ -294,7 +289,7 @@ class Dispatcher:
                 self._slow[video] -= 1
                 continue
             batch = self._slow_open[(video, fwd)] = _SlowBatch(items, fwd, self._last_commit)
-            self._spawn(self._publish_slow(video, batch))
+            self.tasks.spawn(self._publish_slow(video, batch))
 
     def _sequence(self, video: str, items: list[tuple["_PendingAck", int, list]], order: list[str],
                   burst: "_Burst", now: float) -> None:
@@ -348,7 +343,7 @@ class Dispatcher:
         for ack, i, result in burst.deferred or ():
             ack.fill(i, result)
 
-    def _send_fanout(self, msg: P.Fanout) -> None:
+    def _send_fanout(self, msg: P.FanoutMessage) -> None:
         self._send_fanout_frames(msg.to_frames(), msg.kind, msg.video)
 
     def _send_fanout_frames(self, frames: list[bytes], kind: str, video: str) -> None:
@@ -502,13 +497,13 @@ class Dispatcher:
 
     def _publish_presence(self, video: str, events: list[dict]) -> None:
         self.stats["presence_msgs"] += 1
-        self._send_fanout(P.Fanout(video, P.FANOUT_PRESENCE, self.name, presence=events))
+        self._send_fanout(P.FanoutMessage(video, P.FANOUT_PRESENCE, self.name, presence=events))
 
     def _export_presence(self, video: str, summary: dict) -> None:
         """Our DC's own presence of ``video``, on its topic: only subscribers get it, i.e.
         our frontends (which ignore it) and our bridge while a peer DC watches the video."""
         self.stats["presence_dc_exports"] += 1
-        self._send_fanout(P.Fanout(video, P.FANOUT_DC_PRESENCE, self.name, summary={**summary, "from": self.name}))
+        self._send_fanout(P.FanoutMessage(video, P.FANOUT_DC_PRESENCE, self.name, summary={**summary, "from": self.name}))
 
     async def _presence_ticks(self) -> None:
         loop = asyncio.get_running_loop()
@@ -532,7 +527,7 @@ class Dispatcher:
                 if at < cutoff:
                     del self._active[video]
                     continue
-                self._send_fanout(P.Fanout(video, P.FANOUT_TAIL, self.name, tail=tail))
+                self._send_fanout(P.FanoutMessage(video, P.FANOUT_TAIL, self.name, tail=tail))
 
     # --- subscriptions ----------------------------------------------------------------------
 
@@ -550,7 +545,7 @@ class Dispatcher:
                 continue
             self.stats["subscribes"] += 1
             self.presence.want_full_export(video)  # a peer DC's bridge may be the new subscriber
-            self._send_fanout(P.Fanout(video, P.FANOUT_SYNC, self.name))
+            self._send_fanout(P.FanoutMessage(video, P.FANOUT_SYNC, self.name))
 
 
 class _PendingAck:

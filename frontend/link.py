@@ -48,10 +48,11 @@ from mesh.errors import ClientError, RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
 from mesh.core.ordering import ChainFollower
 from mesh.core.ownership import owner, rank
-from mesh.io.peers import DispatcherPeers, NodeWatcher, PeerGone
+from mesh.io.peers import PeerLinks, NodeWatcher, PeerGone
 from mesh.io.pump import SocketPump
 from mesh.io.curve import connect as curve_connect
 from mesh.io.sockets import make_socket
+from mesh.io.tasks import Tasks
 
 log = logging.getLogger("mesh.app")
 wire_log = logging.getLogger("mesh.wire")
@@ -91,12 +92,12 @@ class MeshLink:
         # per message; the fan-out arrives here at up to 100 k messages/s)
         self.sub = make_socket(zmq.Context.shadow(ctx.underlying), zmq.SUB, curve=curve)
         self.sub_pump = SocketPump(self.sub, self._on_fanout, self.coalesce_max, "SUB")
-        self.dispatchers = DispatcherPeers(ctx, kv, on_connect=self._sub_connect,
+        self.dispatchers = PeerLinks(ctx, kv, on_connect=self._sub_connect,
                                            on_disconnect=self._sub_disconnect, curve=curve)
         self.bridges = NodeWatcher(kv, ROLE_BRIDGE, self._bridge_connect, self._bridge_disconnect)
         # DEALERs to our DC's bridges' relay ROUTERs (history of other DCs' chains), fed from
         # ``bridges`` (no discovery of their own)
-        self.relays = DispatcherPeers(ctx, kv, curve=curve)
+        self.relays = PeerLinks(ctx, kv, curve=curve)
         self.stats = defaultdict(int)
         self.followers: dict[str, ChainFollower] = {}
         self.remote_followers: dict[str, dict[str, ChainFollower]] = {}  # video -> origin dc ->
@@ -105,7 +106,7 @@ class MeshLink:
         self._queues: dict[str, list[tuple[list[dict], asyncio.Future]]] = {}
         self._owners: dict[str, str | None] = {}  # publish: video -> owner (see owner_of)
         self._owners_for: asyncio.Event | None = None
-        self._inflight: set[asyncio.Task] = set()
+        self.tasks = Tasks(log)
 
     @property
     def peers(self) -> dict:
@@ -119,15 +120,11 @@ class MeshLink:
                              self.bridges.start(first_discovery_timeout))
 
     async def stop(self) -> None:
+        self.tasks.cancel()
         await self.dispatchers.stop()
         await self.bridges.stop()
         await self.relays.stop()
         self.sub_pump.close(linger=0)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
 
     def _sub_connect(self, info: NodeInfo) -> None:
         curve_connect(self.sub, info.pub, info.name, self.curve)
@@ -214,7 +211,7 @@ class MeshLink:
 
     def _handle_fanout(self, frames: list[bytes], ready: dict[str, list[dict]]) -> None:
         try:
-            msg = P.Fanout.from_frames(frames)
+            msg = P.FanoutMessage.from_frames(frames)
         except RemoteProtocolError as exc:
             self.stats["malformed"] += 1
             wire_log.warning("dropped malformed fan-out message: %s", exc)
@@ -239,7 +236,7 @@ class MeshLink:
                 fetch_after = follower.check_tail(msg.tail)
                 if fetch_after is not None:
                     self.stats["gaps"] += 1
-                    self._spawn(self._repair(msg.video, follower, fetch_after))
+                    self.tasks.spawn(self._repair(msg.video, follower, fetch_after))
             return
         self._received += 1
         if self.drop_every and self._received % self.drop_every == 0:
@@ -256,7 +253,7 @@ class MeshLink:
             ready.setdefault(msg.video, []).extend(events)
         if fetch_after is not None:
             self.stats["gaps"] += 1
-            self._spawn(self._repair(msg.video, follower, fetch_after))
+            self.tasks.spawn(self._repair(msg.video, follower, fetch_after))
 
     def _offer_remote(self, video: str, events: list[dict]) -> list[dict]:
         """Deliver the events of other DCs' chains; return the local ones (if any)."""
@@ -279,7 +276,7 @@ class MeshLink:
                 ready, fetch_after = follower.offer(batch)
                 if fetch_after is not None:
                     self.stats["remote_gaps"] += 1
-                    self._spawn(self._repair(video, follower, fetch_after, dc))
+                    self.tasks.spawn(self._repair(video, follower, fetch_after, dc))
             else:
                 ready, reset = follower.offer_unrepairable(batch)
                 self.stats["remote_duplicates"] += len(batch) - len(ready)
@@ -374,7 +371,7 @@ class MeshLink:
                 by_owner.setdefault(own, []).append(upd)
         for own, batch in by_owner.items():
             self.stats["presence_msgs"] += 1
-            self._spawn(self._send_presence(own, batch, timeout))
+            self.tasks.spawn(self._send_presence(own, batch, timeout))
 
     async def _send_presence(self, target: str, batch: list[dict], timeout: float) -> None:
         try:
@@ -483,7 +480,7 @@ class MeshLink:
         batch = self._queues.pop(target, [])
         if batch:
             self.stats["publish_requests"] += 1
-            self._spawn(self._send_batch(target, batch))
+            self.tasks.spawn(self._send_batch(target, batch))
 
     async def _send_batch(self, target: str, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
         # one request, or a few when the loop turn's events exceed one message (P.chunked)

@@ -33,18 +33,18 @@ def test_sequencer_stamps_the_origin_dc_and_check_event_accepts_it():
 
 def test_gate_exports_only_own_dc_events_and_imports_only_others():
     gate = Gate("dc1")
-    own = P.Fanout("v", P.FANOUT_EVENTS, "d1", [_event(dc="dc1")]).to_frames()
+    own = P.FanoutMessage("v", P.FANOUT_EVENTS, "d1", [_event(dc="dc1")]).to_frames()
     assert gate.passes(EXPORT, own) == own
     assert gate.passes(IMPORT, own) is None  # our own events never come back in
-    foreign = P.Fanout("v", P.FANOUT_EVENTS, "x", [_event(dc="dc2")]).to_frames()
+    foreign = P.FanoutMessage("v", P.FANOUT_EVENTS, "x", [_event(dc="dc2")]).to_frames()
     assert gate.passes(EXPORT, foreign) is None  # never re-exported
     assert gate.passes(IMPORT, foreign) == foreign
-    mixed = P.Fanout("v", P.FANOUT_EVENTS, "d1", [_event(dc="dc1"), _event(dc="dc2", seq=2)]).to_frames()
-    out = P.Fanout.from_frames(gate.passes(EXPORT, mixed))
+    mixed = P.FanoutMessage("v", P.FANOUT_EVENTS, "d1", [_event(dc="dc1"), _event(dc="dc2", seq=2)]).to_frames()
+    out = P.FanoutMessage.from_frames(gate.passes(EXPORT, mixed))
     assert [e["dc"] for e in out.events] == ["dc1"]
     for kind, extra in ((P.FANOUT_SYNC, {}), (P.FANOUT_TAIL, {"tail": (1, 1)}),
                         (P.FANOUT_PRESENCE, {"presence": [{"kind": "count", "count": 1}]})):
-        assert gate.passes(EXPORT, P.Fanout("v", kind, "d1", **extra).to_frames()) is None
+        assert gate.passes(EXPORT, P.FanoutMessage("v", kind, "d1", **extra).to_frames()) is None
     assert gate.frames[EXPORT]["v"] == 2 and gate.frames[IMPORT]["v"] == 1
     with pytest.raises(RemoteProtocolError):
         gate.passes(IMPORT, [b"v/v\x00", b"\xc1garbage"])

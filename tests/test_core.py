@@ -49,9 +49,9 @@ def test_control_round_trip():
 
 def test_fanout_round_trip_and_sync():
     ev = P.make_event("v1", "like", None, None)
-    msg = P.Fanout.from_frames(P.Fanout("v1", P.FANOUT_EVENTS, "d1", [ev]).to_frames())
+    msg = P.FanoutMessage.from_frames(P.FanoutMessage("v1", P.FANOUT_EVENTS, "d1", [ev]).to_frames())
     assert (msg.video, msg.kind, msg.sender, msg.events) == ("v1", "E", "d1", [ev])
-    sync = P.Fanout.from_frames(P.Fanout("v1", P.FANOUT_SYNC, "d1").to_frames())
+    sync = P.FanoutMessage.from_frames(P.FanoutMessage("v1", P.FANOUT_SYNC, "d1").to_frames())
     assert sync.kind == P.FANOUT_SYNC and sync.events == []
 
 
@@ -70,7 +70,7 @@ def test_event_rows_round_trip_through_pub_repl_and_fanout_as_the_same_maps(dc):
     [(count, data)] = P.pack_events([ev, {**ev, "seq": 8, "prev": [3, 7]}], rows=True)
     repl = P.Control.from_frames(P.Control(P.MSG_REPLICATE, b"r", P.packed_events_body([(count, data)])).to_frames())
     assert P.publish_events(repl) == [ev, {**ev, "seq": 8, "prev": [3, 7]}]
-    fan = P.Fanout.from_frames(P.packed_fanout_events("v1", "d1", count, data))
+    fan = P.FanoutMessage.from_frames(P.packed_fanout_events("v1", "d1", count, data))
     assert fan.events == [ev, {**ev, "seq": 8, "prev": [3, 7]}]
     # rows are smaller than maps, and a receiver takes both forms in one list
     assert len(data) < len(P.pack_events([ev, ev])[0][1])
@@ -83,7 +83,7 @@ def test_event_rows_round_trip_through_pub_repl_and_fanout_as_the_same_maps(dc):
     full = P.check_row(dict(ev))
     assert full == P.event_row(ev, full=True) and P.row_event(full) == ev
     [(count, data)] = P.pack_events([full, wire], rows=False)
-    as_maps = P.Fanout.from_frames(P.packed_fanout_events("v1", "d1", count, data))
+    as_maps = P.FanoutMessage.from_frames(P.packed_fanout_events("v1", "d1", count, data))
     assert as_maps.events == [ev, {k: v for k, v in ev.items() if k != "dc"}]
 
 
@@ -147,7 +147,7 @@ def test_malformed_publish_bodies(body):
 ])
 def test_malformed_fanout_frames(frames):
     with pytest.raises(RemoteProtocolError):
-        P.Fanout.from_frames(frames)
+        P.FanoutMessage.from_frames(frames)
 
 
 def test_unpack_garbage_never_raises_other_errors():
@@ -349,13 +349,13 @@ def test_chunked_keeps_every_message_far_below_the_size_limit():
 @pytest.mark.parametrize("count", [1, 15, 16, 300, 4500])
 def test_pre_packed_events_are_the_bytes_packing_would_give(count):
     """The dispatcher packs each batch once and reuses the bytes for fan-out and REPL: the
-    messages must be exactly those of Fanout.to_frames / Control.to_frames (wire unchanged)."""
+    messages must be exactly those of FanoutMessage.to_frames / Control.to_frames (wire unchanged)."""
     seq = Sequencer(epoch=5, dc="dc1")
     events = seq.accept_many("v", [_ev() for _ in range(count)])[0]
     batches = P.pack_events(events)
     assert [n for n, _ in batches] == [len(c) for c in P.chunked(events)]
     assert [P.packed_fanout_events("v", "d-1", n, data) for n, data in batches] == \
-        [P.Fanout("v", P.FANOUT_EVENTS, "d-1", c).to_frames() for c in P.chunked(events)]
+        [P.FanoutMessage("v", P.FANOUT_EVENTS, "d-1", c).to_frames() for c in P.chunked(events)]
     groups, sent = P.packed_batches(batches + batches), []
     for group in groups:  # REPL requests: a header and the pre-packed batches joined
         frames = P.Control(P.MSG_REPLICATE, b"r", P.packed_events_body(group)).to_frames()
@@ -551,10 +551,10 @@ def test_tail_announcement_reveals_a_lost_last_event():
     assert f.check_tail((1, 3)) is None                  # already repairing
     out, reset = f.repaired(seq.after("v", (1, 2)))
     assert out == [evs[2]] and not reset
-    msg = P.Fanout.from_frames(P.Fanout("v", P.FANOUT_TAIL, "d1", tail=(1, 3)).to_frames())
+    msg = P.FanoutMessage.from_frames(P.FanoutMessage("v", P.FANOUT_TAIL, "d1", tail=(1, 3)).to_frames())
     assert (msg.kind, msg.tail) == ("T", (1, 3))
     with pytest.raises(RemoteProtocolError):
-        P.Fanout.from_frames([P.topic_for("v"), P.pack({"v": 1, "k": "T", "from": "d", "tail": [1]})])
+        P.FanoutMessage.from_frames([P.topic_for("v"), P.pack({"v": 1, "k": "T", "from": "d", "tail": [1]})])
 
 
 def test_readme_lists_every_config_key():

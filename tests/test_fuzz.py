@@ -1,6 +1,6 @@
 """Hypothesis fuzzing with a bounded budget (the file runs in well under a minute):
 
-* the wire decoders (``Control.from_frames``, ``Fanout.from_frames`` and the body readers):
+* the wire decoders (``Control.from_frames``, ``FanoutMessage.from_frames`` and the body readers):
   whatever a peer sends, only ``RemoteProtocolError`` comes out;
 * the HTTP API of live frontends (auth off and auth on): random methods, paths, headers and
   bodies get only documented status codes and JSON error bodies, never a 500, and the node
@@ -100,7 +100,7 @@ payloads = st.one_of(
 @WIRE
 @given(st.one_of(st.lists(st.binary(max_size=30), max_size=4), st.tuples(topics, payloads).map(list)))
 def test_fanout_decoder_only_raises_remote_protocol_errors(frames):
-    msg = only_remote_errors(P.Fanout.from_frames, frames)
+    msg = only_remote_errors(P.FanoutMessage.from_frames, frames)
     if msg is not None:
         assert P.valid_video_id(msg.video) and msg.kind in ("E", "S", "T")
 
@@ -109,12 +109,12 @@ def test_decoders_accept_what_the_encoders_make():
     event = P.make_event("v1", "comment", "ann", "hi\n")
     ctl = P.Control(P.MSG_PUBLISH, b"r", P.publish_body([event]))
     assert P.publish_events(P.Control.from_frames(ctl.to_frames())) == [event]
-    fan = P.Fanout("v1", P.FANOUT_EVENTS, "d1", [event])
-    assert P.Fanout.from_frames(fan.to_frames()).events == [event]
+    fan = P.FanoutMessage("v1", P.FANOUT_EVENTS, "d1", [event])
+    assert P.FanoutMessage.from_frames(fan.to_frames()).events == [event]
     rows = P.Control(P.MSG_PUBLISH, b"r", P.publish_body([event], rows=True))
     assert P.publish_events(P.Control.from_frames(rows.to_frames())) == [event]
     [(count, data)] = P.pack_events([event], rows=True)
-    assert P.Fanout.from_frames(P.packed_fanout_events("v1", "d1", count, data)).events == [event]
+    assert P.FanoutMessage.from_frames(P.packed_fanout_events("v1", "d1", count, data)).events == [event]
 
 
 # --- the HTTP API ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class DCPair:
         out: dict[str, dict[str, list[dict]]] = {dc: {} for dc in self.boards}
         for src, dst in (("dc1", "dc2"), ("dc2", "dc1")):
             for video, summary in self.boards[src].export(now).items():
-                frames = P.Fanout(video, P.FANOUT_DC_PRESENCE, f"{src}-d1",
+                frames = P.FanoutMessage(video, P.FANOUT_DC_PRESENCE, f"{src}-d1",
                                   summary={**summary, "from": f"{src}-d1"}).to_frames()
                 frames = self.gates[src].passes(EXPORT, frames)
                 relay = self.gates[dst].passes(IMPORT, frames)
@@ -182,22 +182,22 @@ def test_malformed_dc_summaries_are_remote_protocol_errors(bad):
     with pytest.raises(RemoteProtocolError):
         P.check_dc_summary(bad)
     with pytest.raises(RemoteProtocolError):
-        P.Fanout.from_frames([P.topic_for("v"), P.pack({"v": 1, "k": "D", "from": "d", "summary": bad})])
+        P.FanoutMessage.from_frames([P.topic_for("v"), P.pack({"v": 1, "k": "D", "from": "d", "summary": bad})])
     with pytest.raises(RemoteProtocolError):
         P.presence_dc_update(P.Control(P.MSG_PRESENCE_DC, b"1", {"video": "v", "summary": bad}))
 
 
 def test_gate_passes_summaries_of_its_own_dc_out_and_relays_the_others_in():
     gate = Gate("dc1")
-    ours = P.Fanout("v", P.FANOUT_DC_PRESENCE, "d1",
+    ours = P.FanoutMessage("v", P.FANOUT_DC_PRESENCE, "d1",
                     summary={"dc": "dc1", "from": "d1", "n": 0, "count": 1, "full": True, "users": []}).to_frames()
-    theirs = P.Fanout("v", P.FANOUT_DC_PRESENCE, "e1",
+    theirs = P.FanoutMessage("v", P.FANOUT_DC_PRESENCE, "e1",
                       summary={"dc": "dc2", "from": "e1", "n": 0, "count": 2, "full": True, "users": []}).to_frames()
     assert gate.passes(EXPORT, ours) == ours
     assert gate.passes(IMPORT, ours) is None        # our own, back: never merged twice
     assert gate.passes(EXPORT, theirs) is None      # never re-exported
     relay = gate.passes(IMPORT, theirs)
-    assert relay == Relay("v", P.Fanout.from_frames(theirs).summary)
+    assert relay == Relay("v", P.FanoutMessage.from_frames(theirs).summary)
     assert gate.presence == {EXPORT: 1, IMPORT: 1} and not gate.frames[EXPORT]
 
 
@@ -245,7 +245,7 @@ def test_fuzz_dc_summaries_only_remote_errors_and_boards_stay_consistent(items):
     for now, item in enumerate(items):
         frames = [P.topic_for("v"), P.pack({"v": 1, "k": "D", "from": "d", "summary": item})]
         try:
-            msg = P.Fanout.from_frames(frames)
+            msg = P.FanoutMessage.from_frames(frames)
         except RemoteProtocolError:
             continue
         board.update_dc("v", msg.summary, float(now))

@@ -85,7 +85,7 @@ class Gate:
         """The frames to forward (the same ones, or a re-encoded batch of the events that may
         cross), a :class:`Relay` (an imported presence summary), or None to drop them."""
         try:
-            msg = P.Fanout.from_frames(frames)
+            msg = P.FanoutMessage.from_frames(frames)
         except RemoteProtocolError:
             self.dropped["malformed"] += 1
             raise
@@ -105,9 +105,9 @@ class Gate:
         self._count(direction, msg.video, len(keep))
         if len(keep) == len(msg.events):
             return frames
-        return P.Fanout(msg.video, msg.kind, msg.sender, keep).to_frames()
+        return P.FanoutMessage(msg.video, msg.kind, msg.sender, keep).to_frames()
 
-    def _summary(self, direction: str, msg: P.Fanout, frames: list[bytes]) -> list[bytes] | Relay | None:
+    def _summary(self, direction: str, msg: P.FanoutMessage, frames: list[bytes]) -> list[bytes] | Relay | None:
         ours = msg.summary["dc"] == self.dc
         if ours != (direction == EXPORT):
             self.dropped[f"{direction}_presence_not_crossing"] += 1

@@ -2,7 +2,7 @@
 for control requests.  Frontends use it to publish and fetch history; dispatchers use it to
 replicate to their backups, hand chains over and forward misrouted publishes.
 
-Theory of operation.  ``DispatcherPeers`` follows the registry with ``KV.watch_nodes``;
+Theory of operation.  ``PeerLinks`` follows the registry with ``KV.watch_nodes``;
 ownership (rendezvous hashing) is computed over ``peers``, the dispatchers the registry lists
 now.  A dispatcher that leaves the registry moves to ``retired``: its links stay open for
 ``LINK_LINGER`` seconds, so a registry hiccup (a Consul agent restarting, nodes
@@ -60,7 +60,11 @@ def _endpoints(info: NodeInfo) -> tuple[str, str]:
     return info.router, info.pub
 
 
-class DispatcherPeers:
+class PeerLinks:
+    """DEALER links to every registered node of one role (the dispatchers, or the peer
+    bridges' relays), kept in step with the registry: a node that joins is linked, one that
+    leaves lingers in ``retired`` for ``LINK_LINGER`` seconds before its link closes."""
+
     def __init__(self, ctx: zmq.asyncio.Context, kv: KV, me: str | None = None,
                  on_connect: Callable[[NodeInfo], None] | None = None,
                  on_disconnect: Callable[[NodeInfo], None] | None = None, curve=None):
@@ -212,7 +216,7 @@ class NodeWatcher:
     (``on_connect``) and leaving (``on_disconnect``; an endpoint change is a leave and an
     arrival).  Frontends use it for their DC's bridges (``ROLE_BRIDGE``): they connect their
     SUB socket to a bridge's import XPUB like to a dispatcher's XPUB.  Unlike
-    ``DispatcherPeers`` nothing lingers: a bridge carries no chain and no request, so a link
+    ``PeerLinks`` nothing lingers: a bridge carries no chain and no request, so a link
     cut during a registry hiccup only costs remote events until it is back."""
 
     def __init__(self, kv: KV, role: str, on_connect: Callable[[NodeInfo], None],

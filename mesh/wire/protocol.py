@@ -668,7 +668,7 @@ def error_body(code: str, message: str) -> dict:
 # --- fan-out envelope -------------------------------------------------------------------
 
 @dataclass
-class Fanout:
+class FanoutMessage:
     """One fan-out message (XPUB -> SUB)."""
 
     video: str
@@ -694,7 +694,7 @@ class Fanout:
         return [topic_for(self.video), pack(payload)]
 
     @classmethod
-    def from_frames(cls, frames: list[bytes]) -> "Fanout":
+    def from_frames(cls, frames: list[bytes]) -> "FanoutMessage":
         if len(frames) != 2:
             raise RemoteProtocolError(f"fan-out message has {len(frames)} frames, expected 2")
         video = video_from_topic(bytes(frames[0]))
@@ -732,7 +732,7 @@ _events_prefixes: dict[str, bytes] = {}
 
 
 def packed_fanout_events(video: str, sender: str, count: int, data: bytes) -> list[bytes]:
-    """The frames of ``Fanout(video, FANOUT_EVENTS, sender, events).to_frames()`` from one batch
+    """The frames of ``FanoutMessage(video, FANOUT_EVENTS, sender, events).to_frames()`` from one batch
     of ``pack_events``: the same bytes, without packing the events again."""
     prefix = _events_prefixes.get(sender)
     if prefix is None:  # {"v": 1, "k": "E", "from": sender, "events": <array follows>}
