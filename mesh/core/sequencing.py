@@ -20,7 +20,7 @@ of recent ids returns the original placement instead of sequencing it twice.
 
 Cost per event (``accept_many`` runs for every published like): the dedupe window is a plain
 dict plus the batches in insertion order, evicted a whole batch at a time (an ``OrderedDict``
-with one ``popitem`` per event was a quarter of the sequencing time, the profile of round 3);
+with one ``popitem`` per event costs a quarter of the sequencing time in a profile);
 history and arrival times are extended once per batch, in C; the placement returned per event
 is its bare ``seq`` (an ``int``) when it was placed in this epoch, which is what the compact
 ``ACK`` carries (mesh.wire.protocol ``ack_body``).
@@ -81,6 +81,10 @@ class Sequencer:
 
     def has_log(self, video: str) -> bool:
         return video in self.videos
+
+    def ensure_log(self, video: str) -> None:
+        """The video has a chain here from now on (empty when nothing was stored)."""
+        self._log(video)
 
     def accept(self, event: dict, now: float | None = None) -> tuple[dict, bool]:
         """Place ``event`` (mutated: epoch, seq, prev) at the end of its video's chain.
