@@ -70,8 +70,10 @@ class Dispatcher:
         self.http_server = None
         self.endpoints: dict[str, str] = {}
         self.leaving = False
+        # not ready (publishes and history answered "not_ready") until the first discovery
+        # round: before it, live() is ourselves alone and every video would look like ours
         self.pipeline = Pipeline(self.name, self.seq, self.stats, self.live, time.monotonic,
-                                 event_rows=self.event_rows)
+                                 event_rows=self.event_rows, ready=False)
         self._tasks: list[asyncio.Task] = []
         self.tasks = Tasks(log)
         pr = cfg.presence
@@ -86,6 +88,7 @@ class Dispatcher:
     async def start(self) -> None:
         d = self.cfg.dispatcher
         self.curve, self.zap = secure_links(self.ctx, self.cfg, self.stats)  # before any bind
+        await self.kv.open()  # before binding: from the bind on, the discovery round is all we wait for
         # plain sockets on the async context's shadow, served by pumps (mesh.io.pump: no future
         # per message); the pumps close them
         sync_ctx = zmq.Context.shadow(self.ctx.underlying)
@@ -110,13 +113,24 @@ class Dispatcher:
         self.xpub.start()
         self._tasks = [asyncio.create_task(self._announce_tails()),
                        asyncio.create_task(self._presence_ticks())]
-        await self.kv.open()
         self.peers = PeerLinks(self.ctx, self.kv, me=self.name, curve=self.curve)
         await self.peers.start()
+        if self.peers.discovered:
+            self._set_ready()
+        else:
+            self.tasks.spawn(self._ready_after_discovery())
         await self.kv.register(NodeInfo(self.name, ROLE_DISPATCHER, self.cfg.node.dc,
                                         http=self.endpoints["http"], router=router_ep, pub=pub_ep))
         log.info("dispatcher %s serving: router %s, pub %s, http %s, epoch %d",
                  self.name, router_ep, pub_ep, self.endpoints["http"], self.seq.epoch)
+
+    def _set_ready(self) -> None:
+        self.pipeline.ready = True
+        log.info("dispatcher %s ready: %d peer dispatchers known", self.name, len(self.peers.names))
+
+    async def _ready_after_discovery(self) -> None:
+        await self.peers.first_round()
+        self._set_ready()
 
     async def shutdown(self) -> None:
         """Graceful exit, step one: leave the registry so the others take the videos over,
@@ -204,11 +218,13 @@ class Dispatcher:
     async def _replicate(self, effect: Replicate) -> None:
         """One REPL to a backup; the burst commits whatever the outcome (a backup that misses
         REPLICATE_TIMEOUT is suspect for a while and skipped meanwhile, counted)."""
+        ok = False
         try:
             if self.peers is None or self.peers.is_suspect(effect.backup):
                 self.stats["replication_skipped"] += effect.count
                 return
             await self.peers.request(effect.backup, P.MSG_REPLICATE, effect.body(), REPLICATE_TIMEOUT)
+            ok = True
             self.stats["replicated"] += effect.count
             self.stats["replication_msgs"] += 1
         except (asyncio.TimeoutError, PeerGone) as exc:
@@ -219,7 +235,7 @@ class Dispatcher:
             self.stats["replication_failures"] += effect.count
             log.exception("replicating to %s failed", effect.backup)
         finally:
-            self._apply(self.pipeline.replicated(effect))
+            self._apply(self.pipeline.replicated(effect, ok))
 
     async def _forward(self, effect: Forward) -> None:
         reply, error = await self._request(effect.target, P.MSG_PUBLISH, effect.body, FORWARD_TIMEOUT)
@@ -298,6 +314,8 @@ class Dispatcher:
             now = loop.time()
             for video, events in self.presence.tick(now).items():
                 self._publish_presence(video, events)
+            if not self.pipeline.ready:
+                continue  # which videos are ours is not known yet
             live = self.live()
             for video, summary in self.presence.export(now, lambda v: owner(v, live) == self.name).items():
                 self._export_presence(video, summary)
@@ -335,7 +353,8 @@ class HealthHandler(tornado.web.RequestHandler):
 
     def get(self) -> None:
         node = self.node
-        self.write({"status": "leaving" if node.leaving else "ok", "role": ROLE_DISPATCHER,
+        status = "leaving" if node.leaving else "ok" if node.pipeline.ready else "starting"
+        self.write({"status": status, "role": ROLE_DISPATCHER,
                     "name": node.name, "epoch": node.seq.epoch, "videos": len(node.seq.videos),
                     "dispatchers": node.live(), "rss_kb": rss_kb(),
                     "stats": {**node.stats, **(node.peers.stats if node.peers else {})},

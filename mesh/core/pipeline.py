@@ -40,6 +40,30 @@ fake clock and no socket.
    but holds no chain of waits in the same queue for the chain fetch.
 5. A retried event already known from a replica (its owner died after replicating it) is
    published again; frontends drop what they already delivered by event id.
+
+One writer per chain.  A dispatcher appends to a video's chain only while it is the video's
+owner in its own view of the dispatcher set and holds the chain's tail (``writing``); it
+never sequences a video for someone else.  A publish it cannot place -- it is not ready yet
+(``ready``: it does not know the dispatcher set, right after a start), the owner did not
+take a forward, a forward reached it while another dispatcher owns the video, or the chain
+could not be fetched -- gets a retryable error (``protocol.error_body(retryable=True)``):
+the event was not placed, and the publisher sends it again.  Three rules keep the tail with
+the writer whatever the order of deaths and restarts:
+
+* Sync before writing.  ``writing`` is forgotten whenever the dispatcher set changes; the
+  first publish of a video after that fetches the chain after our tail from the next
+  SYNC_SOURCES dispatchers in rendezvous order (the acting owner while we were away, the
+  backup, the stand-in that took the replicas the backup missed) and follows the ``prev``
+  links across their copies to the chain's real tail before anything is sequenced.  A
+  source that does not answer means no write: the tail may be there.
+* Handoff.  A dispatcher that answers a peer's chain fetch (the peer is taking the video
+  over) stops writing the video at once and, until its own view of the registry lists the
+  peer (at most ``handoff_hold`` seconds), sends the video's publishes to that peer.  A
+  leaving dispatcher's forwards say so (``leaving``): the receiver stops counting it as an
+  owner at once, before the registry tells it.
+* Two copies.  A backup that does not answer a ``REPL`` (or is suspect) is replaced by the
+  next dispatcher in the video's rendezvous order, so an acknowledged event is held by two
+  dispatchers while two are alive, and a new owner finds the tail where its sync looks.
 """
 
 from __future__ import annotations
@@ -60,6 +84,16 @@ wire_log = logging.getLogger("mesh.wire")
 RANK_CACHE_MAX = 100000
 #: seconds a video is announced (``active_tails``) after its last publish
 TAIL_ACTIVE = 30.0
+
+#: seconds a dispatcher that handed a video's chain to a peer leaves the video to that peer,
+#: even while its own view of the registry does not list the peer yet (registry propagation
+#: takes a watch round: WATCH_POLL or one Consul blocking query)
+HANDOFF_HOLD = 5.0
+#: dispatchers a new writer asks for the chain after its tail: the next ones in rendezvous
+#: order hold every acknowledged event between them (owner's backup, and its stand-in)
+SYNC_SOURCES = 2
+#: longest dispatcher name a handoff mark records (node names are short)
+NAME_MAX = 128
 
 #: what a slow op waits for after it started
 _FORWARD, _FETCH, _REPLICATE = "forward", "fetch", "replicate"
@@ -89,14 +123,18 @@ class Broadcast:
 
 
 class Replicate:
-    """Send one ``REPL`` of ``count`` packed events (``batches``) to ``backup``; then call
-    ``Pipeline.replicated(self)``, whatever the outcome (answered, timed out, skipped)."""
+    """Send one ``REPL`` of ``count`` packed events (``batches``, of ``videos``) to ``backup``;
+    then call ``Pipeline.replicated(self, ok)``: ``ok`` False when it was not answered (timed
+    out, no link, or skipped because the backup is suspect)."""
 
-    __slots__ = ("backup", "batches", "count", "burst")
+    __slots__ = ("backup", "batches", "videos", "tried", "count", "burst")
 
-    def __init__(self, backup: str, batches: list[tuple[int, bytes]], burst: "Burst"):
+    def __init__(self, backup: str, batches: list[tuple[int, bytes]], videos: list[str],
+                 tried: frozenset[str], burst: "Burst"):
         self.backup = backup
         self.batches = batches
+        self.videos = videos  # per batch: its video (a fallback backup is per video)
+        self.tried = tried    # dispatchers that do not get these events again (us included)
         self.count = sum(n for n, _ in batches)
         self.burst = burst
 
@@ -119,15 +157,18 @@ class Forward:
 
 
 class FetchChain:
-    """Send ``body`` (a peer ``HIST`` for the whole chain of ``video``) to ``source``; then call
-    ``Pipeline.chain_fetched(self, reply, error)``."""
+    """Send ``body`` (a peer ``HIST`` for the chain of ``video`` after ``after``, our tail, or
+    the whole chain) to ``source``; then call ``Pipeline.chain_fetched(self, reply, error)``.
+    ``from`` names us: the source leaves the video to us from then on (handoff)."""
 
-    __slots__ = ("source", "video", "body", "op")
+    __slots__ = ("source", "video", "after", "body", "op")
 
-    def __init__(self, source: str, video: str, op: "SlowBatch | HistoryWait"):
+    def __init__(self, source: str, video: str, after: tuple[int, int] | None, me: str,
+                 op: "SlowBatch | HistoryWait"):
         self.source = source
         self.video = video
-        self.body = {**P.history_body(video, None), "peer": True}
+        self.after = after
+        self.body = {**P.history_body(video, after), "peer": True, "from": me}
         self.op = op
 
 
@@ -194,7 +235,7 @@ class Burst:
 
     def __init__(self, acks: list[PendingAck], deferred: list | None = None,
                  slow: str | None = None) -> None:
-        self.replicas: dict[str, list[tuple[int, bytes]]] = {}
+        self.replicas: dict[str, tuple[list[tuple[int, bytes]], list[str]]] = {}  # backup -> batches, their videos
         self.fanout: dict[str, list[tuple[int, bytes]]] = {}
         self.tails: dict[str, tuple[int, int]] = {}
         self.acks = acks  # settled on commit: their fast-path results are written in place
@@ -211,20 +252,23 @@ class SlowBatch:
     """A video's slow-path publishes, joined until it starts: the items, whether they were
     forwarded to us, and the newest burst that must commit before it starts."""
 
-    __slots__ = ("items", "fwd", "after", "stage")
+    __slots__ = ("items", "fwd", "after", "stage", "fetching", "fetched", "fetch_error")
 
     def __init__(self, items: list[Item], fwd: bool, after: int):
         self.items = items
         self.fwd = fwd
         self.after = after
         self.stage = ""
+        self.fetching = 0        # chain fetches not answered yet
+        self.fetched: list = []  # their chains
+        self.fetch_error = None  # why one failed
 
 
 class HistoryWait:
     """A history request for a video we own but hold no chain of: answered once the chain
     is fetched."""
 
-    __slots__ = ("peer", "request_id", "position", "after", "stage")
+    __slots__ = ("peer", "request_id", "position", "after", "stage", "fetching", "fetched", "fetch_error")
 
     def __init__(self, peer: bytes, request_id: bytes, position: tuple[int, int] | None):
         self.peer = peer
@@ -232,6 +276,9 @@ class HistoryWait:
         self.position = position
         self.after = 0
         self.stage = ""
+        self.fetching = 0
+        self.fetched: list = []
+        self.fetch_error = None
 
 
 class SlowVideo:
@@ -256,10 +303,18 @@ class Pipeline:
     """One dispatcher's publish pipeline (see the module docstring).
 
     ``live()`` is the dispatcher set ownership is computed over (ours included unless we are
-    leaving), ``clock()`` a monotonic clock in seconds; ``stats`` is the node's counters."""
+    leaving), ``clock()`` a monotonic clock in seconds; ``stats`` is the node's counters;
+    ``ready``: whether ``live()`` is known (the shell sets it after its first discovery)."""
 
     def __init__(self, name: str, seq: Sequencer, stats: dict, live: Callable[[], list[str]],
-                 clock: Callable[[], float], event_rows: bool = True):
+                 clock: Callable[[], float], event_rows: bool = True, ready: bool = True,
+                 handoff_hold: float = HANDOFF_HOLD):
+        self.ready = ready
+        self.handoff_hold = handoff_hold
+        #: videos we write now: owned in our view since the last change of the set, tail synced
+        self.writing: set[str] = set()
+        self._handed: dict[str, tuple[str, float]] = {}  # video -> (peer we handed it to, until)
+        self._departed: dict[str, float] = {}  # peer that told us it is leaving -> until
         self.name = name
         self.seq = seq
         self.stats = stats
@@ -278,6 +333,16 @@ class Pipeline:
         # subscribers can have seen, never events still awaiting replication
         self.active: dict[str, tuple[float, tuple[int, int]]] = {}
 
+    def _owners(self) -> list[str]:
+        """The set ownership is computed over: ``live()`` without the peers that told us they
+        are leaving (their registry entry may outlive their word for a watch round)."""
+        live = self.live()
+        if not self._departed:
+            return live
+        now = self.clock()
+        self._departed = {name: until for name, until in self._departed.items() if until > now}
+        return [d for d in live if d not in self._departed]
+
     def _effects(self) -> list[Effect]:
         out = self.out[:]
         self.out.clear()  # PendingAcks hold this very list
@@ -287,6 +352,8 @@ class Pipeline:
 
     def publish(self, requests: list[tuple[bytes, P.Control]]) -> list[Effect]:
         """One burst of PUB requests: grouped per (video, forwarded) and published together."""
+        if not self.ready:
+            return [self._not_ready(peer, msg) for peer, msg in requests]
         groups: dict[bool, dict[str, list[Item]]] = {False: {}, True: {}}
         acks: list[PendingAck] = []
         for peer, msg in requests:
@@ -298,16 +365,43 @@ class Pipeline:
     def history(self, peer: bytes, msg: P.Control) -> list[Effect]:
         """A ``HIST`` request: the chain after a position, or ``reset`` when history cannot
         say.  The owner of a video it holds no chain of fetches the chain first."""
+        if not self.ready:
+            return [self._not_ready(peer, msg)]
         try:
             video, after = P.history_request(msg)
         except RemoteProtocolError as exc:
             return [rejection(self.stats, peer, msg, "malformed", exc)]
-        if not msg.body.get("peer") and owner(video, self.live()) == self.name \
-                and (video in self._slow or not self.seq.has_log(video)):
+        if msg.body.get("peer"):  # a chain fetch: the peer takes the video over
+            self._hand_over(video, msg.body.get("from"))
+        elif owner(video, self._owners()) == self.name and (video in self._slow or not self.seq.has_log(video)):
             self._enqueue(video, HistoryWait(peer, msg.request_id, after))
-        else:
-            self._answer_history(peer, msg.request_id, video, after)
+            return self._effects()
+        self._answer_history(peer, msg.request_id, video, after)
         return self._effects()
+
+    def _not_ready(self, peer: bytes, msg: P.Control) -> Reply:
+        self.stats["not_ready"] += 1
+        return Reply(peer, P.Control(P.MSG_ERROR, msg.request_id, P.error_body(
+            P.ERR_NOT_READY, f"dispatcher {self.name} is starting: it does not know the dispatcher set yet",
+            retryable=True)))
+
+    def _depart(self, name: object) -> None:
+        """Peer ``name`` leaves (it forwards what it owned): it owns nothing in our eyes now."""
+        if type(name) is str and name != self.name and len(name) <= NAME_MAX:
+            if name not in self._departed:
+                self._departed[name] = self.clock() + self.handoff_hold
+                self.stats["peers_departed"] += 1
+
+    def _hand_over(self, video: str, taker: object) -> None:
+        """``taker`` fetches the chain of ``video`` to write it: we stop writing it now."""
+        self.writing.discard(video)
+        if type(taker) is not str or taker == self.name or len(taker) > NAME_MAX or taker in self._owners():
+            return  # a taker our view lists outranks us for the video: ownership says enough
+        now = self.clock()
+        if len(self._handed) > RANK_CACHE_MAX:
+            self._handed = {v: mark for v, mark in self._handed.items() if mark[1] > now}
+        self._handed[video] = (taker, now + self.handoff_hold)
+        self.stats["chains_handed_over"] += 1
 
     def store_replica(self, peer: bytes, msg: P.Control) -> list[Effect]:
         """A ``REPL`` from the owner of some videos: its events join our logs."""
@@ -333,8 +427,12 @@ class Pipeline:
 
     # --- completions ------------------------------------------------------------------------
 
-    def replicated(self, effect: Replicate) -> list[Effect]:
+    def replicated(self, effect: Replicate, ok: bool = True) -> list[Effect]:
+        """A ``REPL`` answered (``ok``), or not: then its events go to the next dispatcher in
+        each video's rendezvous order, and the burst waits for that one instead."""
         burst = effect.burst
+        if not ok:
+            self._replicate_elsewhere(effect)
         burst.waiting -= 1
         if burst.waiting == 0:
             if burst.slow is not None:
@@ -345,44 +443,72 @@ class Pipeline:
         return self._effects()
 
     def forwarded(self, effect: Forward, reply: P.Control | None, error: object = None) -> list[Effect]:
-        """The owner's answer to a forward (``reply``), or why there is none (``error``)."""
+        """The owner's answer to a forward (``reply``), or why there is none (``error``).  The
+        owner's results, errors included, are the requester's; no answer is a retryable error
+        (sequencing the video here would give its chain a second writer)."""
         op = effect.op
         placed = None
         if reply is not None:
             try:
-                placed = P.ack_positions(reply, effect.count) if reply.msg_type == P.MSG_ACK else None
+                if reply.msg_type == P.MSG_ACK:
+                    placed = P.ack_positions(reply, effect.count)
+                else:
+                    error = f"{reply.body.get('code')}: {reply.body.get('message')}"
             except RemoteProtocolError as exc:
                 error = exc
-        if error is not None:
-            log.warning("forwarding %s to its owner %s failed (%s); sequencing it here",
-                        effect.video, effect.target, error)
-        if placed is None or any(type(where) is dict for where in placed):  # an error result
-            if self._chain_then_run(effect.video, op):
-                self._op_done(effect.video)
-            return self._effects()
-        self.stats["forwarded"] += len(op.items)
-        for (ack, i, _), where in zip(op.items, placed):
-            ack.fill(i, where)
+        if placed is None:
+            log.warning("forwarding %s to its owner %s failed (%s); answered retryable", effect.video,
+                        effect.target, error)
+            self._refuse(op, "owner_unavailable", f"the owner of {effect.video} ({effect.target}) "
+                                                  f"did not take the events: {error}")
+        else:
+            self.stats["forwarded"] += len(op.items)
+            for (ack, i, _), where in zip(op.items, placed):
+                ack.fill(i, where)
         self._op_done(effect.video)
         return self._effects()
 
     def chain_fetched(self, effect: FetchChain, reply: P.Control | None, error: object = None) -> list[Effect]:
-        """The previous owner's answer to a chain fetch (``reply``), or why there is none."""
-        chain: list[list] = []
+        """One source's answer to a chain fetch (``reply``), or why there is none (``error``).
+        Once every source answered, the events that continue our chain are stored and the op
+        resumes; if one did not answer, the video is not written (its tail may be there):
+        retryable errors."""
+        video, op = effect.video, effect.op
+        chain = None
         if reply is not None:
             try:
-                chain = P.history_reply(reply, P.check_row) or []
-                self.stats["chains_taken_over"] += bool(chain)
+                if reply.msg_type == P.MSG_ACK:
+                    chain = P.history_reply(reply, P.check_row)
+                else:
+                    error = f"{reply.body.get('code')}: {reply.body.get('message')}"
             except RemoteProtocolError as exc:
                 error = exc
+        if error is None and chain is None and effect.after is not None:
+            # the source does not hold our tail: its whole chain says whether it is ahead
+            self.out.append(FetchChain(effect.source, video, None, self.name, op))
+            return self._effects()
+        op.fetching -= 1
         if error is not None:
             self.stats["chain_fetch_failures"] += 1
-            log.warning("could not fetch the chain of %s from %s (%s); starting a new one",
-                        effect.video, effect.source, error)
-        self.seq.store(chain, self.clock())
-        self.seq.ensure_log(effect.video)
-        if self._run(effect.video, effect.op):
-            self._op_done(effect.video)
+            log.warning("could not fetch the chain of %s from %s (%s); answered retryable", video,
+                        effect.source, error)
+            op.fetch_error = f"the chain of {video} could not be fetched from {effect.source}: {error}"
+        elif chain:
+            op.fetched.append(chain)
+        if op.fetching:
+            return self._effects()
+        if op.fetch_error is not None:
+            self._refuse(op, "chain_unavailable", op.fetch_error)
+            self._op_done(video)
+            return self._effects()
+        more = self._continuation(video, op.fetched)
+        if more:
+            self.stats["chains_taken_over" if self.seq.tail(video) is None else "chains_synced"] += 1
+            self.seq.store(more, self.clock())
+        op.fetched = []
+        self.seq.ensure_log(video)
+        if self._resume(video, op):
+            self._op_done(video)
         return self._effects()
 
     # --- the fast path ----------------------------------------------------------------------
@@ -406,18 +532,31 @@ class Pipeline:
                              len(events) + len(rejected), peer[:16], rejected[0][1]["error"]["message"])
             for i, result in rejected:
                 ack.fill(i, result["error"])
-        by_video = groups[bool(msg.body.get("fwd"))]
+        fwd = bool(msg.body.get("fwd"))
+        if fwd and msg.body.get("leaving") is True:
+            self._depart(msg.body.get("from"))
+        by_video = groups[fwd]
         for i, event in events:  # rows (P.check_row): what the sequencer keeps
             group = by_video.get(event[P.ROW_VIDEO])
             if group is None:
                 group = by_video[event[P.ROW_VIDEO]] = []
             group.append((ack, i, event))
 
-    def _rank(self, video: str, live: list[str]) -> list[str]:
-        """The video's rendezvous order over ``live`` (cached until the set changes)."""
-        if live != self._ranks_for or len(self._ranks) > RANK_CACHE_MAX:
+    def _observe(self, live: list[str]) -> None:
+        """A new dispatcher set forgets the rank cache and what we write (sync before writing)."""
+        if live != self._ranks_for:
             self._ranks.clear()
             self._ranks_for = live
+            self.writing.clear()
+            if self._handed:  # a taker our view lists now needs no mark: ownership says enough
+                names = set(live)
+                self._handed = {v: mark for v, mark in self._handed.items() if mark[0] not in names}
+
+    def _rank(self, video: str, live: list[str]) -> list[str]:
+        """The video's rendezvous order over ``live`` (cached until the set changes)."""
+        self._observe(live)
+        if len(self._ranks) > RANK_CACHE_MAX:
+            self._ranks.clear()
         order = self._ranks.get(video)
         if order is None:
             order = self._ranks[video] = rank(video, live)
@@ -426,15 +565,14 @@ class Pipeline:
     def _publish(self, groups: dict[bool, dict[str, list[Item]]], acks: list[PendingAck]) -> None:
         """Sequence a burst's events (fast path) and commit them; hand the rest to the slow
         path (see the module docstring)."""
-        live = self.live()
+        live = self._owners()
         burst = Burst(acks)
         slow = []
         now = self.clock()
         for fwd, by_video in groups.items():
             for video, items in by_video.items():
                 order = self._rank(video, live)
-                moved = bool(order) and order[0] != self.name and not fwd
-                if moved or video in self._slow or not self.seq.has_log(video):
+                if not order or order[0] != self.name or video not in self.writing or video in self._slow:
                     self._slow.setdefault(video, SlowVideo())
                     slow.append((video, items, fwd))
                 else:
@@ -474,17 +612,44 @@ class Pipeline:
             batches.extend(packed)
             backup = next((d for d in order if d != self.name), None)
             if backup is not None:
-                burst.replicas.setdefault(backup, []).extend(packed)
+                batches, videos = burst.replicas.get(backup) or burst.replicas.setdefault(backup, ([], []))
+                batches.extend(packed)
+                videos.extend([video] * len(packed))
             burst.new += len(new)
         last = (new or again)[-1]
         burst.tails[video] = (last[P.ROW_EPOCH], last[P.ROW_SEQ])
 
     def _replicate(self, burst: Burst) -> None:
         """A burst's new events to their backups: one ``Replicate`` per backup and message."""
-        for backup, batches in burst.replicas.items():
-            for group in P.packed_batches(batches):
-                burst.waiting += 1
-                self.out.append(Replicate(backup, group, burst))
+        tried = frozenset((self.name,))
+        for backup, (batches, videos) in burst.replicas.items():
+            self._send_replicas(burst, backup, batches, videos, tried)
+
+    def _send_replicas(self, burst: Burst, backup: str, batches: list[tuple[int, bytes]],
+                       videos: list[str], tried: frozenset[str]) -> None:
+        tried = tried | {backup}
+        at = 0
+        for group in P.packed_batches(batches):  # in order: the videos follow by count
+            burst.waiting += 1
+            self.out.append(Replicate(backup, group, videos[at:at + len(group)], tried, burst))
+            at += len(group)
+
+    def _replicate_elsewhere(self, effect: Replicate) -> None:
+        """The events of an unanswered ``REPL`` to the next dispatcher of each video's
+        rendezvous order not tried yet; with none left they are held here only (counted)."""
+        live = self.live()
+        regrouped: dict[str, tuple[list[tuple[int, bytes]], list[str]]] = {}
+        for batch, video in zip(effect.batches, effect.videos):
+            backup = next((d for d in rank(video, live) if d not in effect.tried), None)
+            if backup is None:
+                self.stats["replication_lost"] += batch[0]
+                continue
+            batches, videos = regrouped.setdefault(backup, ([], []))
+            batches.append(batch)
+            videos.append(video)
+        for backup, (batches, videos) in regrouped.items():
+            self.stats["replication_fallbacks"] += sum(n for n, _ in batches)
+            self._send_replicas(effect.burst, backup, batches, videos, effect.tried)
 
     def _commit(self, burst: Burst) -> None:
         """A fast-path burst into the commit order: replicated, then -- once the bursts before
@@ -554,42 +719,117 @@ class Pipeline:
             sv.busy = None
             self._advance(video)
 
+    def _writer(self, video: str) -> str | None:
+        """Who writes ``video`` now: its owner in our view, unless we are that owner and
+        handed the chain to a peer less than ``handoff_hold`` seconds ago (then that peer)."""
+        live = self._owners()
+        self._observe(live)
+        own = owner(video, live)
+        if own == self.name:
+            mark = self._handed.get(video)
+            if mark is not None:
+                if mark[1] > self.clock():
+                    return mark[0]
+                del self._handed[video]
+        return own
+
     def _start(self, video: str, op: SlowBatch | HistoryWait) -> bool:
         """Start ``op``; True when it is done already, False when it waits for a completion."""
-        if type(op) is SlowBatch and not op.fwd:
-            own = owner(video, self.live())
-            if own is not None and own != self.name:
-                op.stage = _FORWARD
-                body = {**P.publish_body([e for _, _, e in op.items], compact_ack=True, rows=self.event_rows),
-                        "fwd": True}
-                self.out.append(Forward(own, video, body, len(op.items), op))
-                return False
-        return self._chain_then_run(video, op)
+        if type(op) is HistoryWait:
+            if self.seq.has_log(video) or owner(video, self._owners()) != self.name:
+                return self._resume(video, op)
+            return self._fetch(video, op)
+        writer = self._writer(video)
+        if writer != self.name:
+            if op.fwd or writer is None:  # never forwarded twice: views of the set differ
+                self._refuse(op, "not_owner", f"dispatcher {self.name} does not write {video} "
+                                              f"(its writer here: {writer})")
+                return True
+            op.stage = _FORWARD
+            body = {**P.publish_body([e for _, _, e in op.items], compact_ack=True, rows=self.event_rows),
+                    "fwd": True, "from": self.name}
+            if self.name not in self.live():  # we are leaving: the writer-to-be may not know yet
+                body["leaving"] = True
+            self.out.append(Forward(writer, video, body, len(op.items), op))
+            return False
+        if video in self.writing:
+            return self._run(video, op)
+        return self._fetch(video, op)
 
-    def _chain_then_run(self, video: str, op: SlowBatch | HistoryWait) -> bool:
-        """Run ``op`` once this dispatcher holds the video's chain: fetched first from the
-        dispatcher that held it before us (so the chain and history continue across owners)."""
-        if not self.seq.has_log(video):
-            others = [d for d in rank(video, self.live()) if d != self.name]
-            if others:
-                op.stage = _FETCH
-                self.out.append(FetchChain(others[0], video, op))
-                return False
+    def _fetch(self, video: str, op: SlowBatch | HistoryWait) -> bool:
+        """Fetch the chain after our tail (the whole chain when we hold none) from the next
+        SYNC_SOURCES dispatchers in rendezvous order -- the acting owner while we were away,
+        the backup, the backup's stand-in -- then resume ``op``; alone, resume at once."""
+        others = [d for d in rank(video, self.live()) if d != self.name][:SYNC_SOURCES]
+        if not others:
             self.seq.ensure_log(video)
-        return self._run(video, op)
+            return self._resume(video, op)
+        op.stage = _FETCH
+        op.fetching, op.fetched, op.fetch_error = len(others), [], None
+        after = self.seq.tail(video)
+        for source in others:
+            self.out.append(FetchChain(source, video, after, self.name, op))
+        return False
 
-    def _run(self, video: str, op: SlowBatch | HistoryWait) -> bool:
+    def _continuation(self, video: str, chains: list[list]) -> list:
+        """The events of ``chains`` (copies of one chain, each in chain order, each possibly
+        with holes) that continue our chain, in chain order: followed from our tail along the
+        ``prev`` links; with no chain here, the longest run ending at a copy's last event."""
+        position = self.seq.position
+        successor: dict = {}
+        for chain in chains:
+            for event in chain:
+                prev = event[P.ROW_PREV]
+                successor.setdefault(tuple(prev) if prev else None, event)
+
+        def run(event) -> list:
+            out, seen = [], set()
+            while event is not None and id(event) not in seen:
+                seen.add(id(event))
+                out.append(event)
+                event = successor.get(position(event))
+            return out
+
+        tail = self.seq.tail(video)
+        if tail is not None:
+            return run(successor.get(tail))
+        known = {position(e) for chain in chains for e in chain}
+        ends = {position(chain[-1]) for chain in chains if chain}
+        runs = [run(e) for key, e in successor.items() if key is None or key not in known]
+        runs = [r for r in runs if position(r[-1]) in ends] or runs
+        return max(runs, key=len, default=[])
+
+    def _resume(self, video: str, op: SlowBatch | HistoryWait) -> bool:
+        """``op`` once the chain is here: a history answer, or the batch sequenced -- if we
+        still write the video (the set may have changed, or a peer taken it, meanwhile)."""
         if type(op) is HistoryWait:
             self._answer_history(op.peer, op.request_id, video, op.position)
             return True
+        if self._writer(video) != self.name:
+            return self._start(video, op)
+        self.writing.add(video)
+        return self._run(video, op)
+
+    def _run(self, video: str, op: SlowBatch) -> bool:
         burst = Burst([], deferred=[], slow=video)  # other slow publishes may settle these requests
-        self._sequence(video, op.items, rank(video, self.live()), burst, self.clock())
+        self._sequence(video, op.items, rank(video, self._owners()), burst, self.clock())
         self._replicate(burst)
         if burst.waiting:
             op.stage = _REPLICATE
             return False
         self._finish(burst)
         return True
+
+    def _refuse(self, op: SlowBatch | HistoryWait, code: str, message: str) -> None:
+        """``op`` answered with a retryable error: nothing of it was placed."""
+        if type(op) is HistoryWait:
+            self.out.append(Reply(op.peer, P.Control(P.MSG_ERROR, op.request_id,
+                                                     P.error_body(code, message, retryable=True))))
+            return
+        self.stats["publish_refused"] += len(op.items)
+        result = P.error_body(code, message, retryable=True)
+        for ack, i, _ in op.items:
+            ack.fill(i, result)
 
     def _answer_history(self, peer: bytes, request_id: bytes, video: str, after) -> None:
         chain = self.seq.after(video, after, self.clock())

@@ -162,6 +162,13 @@ class Sequencer:
         self._remember(added)
         return len(added)
 
+    def holds(self, video: str, pos: Position) -> bool:
+        """Whether ``pos`` is the video's tail here or an event of its history."""
+        log = self.videos.get(video)
+        if log is None:
+            return False
+        return log.tail == pos or any(self.position(e) == pos for e in log.history)
+
     def is_replica(self, event: dict) -> bool:
         return event[self._keys[2]] != self.epoch
 
