@@ -553,8 +553,8 @@ class Pipeline:
                 self._handed = {v: mark for v, mark in self._handed.items() if mark[0] not in names}
 
     def _rank(self, video: str, live: list[str]) -> list[str]:
-        """The video's rendezvous order over ``live`` (cached until the set changes)."""
-        self._observe(live)
+        """The video's rendezvous order over ``live`` (cached until the set changes: the
+        caller ran ``_observe(live)``)."""
         if len(self._ranks) > RANK_CACHE_MAX:
             self._ranks.clear()
         order = self._ranks.get(video)
@@ -566,6 +566,7 @@ class Pipeline:
         """Sequence a burst's events (fast path) and commit them; hand the rest to the slow
         path (see the module docstring)."""
         live = self._owners()
+        self._observe(live)
         burst = Burst(acks)
         slow = []
         now = self.clock()
