@@ -12,7 +12,7 @@ import pytest
 
 from mesh.core.ownership import rank
 from mesh.core.pipeline import Broadcast, FetchChain, Forward, Pipeline, Replicate, Reply
-from mesh.core.sequencing import Sequencer
+from mesh.core.sequencing import Sequencer, event_id_for_key
 from mesh.wire import protocol as P
 
 
@@ -469,3 +469,65 @@ def test_a_leaving_owner_hands_its_publishes_to_a_peer_that_does_not_know_yet(me
     mesh.publish("d3", likes(video, 1, start=1), b"r2")  # a frontend that knows: straight to d3
     mesh.settle()
     assert placements(mesh["d3"].replies[b"r2"], 1) == [(3, 2)]
+
+
+# --- idempotency: an id placed on a chain is answered with its placement, wherever it is retried
+
+def test_a_retry_at_a_restarted_owner_gets_the_original_placement(mesh):
+    """The owner placed the event, then restarted with nothing: it syncs the chain from its
+    backup, so the retry gets the first placement (published again, for a frontend that
+    missed it) instead of a second place on the chain."""
+    video = video_owned_by("d1", "d2", mesh.names)
+    _make_writer(mesh, "d1", video)
+    events = likes(video, 2)
+    mesh.publish("d1", events, b"r1")
+    mesh.settle()
+    mesh.nodes["d1"] = Node(mesh, "d1", 7)
+    mesh.publish("d1", [events[1]] + likes(video, 1, start=2), b"r2")
+    mesh.settle()
+    assert placements(mesh["d1"].replies[b"r2"], 2) == [(1, 3), (7, 1)]
+    assert _ids(mesh["d1"].events(video)) == [events[1]["id"], f"{video}-2"]
+    assert mesh["d1"].events(video)[1]["prev"] == [1, 3]
+
+
+def test_a_retry_racing_its_forward_is_placed_once(mesh):
+    """A non-owner's forward is still on its way when the retry reaches the owner directly:
+    both get the one placement."""
+    video = video_owned_by("d2", "d3", mesh.names)
+    _make_writer(mesh, "d2", video)
+    event = likes(video, 1)
+    mesh.publish("d1", event, b"r1")
+    [fwd] = mesh["d1"].held(Forward)
+    mesh.publish("d2", event, b"r2")
+    mesh.settle()
+    assert placements(mesh["d2"].replies[b"r2"], 1) == placements(mesh["d1"].replies[b"r1"], 1) == [(2, 2)]
+    assert _ids(mesh["d2"].events(video)).count(event[0]["id"]) == 1
+
+
+def test_an_id_placed_on_another_video_is_refused(mesh):
+    a = video_owned_by("d1", "d2", mesh.names, "a")
+    b = video_owned_by("d1", "d3", mesh.names, "b")
+    _make_writer(mesh, "d1", a)
+    _make_writer(mesh, "d1", b)
+    first = likes(a, 1)
+    mesh.publish("d1", first, b"r1")
+    mesh.settle()
+    reused = {**first[0], "video": b}
+    mesh.publish("d1", [reused], b"r2")
+    mesh.settle()
+    [result] = placements(mesh["d1"].replies[b"r2"], 1)
+    assert result["code"] == "id_conflict" and not result.get("retryable")
+    assert first[0]["id"] not in _ids(mesh["d1"].events(b))
+
+
+def test_an_idempotency_key_gives_one_event_id_per_video_user_and_key():
+    one = event_id_for_key("v1", "amy", "order-17")
+    assert one == event_id_for_key("v1", "amy", "order-17")
+    assert len({one, event_id_for_key("v2", "amy", "order-17"), event_id_for_key("v1", "bob", "order-17"),
+                event_id_for_key("v1", None, "order-17"), event_id_for_key("v1", "amy", "order-18")}) == 5
+    assert P.check_row(P.event_row(P.make_event("v1", P.KIND_LIKE, "amy", None, event_id=one, ts=1.0), full=True))
+    assert one.startswith("k") and all(c in "0123456789abcdef" for c in P.new_event_id()), \
+        "a keyed id never equals a generated one"
+    for bad in ("", "x" * 256, "caf\u00e9", "tab\there"):
+        with pytest.raises(ValueError):
+            event_id_for_key("v1", "amy", bad)
