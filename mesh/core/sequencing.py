@@ -15,12 +15,20 @@ missed nothing; otherwise it asks the owner for the events after its last one
 
 History keeps the last ``history_size`` events per video, none older than ``history_age``
 seconds; replicas live in the same logs (two deques bounded by ``maxlen``: the oldest event
-and its time leave together, in C).  Retries of a publish carry the same event id: a window
-of recent ids returns the original placement instead of sequencing it twice.
+and its time leave together, in C).
+
+Idempotency.  Retries of a publish carry the same event id: a window of the last
+``dedupe_size`` ids placed here returns the original placement instead of sequencing it
+twice.  Every event a dispatcher stores joins the same window -- replicas from the owner, a
+chain handed over or synced by a new owner -- so the backup that takes a video over, and an
+owner restarted with nothing, answer a retry with the placement the first writer gave it.
+An id already placed on another video's chain is refused (``id_conflict``), never answered
+with that video's placement.  A client's ``Idempotency-Key`` becomes an event id with
+``event_id_for_key``: the same key, user and video give the same id on every frontend.
 
 Cost per event (``accept_many`` runs for every published like): the dedupe window is a plain
 dict plus the batches in insertion order, evicted a whole batch at a time (an ``OrderedDict``
-with one ``popitem`` per event was a quarter of the sequencing time, the profile of round 3);
+with one ``popitem`` per event costs a quarter of the sequencing time in a profile);
 history and arrival times are extended once per batch, in C; the placement returned per event
 is its bare ``seq`` (an ``int``) when it was placed in this epoch, which is what the compact
 ``ACK`` carries (mesh.wire.protocol ``ack_body``).
@@ -32,6 +40,7 @@ sequencer reads and writes their fields by key or by index alike.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,6 +56,24 @@ Placement = int | Position
 #: the fields the sequencer reads and writes: (id, video, epoch, seq, prev, dc) of a map, of a row
 MAP_KEYS = ("id", "video", "epoch", "seq", "prev", "dc")
 ROW_KEYS = (P.ROW_ID, P.ROW_VIDEO, P.ROW_EPOCH, P.ROW_SEQ, P.ROW_PREV, P.ROW_DC)
+
+
+#: longest ``Idempotency-Key`` accepted (the IETF httpapi draft leaves it to the server)
+IDEMPOTENCY_KEY_MAX = 255
+#: prefix of event ids derived from a key (``new_event_id`` ids never start with it)
+KEYED_ID_PREFIX = "k"
+
+
+def event_id_for_key(video: str, user: str | None, key: str) -> str:
+    """The event id of a publish made with idempotency key ``key`` by ``user`` on ``video``:
+    33 characters, the same on every node, distinct per (video, user, key).  Raises
+    ValueError for a key that is empty, longer than IDEMPOTENCY_KEY_MAX or not printable
+    ASCII (the draft's key is a structured-field string)."""
+    if not isinstance(key, str) or not 0 < len(key) <= IDEMPOTENCY_KEY_MAX \
+            or not key.isascii() or not key.isprintable():
+        raise ValueError(f"an idempotency key is 1..{IDEMPOTENCY_KEY_MAX} printable ASCII characters")
+    scope = f"{video}\x00{user or ''}\x00{key}".encode()
+    return KEYED_ID_PREFIX + hashlib.blake2b(scope, digest_size=16).hexdigest()
 
 
 def position(event: dict) -> Position:
@@ -78,9 +105,14 @@ class Sequencer:
         self._recent: dict[str, dict] = {}
         self._recent_batches: deque[list[dict]] = deque()
         self.duplicates = 0
+        self.conflicts = 0
 
     def has_log(self, video: str) -> bool:
         return video in self.videos
+
+    def ensure_log(self, video: str) -> None:
+        """The video has a chain here from now on (empty when nothing was stored)."""
+        self._log(video)
 
     def accept(self, event: dict, now: float | None = None) -> tuple[dict, bool]:
         """Place ``event`` (mutated: epoch, seq, prev) at the end of its video's chain.
@@ -90,6 +122,12 @@ class Sequencer:
         new, _, _ = self.accept_many(event[k_video], [event], now)
         return (new[0], True) if new else (self._recent[event[k_id]], False)
 
+    def conflict(self, event_id: str, video: str) -> dict:
+        """The error result of an id already placed on another video's chain."""
+        self.conflicts += 1
+        return P.error_body("id_conflict", f"event id {event_id[:64]!r} is already placed on another video "
+                                           f"than {video}")
+
     def accept_many(self, video: str, events: list[dict],
                     now: float | None = None) -> tuple[list[dict], list[dict], list[Placement]]:
         """Append ``events`` (all of ``video``, in arrival order; mutated like ``accept``) to
@@ -97,11 +135,12 @@ class Sequencer:
         Returns ``(new, again, placed)``: the newly sequenced events; the retried events known
         here only as replicas (their owner may have died before publishing them: publish them
         again); and, per input event, where it is placed: its ``seq`` when that is in this
-        sequencer's epoch (every new event, and retries of them), else ``(epoch, seq)``."""
+        sequencer's epoch (every new event, and retries of them), else ``(epoch, seq)``; an id
+        placed on another video gets the error map of ``conflict``."""
         now = time.monotonic() if now is None else now
         log = self._log(video)
         recent, epoch, dc = self._recent, self.epoch, self.dc
-        k_id, _, k_epoch, k_seq, k_prev, k_dc = self._keys
+        k_id, k_video, k_epoch, k_seq, k_prev, k_dc = self._keys
         recent_get = recent.get
         new: list[dict] = []
         again: list[dict] = []
@@ -123,6 +162,9 @@ class Sequencer:
                 recent[event_id] = event  # a later copy of the id in this batch is a retry
                 new_append(event)
                 placed_append(seq)
+                continue
+            if seen[k_video] != video:
+                placed_append(self.conflict(event_id, video))
                 continue
             self.duplicates += 1
             if seen[k_epoch] == epoch:
@@ -157,6 +199,13 @@ class Sequencer:
             added.append(event)
         self._remember(added)
         return len(added)
+
+    def holds(self, video: str, pos: Position) -> bool:
+        """Whether ``pos`` is the video's tail here or an event of its history."""
+        log = self.videos.get(video)
+        if log is None:
+            return False
+        return log.tail == pos or any(self.position(e) == pos for e in log.history)
 
     def is_replica(self, event: dict) -> bool:
         return event[self._keys[2]] != self.epoch

@@ -87,6 +87,15 @@ class PeerLinks:
     def names(self) -> list[str]:
         return sorted(self.peers)
 
+    @property
+    def discovered(self) -> bool:
+        """Whether the first round of discovery is done (``peers`` is the registry's list)."""
+        return self._first is not None and self._first.done()
+
+    async def first_round(self) -> None:
+        """Returns once the first round of discovery is done."""
+        await asyncio.shield(self._first)
+
     async def start(self, first_timeout: float = 5.0) -> None:
         """Start following the registry; returns after the first round (or ``first_timeout``)."""
         self._first = asyncio.get_running_loop().create_future()

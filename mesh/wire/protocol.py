@@ -661,8 +661,15 @@ def chain_reply(msg: Control, video: str, dc: str) -> list[dict] | None:
     return events
 
 
-def error_body(code: str, message: str) -> dict:
-    return {"code": code, "message": message}
+#: the error code of a dispatcher that serves no publish or history yet: it has just started
+#: and does not know the dispatcher set, so it cannot tell which videos it owns (retry later)
+ERR_NOT_READY = "not_ready"
+
+
+def error_body(code: str, message: str, retryable: bool = False) -> dict:
+    """An ``ERR`` body, or an event's error result in an ``ACK``; ``retryable``: the same
+    request can succeed later or at another dispatcher (the event was not placed)."""
+    return {"code": code, "message": message, "retryable": True} if retryable else {"code": code, "message": message}
 
 
 # --- fan-out envelope -------------------------------------------------------------------

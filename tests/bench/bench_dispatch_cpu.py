@@ -86,6 +86,8 @@ async def run(args) -> None:
     cfg.node.name = "d1"
     node = Dispatcher(cfg, None, None)
     node.router, node.xpub, node.peers = Sink(), Sink(), None
+    if hasattr(node, "pipeline"):  # a tree with mesh.core.pipeline: ready as after its discovery
+        node.pipeline.ready = True
     for i in range(VIDEOS):
         node.seq._log(f"bv{i}")
     work = bursts(P, args.bursts, args.maps)
