@@ -763,6 +763,9 @@ def print_table(r: dict, echo=print) -> None:
 def bench_command():
     import click
 
+    from mesh.tools.kvsession import run_with_kv
+    from mesh.tools.probes import frontend_urls
+
     @click.command(name="bench")
     @click.option("--frontend", "urls", multiple=True, metavar="URL",
                   help="frontend base URL (repeatable; default: every healthy frontend in the KV)")
@@ -785,12 +788,7 @@ def bench_command():
         """Open N SSE streams, publish R likes/s for D seconds, report deliveries/s, latency
         percentiles, lost and duplicated events, and RSS per connection."""
         if not urls:
-            from mesh.tools.meshctl import _run, probe_all
-            from mesh.kv import ROLE_FRONTEND
-            found = _run(ctx, lambda kv: probe_all(kv, ROLE_FRONTEND))
-            urls = [n.http for n, h in found if h is not None and n.http]
-            if not urls:
-                raise click.ClickException("no reachable frontend in the registry (use --frontend URL)")
+            urls = run_with_kv(ctx, frontend_urls)
         plan = Plan(list(urls), connections, videos, hot, rate, duration, clients, sources,
                     client_nice=client_nice)
         echo = (lambda msg: click.echo(msg, err=True))
