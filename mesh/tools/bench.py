@@ -399,9 +399,10 @@ async def _health_field(urls: list[str], key: str) -> dict[str, float | None]:
 #: ``PUBLISH_GROW_EVERY`` s (as a proxy's upstream pool grows), up to the bound.  Viewers' likes
 #: come from as many browsers, none waiting for another's answer, so the offered rate must not
 #: fall when answers are slow: a frontend busy fanning out to 10 k viewers answers a publish in
-#: ~0.2 s, and a fixed 20 connections offered only ~105 of 200 likes/s.  Growing on any short
-#: backlog opened 420-1,024 connections at 2 k x 1,000, which cost the frontend more than it
-#: gained (p99 274-840 ms against 187 ms with 100)
+#: ~0.2 s, at which 20 connections offer only ~105 of 200 likes/s.  Growth waits for a
+#: backlog of ``PUBLISH_BACKLOG`` s, not any short one: every connection costs the frontend
+#: too, and at 2 k x 1,000 the 420-1,024 connections a short backlog opens cost more than they
+#: give (p99 274-840 ms, against 187 ms with 100)
 PUBLISH_LATENCY_ALLOWED = 0.1
 PUBLISH_BACKLOG = 0.5
 PUBLISH_GROW_EVERY = 0.01
