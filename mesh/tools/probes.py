@@ -1,6 +1,6 @@
 """The registered nodes as an operator sees them: each node's own ``/healthz`` answer beside
 its registry entry.  ``meshctl nodes`` lists them; ``meshctl tail``, ``presence`` and
-``bench`` find their frontends with them."""
+``bench`` find their frontends with them, and ``bench`` reads the servers' RSS and CPU there."""
 
 from __future__ import annotations
 
@@ -16,17 +16,29 @@ from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
 PROBE_TIMEOUT = 1.5
 
 
-async def probe(node: NodeInfo, timeout: float = PROBE_TIMEOUT) -> dict | None:
-    """The node's ``/healthz`` JSON, or None when it does not answer in time."""
-    if not node.http:
-        return None
+async def probe_url(base: str, timeout: float = PROBE_TIMEOUT) -> dict | None:
+    """The ``/healthz`` JSON of the server at ``base``, or None when it does not answer in time."""
     try:  # an unreachable node answers 599 with no body (raise_error=False)
-        resp = await AsyncHTTPClient().fetch(f"{node.http}/healthz", connect_timeout=timeout,
+        resp = await AsyncHTTPClient().fetch(f"{base.rstrip('/')}/healthz", connect_timeout=timeout,
                                              request_timeout=timeout, raise_error=False)
         body = json.loads(resp.body or b"null")
     except (OSError, ValueError, asyncio.TimeoutError, HTTPClientError):
         return None
     return body if isinstance(body, dict) else None
+
+
+async def probe(node: NodeInfo, timeout: float = PROBE_TIMEOUT) -> dict | None:
+    """The node's ``/healthz`` JSON, or None when it has no HTTP server or does not answer."""
+    return await probe_url(node.http, timeout) if node.http else None
+
+
+async def health_fields(urls: list[str], key: str, timeout: float = 5.0) -> dict[str, float | None]:
+    """``key`` of each server's ``/healthz`` (``rss_kb``, ``cpu_s``); None when it has none."""
+    out = {}
+    for u in urls:
+        h = await probe_url(u, timeout)
+        out[u] = h.get(key) if h else None
+    return out
 
 
 async def probe_all(kv: KV, role: str | None = None) -> list[tuple[NodeInfo, dict | None]]:

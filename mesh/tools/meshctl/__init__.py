@@ -13,10 +13,11 @@
     presence VIDEO [--frontend URL] [--json]
                             who watches a video
     keys NAME --dir DIR     a node's CURVE keypair
-    bench ...               the load generator (``mesh.tools.bench``)
+    bench [-n N] [-r R] [-d D] ...
+                            the load generator (``mesh.tools.bench``)
 
 This module holds the group and its options; each command group is a module beside it
-(``registry``: subs, nodes; ``watch``: tail, presence; ``keys``), and ``mesh.tools.kvsession``
+(``registry``: subs, nodes; ``watch``: tail, presence; ``keys``; ``bench``), and ``mesh.tools.kvsession``
 turns the options into an open KV for them.
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import click
 
-from mesh.tools.bench import bench_command
+from mesh.tools.meshctl.bench import bench
 from mesh.tools.meshctl.keys import keys_command
 from mesh.tools.meshctl.registry import nodes, subs
 from mesh.tools.meshctl.watch import presence, tail
@@ -61,5 +62,5 @@ def main(ctx, config, kv_backend, kv_path, consul_addr, dc, dc_kvs):
     ctx.obj = {"config": config, "overrides": overrides, "dc_kvs": dc_paths}
 
 
-for command in (subs, nodes, tail, presence, bench_command(), keys_command):
+for command in (subs, nodes, tail, presence, bench, keys_command):
     main.add_command(command)
