@@ -1,7 +1,14 @@
-"""The runtime packages' import graph (mesh without mesh.tools, frontend, dispatcher), read
-with ``ast`` from the source: no import circle, and no runtime module imports mesh.tools (the
-operators' and tests' tools).  Imports under ``if TYPE_CHECKING:`` are left out: Python never
-executes them, so they cannot form a circle at import time."""
+"""The repository's import graph, read with ``ast`` from the source: no import circle among the
+runtime packages (mesh without mesh.tools, frontend, dispatcher) nor among the tools
+(mesh.tools, which the runtime never imports), and no module importing another module's
+``_``-prefixed (private) name.  Imports under ``if TYPE_CHECKING:`` are left out: Python never
+executes them, so they cannot form a circle at import time.
+
+Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first, so such an import also
+depends on those packages, except the ones the importing module is itself inside (they are
+already being imported when it runs): ``meshctl.registry`` importing ``meshctl.watch`` does
+not depend on ``meshctl/__init__`` again, while ``bench`` importing ``meshctl.registry``
+would."""
 
 from __future__ import annotations
 
@@ -10,24 +17,39 @@ import os
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RUNTIME = ("mesh", "frontend", "dispatcher")
+TOOLS = "mesh.tools"
+#: modules whose private-name imports are checked: the packages and the benchmark scripts
+#: (the other tests may reach into what they test)
+CHECKED_FOR_PRIVATE_IMPORTS = (*RUNTIME, os.path.join("tests", "bench"))
 
 
-def runtime_modules() -> dict[str, str]:
-    """module name -> its file, for every runtime module."""
+def _is_tool(module: str) -> bool:
+    return module == TOOLS or module.startswith(TOOLS + ".")
+
+
+def modules_under(folders) -> dict[str, str]:
+    """module name -> its file, for every ``.py`` file under ``folders`` (relative to ROOT)."""
     found = {}
-    for package in RUNTIME:
-        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+    for top in folders:
+        for folder, _, files in os.walk(os.path.join(ROOT, top)):
             for name in files:
                 if not name.endswith(".py"):
                     continue
                 parts = os.path.relpath(os.path.join(folder, name), ROOT)[:-3].split(os.sep)
                 if parts[-1] == "__init__":
                     parts = parts[:-1]
-                module = ".".join(parts)
-                if module == "mesh.tools" or module.startswith("mesh.tools."):
-                    continue
-                found[module] = os.path.join(folder, name)
+                found[".".join(parts)] = os.path.join(folder, name)
     return found
+
+
+def runtime_modules() -> dict[str, str]:
+    """module name -> its file, for every runtime module."""
+    return {m: p for m, p in modules_under(RUNTIME).items() if not _is_tool(m)}
+
+
+def tool_modules() -> dict[str, str]:
+    """module name -> its file, for every module of mesh.tools."""
+    return {m: p for m, p in modules_under(["mesh"]).items() if _is_tool(m)}
 
 
 def _type_checking_only(node: ast.If) -> bool:
@@ -36,12 +58,12 @@ def _type_checking_only(node: ast.If) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imports_of(module: str, path: str, known: set[str]) -> set[str]:
-    """The modules ``module`` imports (whole names; ``from a import b`` counts ``a.b`` when
-    that is a module, else ``a``)."""
+def import_statements(module: str, path: str) -> list[tuple[str, str | None]]:
+    """``(base, name)`` for every import Python can execute in ``module``: ``import a.b`` is
+    ``("a.b", None)``, ``from a import b`` is ``("a", "b")`` with relative bases resolved."""
     is_package = path.endswith("__init__.py")
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
-    out: set[str] = set()
+    out: list[tuple[str, str | None]] = []
 
     def visit(nodes) -> None:
         for node in nodes:
@@ -49,34 +71,55 @@ def imports_of(module: str, path: str, known: set[str]) -> set[str]:
                 visit(node.orelse)
                 continue
             if isinstance(node, ast.Import):
-                out.update(alias.name for alias in node.names)
+                out.extend((alias.name, None) for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     here = module.split(".") if is_package else module.split(".")[:-1]
                     here = here[:len(here) - (node.level - 1)]
                     base = ".".join(here + ([base] if base else []))
-                for alias in node.names:
-                    full = f"{base}.{alias.name}"
-                    out.add(full if full in known else base)
+                out.extend((base, alias.name) for alias in node.names)
             for field in ("body", "orelse", "finalbody", "handlers"):
                 inner = getattr(node, field, None)
                 if isinstance(inner, list) and not isinstance(node, (ast.Import, ast.ImportFrom)):
                     visit(inner)
 
     visit(tree.body)
+    return out
+
+
+def imports_of(module: str, path: str, known: set[str]) -> set[str]:
+    """The modules ``module`` imports (whole names; ``from a import b`` counts ``a.b`` when
+    that is a module, else ``a``), with the packages each import runs first that ``module``
+    is not inside."""
+    out: set[str] = set()
+    inside = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
+    for base, name in import_statements(module, path):
+        full = f"{base}.{name}" if name is not None else base
+        target = full if name is None or full in known else base
+        out.add(target)
+        parts = target.split(".")
+        out.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts)))
+                   if p in known and p not in inside)
     out.discard(module)
     return out
 
 
-def graph() -> dict[str, set[str]]:
-    modules = runtime_modules()
-    known = set(modules) | {"mesh.tools"}
+def private_imports(module: str, path: str, known: set[str]) -> list[str]:
+    """``other.name`` for each ``from other import _name`` of ``module``, where ``other`` is
+    another module of the repository (dunder names such as ``__version__`` are public)."""
+    return sorted(f"{base}.{name}" for base, name in import_statements(module, path)
+                  if name is not None and base in known and base != module
+                  and name.startswith("_") and not (name.startswith("__") and name.endswith("__")))
+
+
+def graph(modules: dict[str, str]) -> dict[str, set[str]]:
+    known = set(modules_under(RUNTIME)) | {TOOLS}
     return {m: imports_of(m, p, known) for m, p in modules.items()}
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
-    """One import circle among the runtime modules, or None (depth-first search)."""
+    """One import circle among the modules of ``edges``, or None (depth-first search)."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
@@ -105,17 +148,48 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_graph_is_read_from_the_source():
-    edges = graph()
+    edges = graph(runtime_modules())
     assert "frontend.node" in edges and "frontend.ingest" in edges["frontend.node"]
+    tools = graph(tool_modules())
+    assert "mesh.tools.meshctl.registry" in tools["mesh.tools.meshctl"]
+    assert {"mesh.tools.kvsession", "mesh.tools.bench", "mesh.tools.bench.report"} <= tools["mesh.tools.meshctl.bench"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_an_import_also_runs_the_packages_above_it(tmp_path):
+    """``from p.q import x`` outside ``p`` depends on ``p/__init__`` (a circle if that imports
+    the importer); inside ``p`` it does not, and a private name imported is found."""
+    absolute, relative = tmp_path / "absolute.py", tmp_path / "relative.py"
+    absolute.write_text("from p.q import x, _hidden, __version__\n")
+    relative.write_text("from . import _sibling\n")
+    known = {"p", "p.q", "r", "r.m"}
+    assert imports_of("r.m", str(absolute), known) == {"p", "p.q"}
+    assert imports_of("p.m", str(absolute), known) == {"p.q"}
+    assert private_imports("r.m", str(absolute), known) == ["p.q._hidden"]
+    assert private_imports("r.m", str(relative), known) == ["r._sibling"]
+    assert find_cycle({"p": {"r.m"}, "r.m": imports_of("r.m", str(absolute), known),
+                       "p.q": set()}) == ["p", "r.m", "p"]
+
+
 def test_no_runtime_module_imports_another_in_a_circle():
-    assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()))
+    edges = graph(runtime_modules())
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_no_tool_module_imports_another_in_a_circle():
+    edges = graph({**runtime_modules(), **tool_modules()})
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
 
 
 def test_no_runtime_module_imports_the_tools():
-    offenders = {m: sorted(i for i in imps if i == "mesh.tools" or i.startswith("mesh.tools."))
-                 for m, imps in graph().items()}
+    offenders = {m: sorted(i for i in imps if _is_tool(i))
+                 for m, imps in graph(runtime_modules()).items()}
     assert not {m: i for m, i in offenders.items() if i}
+
+
+def test_no_module_imports_a_private_name_of_another():
+    known = set(modules_under(RUNTIME))
+    found = {m: private_imports(m, p, known)
+             for m, p in modules_under(CHECKED_FOR_PRIVATE_IMPORTS).items()}
+    assert not {m: names for m, names in found.items() if names}

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from mesh.tools.meshctl import escape_text, format_event, json_line
+from mesh.tools.meshctl.watch import escape_text, format_event, json_line
 from mesh.kv import NodeInfo, ROLE_FRONTEND
 from mesh.kv.embedded import EmbeddedKV
 

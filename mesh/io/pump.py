@@ -11,8 +11,8 @@ its turn), and hands the whole burst to ``on_messages``: the caller decodes and 
 in one go.  Sends are plain non-blocking sends.
 
 Why not ``zmq.asyncio``: each awaited send/recv there costs a future, and while a receive is
-pending every send schedules a re-check of the socket; profiled at 15 k likes/s (py-spy), a
-quarter of the dispatcher's time went there.  The pump owns only its socket, its loop
+pending every send schedules a re-check of the socket; profiled at 15 k likes/s (py-spy), that
+is a quarter of the dispatcher's time.  The pump owns only its socket, its loop
 registration and its callback.
 """
 
@@ -28,7 +28,7 @@ import zmq.asyncio
 log = logging.getLogger("mesh.app")
 
 # plain ints: pyzmq's flags are enum.Flag members, and every ``|`` / ``&`` on them builds a new
-# one in Python (3 % of the dispatcher's profile, round 3, for two frames per message)
+# one in Python (3 % of the dispatcher's profile, for two frames per message)
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 _EVENTS = int(zmq.EVENTS)

@@ -46,8 +46,8 @@ than half the decoding cost of the map, docs/PROTOCOL.md)::
     [id, video, kind, user, text, ts, epoch, seq, prev(, dc)]
 
 Every receiver accepts both forms in every events list (PUB, REPL, fan-out, history); a node
-sends rows in PUB, REPL, fan-out and history replies unless ``node.event_rows`` is false (a
-rolling upgrade from a version that decodes maps only).  A dispatcher keeps events as full rows
+sends rows in PUB, REPL, fan-out and history replies unless ``node.event_rows`` is false (for
+peers that decode maps only).  A dispatcher keeps events as full rows
 (``check_row``) from decoding to fan-out.
 
 ``epoch``/``seq``/``prev`` are assigned by the video's owner dispatcher (0/0/None before);
@@ -409,7 +409,7 @@ ACK_SEQS = "seqs"
 
 def publish_body(events: list[dict], compact_ack: bool = False, rows: bool = False) -> dict:
     """A PUB body; ``compact_ack``: the requester decodes the compact ACK (``ack_positions``;
-    without it a dispatcher answers in the per-event map form of dispatchers before it);
+    without it a dispatcher answers in the per-event map form, which every requester decodes);
     ``rows``: the events as rows (``event_row``)."""
     events = wire_events(events, rows)
     return {"events": events, "ack": ACK_SEQS} if compact_ack else {"events": events}
@@ -484,7 +484,7 @@ def ack_body(placed: list, epoch: int, events: list | None = None) -> dict:
         {"epoch": int, "seqs": [seq | [epoch, seq] | {"code", "message"}, ...]}
 
     Without ``events`` that is the body; with ``events`` (the request's own list: the ids)
-    it is the per-event form of dispatchers before the compact ACK::
+    it is the per-event form, for requesters that did not ask for the compact one::
 
         {"results": [{"id", "epoch", "seq"} | {"id", "error": {"code", "message"}}, ...]}
     """

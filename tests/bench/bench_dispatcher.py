@@ -23,15 +23,15 @@ them; ``--backup`` starts a second dispatcher, which then is their backup (every
 batch is replicated to it first: the replication cost).
 
 ``--feeder light`` replaces MeshLink by a feeder that costs next to nothing (``emulate_light``:
-requests built and packed before the timed part, asking for the compact ACK, which a
-dispatcher before it ignores; ACKs counted, fan-out decoded once, ids into a set): what one dispatcher process can do when its feeders are cheap.
+requests built and packed before the timed part, asking for the compact ACK (a
+dispatcher without it ignores the ask); ACKs counted, fan-out decoded once, ids into a set): what one dispatcher process can do when its feeders are cheap.
 
-Events travel as rows (``protocol.event_row``), except to a baseline dispatcher from before
-event rows, which is sent maps (it decodes maps only), and with ``--maps`` (everything in
+Events travel as rows (``protocol.event_row``), except to a baseline dispatcher that decodes
+maps only (``decodes_rows``), which is sent maps, and with ``--maps`` (everything in
 maps, this tree's dispatcher with ``node.event_rows = false``).
 
-Side by side in one run: the dispatcher of ``--baseline-ref`` (default: the commit this
-branch's optimisation started from; its tree is exported with ``git archive`` to a temporary
+Side by side in one run: the dispatcher of ``--baseline-ref`` (default
+``BASELINE_REF``; its tree is exported with ``git archive`` to a temporary
 directory and run from there) and the dispatcher of this tree, each against fresh emulated
 frontends of this tree (the wire protocol is the same); ``--rounds N`` alternates them N times
 and shows each one's median run (the machine is shared: load from elsewhere hits both).  Reported per variant: acknowledged
@@ -61,8 +61,8 @@ from mesh.core.ownership import owner  # noqa: E402
 from mesh.tools.topology import NodeProcess  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
-#: main before this round (round 4: event rows; round 3, the compact ACK and the per-event path,
-#: started from 670e048, round 2 from ad49804)
+#: the baseline dispatcher: a tree whose wire carries events as maps only, the reference the
+#: README's dispatcher numbers compare with
 BASELINE_REF = "bd9c952"
 #: seconds to wait, after the last ack, for deliveries to stop arriving (quiet for SETTLE_QUIET)
 SETTLE_MAX = 10.0
@@ -349,9 +349,14 @@ def export_tree(ref: str, into: str) -> str:
 
 
 def decodes_rows(tree: str) -> bool:
-    """Whether the dispatcher of ``tree`` decodes event rows (it has ``protocol.event_row``)."""
-    with open(os.path.join(tree, "mesh", "protocol.py"), encoding="utf-8") as fh:
-        return "def event_row(" in fh.read()
+    """Whether the dispatcher of ``tree`` decodes event rows (it has ``protocol.event_row``;
+    the module is ``mesh/wire/protocol.py`` in a tree laid out by layer, else ``mesh/protocol.py``)."""
+    for parts in (("mesh", "wire", "protocol.py"), ("mesh", "protocol.py")):
+        path = os.path.join(tree, *parts)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                return "def event_row(" in fh.read()
+    raise FileNotFoundError(f"no mesh protocol module in {tree}")
 
 
 def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str, extra: tuple = ()) -> NodeProcess:
@@ -403,7 +408,7 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
     os.makedirs(log_dir, exist_ok=True)
     nodes: list[NodeProcess] = []
     emulators: list[subprocess.Popen] = []
-    # events as maps to a dispatcher before event rows (a baseline's), or when asked to
+    # events as maps to a dispatcher that decodes maps only (a baseline's), or when asked to
     maps = args.maps or not decodes_rows(tree)
     extra = ("--set", "node.event_rows=false") if args.maps and label != "baseline" else ()
     try:

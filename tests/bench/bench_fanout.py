@@ -52,7 +52,8 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from mesh.tools.bench import Plan, print_table, run  # noqa: E402
+from mesh.tools.bench import Plan, run  # noqa: E402
+from mesh.tools.bench.report import print_table  # noqa: E402
 from mesh.tools.topology import Topology  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

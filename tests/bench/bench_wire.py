@@ -39,7 +39,7 @@ def main() -> None:
     for form, rows in (("maps", False), ("rows", True)):
         frames = P.Control(P.MSG_PUBLISH, b"r", P.publish_body(events, compact_ack=True, rows=rows)).to_frames()
         assert P.publish_events(P.Control.from_frames(frames)) == events
-        kept = P.check_row if rows else P.check_event  # what a dispatcher keeps: rows, or maps before
+        kept = P.check_row if rows else P.check_event  # what a dispatcher keeps of each form: the checked row or map
         cases[("decode, kept", form)] = lambda f=frames, c=kept: P.publish_events(P.Control.from_frames(f), c)
         cases[("decode to maps", form)] = lambda f=frames: P.publish_events(P.Control.from_frames(f))
         batch = [P.event_row(e, full=True) for e in sequenced] if rows else sequenced

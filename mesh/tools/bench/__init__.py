@@ -8,7 +8,7 @@ all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s
 HTTP API for ``duration`` seconds, on keep-alive connections with one request in flight each
 (a new TCP connection per like costs the server more than the like; the pool grows while likes
 wait for a connection, ``PUBLISH_CONNECTIONS``; raw sockets read by ``add_reader`` callbacks,
-``_Publisher``: the load generator shares the cores it measures), and counts the acknowledged
+``Publisher``: the load generator shares the cores it measures), and counts the acknowledged
 ones per video.
 Readers stay cheap so they can keep up: each stream is a plain ``add_reader`` callback on a
 raw socket (no coroutine or StreamReader per read; ``recv`` asks for 64 KiB, below glibc's
@@ -31,13 +31,15 @@ are an upper bound on the per-like ones.  A read holding exactly one ``likes`` e
 common read under load) is parsed in one match (``ONE_RUN_RE``).  ``bytes_received`` (body
 bytes) compares encodings.  Progress is printed every second; a table (or ``--json``) at the
 end.
+
+Layout: this module holds the plan, the client processes and their stream readers, and the
+driver (``run``); ``publisher`` the publishing connections; ``report`` the result and its
+table; ``mesh.tools.meshctl.bench`` the command line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import math
 import multiprocessing as mp
 import os
@@ -50,6 +52,10 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from mesh.core.sse import recv_nowait
+from mesh.tools.bench import report
+from mesh.tools.bench.publisher import (PUBLISH_BACKLOG, PUBLISH_CONNECTIONS, PUBLISH_GROW_EVERY,
+                                        PUBLISH_LATENCY_ALLOWED, PUBLISH_TIMEOUT, Publisher)
+from mesh.tools.probes import health_fields
 
 ID_RE = re.compile(rb"(?:^|\n)id: (\d+):(\d+)\n")
 TS_RE = re.compile(rb'"(?:kind":"like"|first_id").*?"ts":([0-9.]+)')
@@ -375,187 +381,10 @@ async def _client(idx: int, plan: Plan, indices: list[int], progress, stop, meas
 
 # --- the driver ---------------------------------------------------------------------------
 
-async def _get_json(url: str) -> dict | None:
-    from tornado.httpclient import AsyncHTTPClient
-    try:
-        resp = await AsyncHTTPClient().fetch(url, request_timeout=5)
-        return json.loads(resp.body)
-    except Exception:  # noqa: BLE001 - a node that does not answer is reported as such
-        return None
-
-
-async def _health_field(urls: list[str], key: str) -> dict[str, float | None]:
-    """``key`` of each server's ``/healthz`` (``rss_kb``, ``cpu_s``); None when it has none."""
-    out = {}
-    for u in urls:
-        h = await _get_json(u.rstrip("/") + "/healthz")
-        out[u] = h.get(key) if h else None
-    return out
-
-
-#: publishing connections per frontend URL, each with one request in flight at a time: at
-#: first enough for ``rate`` likes/s at ``PUBLISH_LATENCY_ALLOWED`` s per request; then, while
-#: more than ``PUBLISH_BACKLOG`` s of likes wait for a free connection, one more every
-#: ``PUBLISH_GROW_EVERY`` s (as a proxy's upstream pool grows), up to the bound.  Viewers' likes
-#: come from as many browsers, none waiting for another's answer, so the offered rate must not
-#: fall when answers are slow: a frontend busy fanning out to 10 k viewers answers a publish in
-#: ~0.2 s, and a fixed 20 connections offered only ~105 of 200 likes/s.  Growing on any short
-#: backlog opened 420-1,024 connections at 2 k x 1,000, which cost the frontend more than it
-#: gained (p99 274-840 ms against 187 ms with 100)
-PUBLISH_LATENCY_ALLOWED = 0.1
-PUBLISH_BACKLOG = 0.5
-PUBLISH_GROW_EVERY = 0.01
-PUBLISH_CONNECTIONS = (4, 1024)
-PUBLISH_TIMEOUT = 10.0
-
-
-class _Publisher:
-    """One frontend URL's publishing connections: raw non-blocking sockets with one request in
-    flight each, answers read by an ``add_reader`` callback -- no task, future or stream per
-    like, so the load generator's own cost per like stays small (it shares the machine's
-    cores with the nodes it measures).  A like waits in ``waiting`` while every connection is
-    busy; a connection that closes (an answer with ``Connection: close``, an error, no answer
-    within ``PUBLISH_TIMEOUT``) is replaced."""
-
-    def __init__(self, url: str, plan: Plan, acked: dict[str, int]):
-        self.parts = urlsplit(url)
-        self.plan = plan
-        self.acked = acked
-        self.errors = 0
-        self.opened = 0          # connections opened, replacements included
-        self.size = 0            # connections open or opening
-        self.idle: list[socket.socket] = []
-        self.busy: dict[int, tuple[socket.socket, str, float]] = {}  # fd -> (sock, video, sent at)
-        self.bufs: dict[int, bytes] = {}
-        self.waiting: collections.deque[int] = collections.deque()
-        self.requests: dict[str, bytes] = {}  # video -> its request bytes
-        self.closed = False
-        self.grown = -math.inf   # loop time a connection was last added
-
-    def pending(self) -> int:
-        return len(self.waiting) + len(self.busy)
-
-    def open(self) -> None:
-        self.size += 1
-        self.opened += 1
-        asyncio.get_running_loop().create_task(self._connect())
-
-    async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, (self.parts.hostname, self.parts.port)), PUBLISH_TIMEOUT)
-        except (OSError, asyncio.TimeoutError):
-            sock.close()
-            self.size -= 1
-            self.errors += 1
-            return
-        if self.closed:
-            sock.close()
-            return
-        loop.add_reader(sock.fileno(), self._readable, sock)
-        self._next(sock)
-
-    def offer(self, k: int) -> None:
-        if self.idle:
-            self._send(self.idle.pop(), k)
-        else:
-            self.waiting.append(k)
-
-    def _next(self, sock: socket.socket) -> None:
-        if self.waiting:
-            self._send(sock, self.waiting.popleft())
-        else:
-            self.idle.append(sock)
-
-    def _send(self, sock: socket.socket, k: int) -> None:
-        video = self.plan.video(k)
-        request = self.requests.get(video)
-        if request is None:
-            body = b'{"user":"bench"}'
-            request = self.requests[video] = (
-                f"POST {self.parts.path.rstrip('/')}/v1/videos/{video}/likes HTTP/1.1\r\n"
-                f"Host: {self.parts.netloc}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        try:
-            sent = sock.send(request)  # ~150 bytes: an idle connection's buffer takes them
-        except OSError:
-            sent = -1
-        if sent != len(request):
-            self.errors += 1
-            self._drop(sock)
-            return
-        self.busy[sock.fileno()] = (sock, video, time.monotonic())
-
-    def _readable(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        try:
-            data = sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:  # closed: an error if a request was waiting for its answer
-            if fd in self.busy:
-                self.errors += 1
-            self._drop(sock)
-            return
-        buf = self.bufs.pop(fd, b"") + data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            self.bufs[fd] = buf
-            return
-        head = buf[:end]
-        length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
-        if len(buf) < end + 4 + (int(length.group(1)) if length else 0):
-            self.bufs[fd] = buf
-            return
-        entry = self.busy.pop(fd, None)
-        try:
-            status = int(head.split(b" ", 2)[1])
-        except (IndexError, ValueError):
-            status = 0
-        if entry is None or status != 202:
-            self.errors += 1
-        else:
-            self.acked[entry[1]] = self.acked.get(entry[1], 0) + 1
-        if re.search(rb"\r\nconnection: *close", head, re.IGNORECASE):  # answered, then closing
-            self._drop(sock)
-        else:
-            self._next(sock)
-
-    def expire(self, now: float) -> None:
-        for sock, _, sent_at in [e for e in self.busy.values() if now - e[2] > PUBLISH_TIMEOUT]:
-            self.errors += 1  # a server too busy to answer: an error, not a wait without end
-            self._drop(sock)
-
-    def _drop(self, sock: socket.socket) -> None:
-        """Close ``sock`` and open its replacement."""
-        fd = sock.fileno()
-        self.busy.pop(fd, None)
-        self.bufs.pop(fd, None)
-        if sock in self.idle:
-            self.idle.remove(sock)
-        asyncio.get_running_loop().remove_reader(fd)
-        sock.close()
-        self.size -= 1
-        if not self.closed:
-            self.open()
-
-    def close(self) -> None:
-        self.closed = True
-        for sock in self.idle + [e[0] for e in self.busy.values()]:
-            asyncio.get_running_loop().remove_reader(sock.fileno())
-            sock.close()
-        self.idle, self.busy, self.waiting = [], {}, collections.deque()
-
-
 async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int, int]:
     """``rate`` likes/s for ``duration`` s through the HTTP API, on keep-alive connections
     (``PUBLISH_CONNECTIONS``; a new TCP connection per like would cost the server and the
-    bench more than the like itself; ``_Publisher``).  Likes are offered on schedule until
+    bench more than the like itself; ``Publisher``).  Likes are offered on schedule until
     ``duration`` + 5 s (the server cannot keep up: the rest is not published); a like unanswered
     within ``PUBLISH_TIMEOUT`` is an error, and what is still waiting or unanswered
     ``PUBLISH_TIMEOUT`` + 5 s after the last one was offered is dropped uncounted (neither
@@ -566,7 +395,7 @@ async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int, int]:
     lo, hi = PUBLISH_CONNECTIONS
     per_url = max(lo, min(hi, math.ceil(plan.rate * PUBLISH_LATENCY_ALLOWED / len(plan.urls))))
     backlog = max(1, plan.rate * PUBLISH_BACKLOG / len(plan.urls))  # likes waiting: one more connection
-    pubs = {u: _Publisher(u, plan, acked) for u in plan.urls}
+    pubs = {u: Publisher(u, plan, acked) for u in plan.urls}
     try:
         for pub in pubs.values():
             for _ in range(per_url):
@@ -599,13 +428,6 @@ async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int, int]:
     return acked, sum(p.errors for p in pubs.values()), sum(p.opened for p in pubs.values())
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100.0 * len(values)))]
-
-
 async def run(plan: Plan, echo=print, during=None) -> dict:
     """One bench run; ``during`` (an async callable) runs beside the publishing, e.g. to
     disturb the servers while the latency is being measured."""
@@ -614,7 +436,7 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
     plan.clients = plan.clients or max(1, math.ceil(plan.connections / 15000))
     ctx = mp.get_context("spawn")
     progress, results, stop, measuring = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
-    rss_before = await _health_field(plan.urls, "rss_kb")
+    rss_before = await health_fields(plan.urls, "rss_kb")
     shares = [list(range(c, plan.connections, plan.clients)) for c in range(plan.clients)]
     procs = [ctx.Process(target=_client_main, args=(c, plan, shares[c], progress, stop, measuring, results), daemon=True)
              for c in range(plan.clients)]
@@ -641,8 +463,8 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
             await asyncio.sleep(0.5)
             echo(f"bench: opening streams: {connected} open, {failed} failed")
         await asyncio.sleep(1.0)  # subscriptions settle (the server holds headers until they do)
-        rss_after = await _health_field(plan.urls, "rss_kb")
-        cpu_before = await _health_field(plan.urls, "cpu_s")
+        rss_after = await health_fields(plan.urls, "rss_kb")
+        cpu_before = await health_fields(plan.urls, "cpu_s")
         echo(f"bench: {connected} streams open; publishing {plan.rate:g} likes/s for {plan.duration:g} s")
         measuring.set()  # heartbeat gaps count from here: not while streams are being opened
         pub = asyncio.ensure_future(_publish(plan, echo))
@@ -668,13 +490,22 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
                 break
             await asyncio.sleep(0.2)
         await asyncio.sleep(plan.settle / 4)
-        cpu_after = await _health_field(plan.urls, "cpu_s")
+        cpu_after = await health_fields(plan.urls, "cpu_s")
     finally:
         stop.set()
+    merged = merge_results([results.get(timeout=60)[1] for _ in procs])
+    for p in procs:
+        p.join(10)
+    return report.summary(asdict(plan), merged, acked, errors, publish_connections, publish_s,
+                          rss_before, rss_after, cpu_before, cpu_after)
+
+
+def merge_results(parts: list[dict]) -> ClientResult:
+    """The client processes' results (``asdict(ClientResult)`` each) as one: counts summed,
+    samples merged into one uniform sample (``merge_samples``)."""
     merged = ClientResult()
     latency_parts, gap_parts = [], []
-    for _ in procs:
-        _, r = results.get(timeout=60)
+    for r in parts:
         merged.connected += r["connected"]
         merged.failed += r["failed"]
         for why, n in r["why_failed"].items():
@@ -693,111 +524,7 @@ async def run(plan: Plan, echo=print, during=None) -> dict:
         merged.cpu_s += r["cpu_s"]
         for video, counts in r["received"].items():
             merged.received.setdefault(video, []).extend(counts)
-    for p in procs:
-        p.join(10)
     merged.latencies, merged.heartbeat_gaps = merge_samples(latency_parts), merge_samples(gap_parts)
-    deliveries = sum(sum(c) for c in merged.received.values())
-    lost = sum(max(0, acked.get(v, 0) - c) for v, counts in merged.received.items() for c in counts)
-    lat = merged.latencies
-    rss_per_conn = {u: (round((rss_after[u] - rss_before[u]) * 1024 / max(1, merged.held_by_url.get(u, 0)))
-                        if rss_after.get(u) is not None and rss_before.get(u) is not None else None)
-                    for u in plan.urls}
-    cpu = [cpu_after[u] - cpu_before[u] for u in plan.urls
-           if cpu_after.get(u) is not None and cpu_before.get(u) is not None]
-    return {
-        "plan": {k: v for k, v in asdict(plan).items()},
-        "connections_held": merged.connected, "connections_failed": merged.failed,
-        "connections_failed_why": merged.why_failed,
-        "published_acked": sum(acked.values()), "publish_errors": errors,
-        "publish_connections": publish_connections,
-        "publish_seconds": round(publish_s, 2),
-        "deliveries": deliveries, "deliveries_per_s": round(deliveries / max(publish_s, 1e-9)),
-        # SSE events the viewers received: a ``likes`` event is one, however many it counts
-        "events_received": (events := deliveries - merged.aggregated_likes + merged.aggregated),
-        "events_per_s": round(events / max(publish_s, 1e-9)),
-        "lost": lost, "duplicates": merged.duplicates, "reordered": merged.reordered,
-        "aggregated_events": merged.aggregated, "aggregate_mismatch": merged.aggregate_mismatch,
-        "bytes_received": merged.bytes_received,
-        "bytes_per_delivery": round(merged.bytes_received / deliveries, 1) if deliveries else None,
-        "latency_ms": {name: (round(percentile(lat, q), 2) if lat else None)
-                       for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))},
-        "latency_samples": len(lat), "latencies_observed": sum(seen for _, seen in latency_parts),
-        "heartbeats": merged.heartbeats,
-        "heartbeat_gap_s": {name: (round(percentile(merged.heartbeat_gaps, q), 3) if merged.heartbeat_gaps else None)
-                            for name, q in (("p50", 50), ("p99", 99), ("max", 100))},
-        "rss_bytes_per_connection": rss_per_conn,
-        "rss_kb_after_connect": rss_after,
-        # CPU the servers spent from the first publish until the last delivery: robust to
-        # other load on the machine, unlike deliveries/s and latency
-        "server_cpu_s": round(sum(cpu), 3) if cpu else None,
-        "server_cpu_us_per_delivery": round(sum(cpu) * 1e6 / deliveries, 3) if cpu and deliveries else None,
-        # the load generator's readers (all client processes) over the same span, and per delivery
-        "client_cpu_s": round(merged.cpu_s, 3),
-        "client_cpu_us_per_delivery": round(merged.cpu_s * 1e6 / deliveries, 3) if deliveries else None,
-    }
-
-
-def print_table(r: dict, echo=print) -> None:
-    lat = r["latency_ms"]
-    rows = [
-        ("connections held", f"{r['connections_held']:,} ({r['connections_failed']} failed)"),
-        ("likes acknowledged", f"{r['published_acked']:,} in {r['publish_seconds']} s ({r['publish_errors']} errors, {r['publish_connections']} connections)"),
-        ("deliveries", f"{r['deliveries']:,}"),
-        ("deliveries/s", f"{r['deliveries_per_s']:,}"),
-        ("SSE events received (/s)", f"{r['events_received']:,} ({r['events_per_s']:,})"),
-        ("latency p50/p90/p99/p99.9 ms", " / ".join("-" if v is None else f"{v:.1f}" for v in lat.values())),
-        ("lost / duplicated / reordered", f"{r['lost']:,} / {r['duplicates']:,} / {r['reordered']:,}"),
-        ("aggregated likes events (mismatched)", f"{r['aggregated_events']:,} ({r['aggregate_mismatch']:,})"),
-        ("bytes received (per delivery)", f"{r['bytes_received']:,} ({r['bytes_per_delivery'] or '-'})"),
-        ("server CPU s (us per delivery)", "-" if r["server_cpu_s"] is None else
-         f"{r['server_cpu_s']:.2f} ({r['server_cpu_us_per_delivery'] or '-'} us)"),
-    ]
-    rows.append(("client CPU s (us per delivery)", f"{r['client_cpu_s']:.2f} ({r['client_cpu_us_per_delivery'] or '-'} us)"))
-    for url, b in r["rss_bytes_per_connection"].items():
-        rows.append((f"RSS per connection {url}", "-" if b is None else f"{b / 1024:.1f} KiB"))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        echo(f"{k:<{width}}  {v}")
-
-
-def bench_command():
-    import click
-
-    @click.command(name="bench")
-    @click.option("--frontend", "urls", multiple=True, metavar="URL",
-                  help="frontend base URL (repeatable; default: every healthy frontend in the KV)")
-    @click.option("--connections", "-n", default=1000, show_default=True, type=click.IntRange(1, 200000))
-    @click.option("--videos", "-v", default=10, show_default=True, type=click.IntRange(1, 100000))
-    @click.option("--hot", is_flag=True, help="all streams on one hot video")
-    @click.option("--rate", "-r", default=100.0, show_default=True, type=click.FloatRange(0.1, 100000),
-                  help="likes published per second")
-    @click.option("--duration", "-d", default=10.0, show_default=True, type=click.FloatRange(0.5, 600))
-    @click.option("--clients", default=0, type=click.IntRange(0, 64),
-                  help="client processes (0: one per 15,000 streams)")
-    @click.option("--sources", default=0, type=click.IntRange(0, 250),
-                  help="source addresses 127.0.0.1..K (0: one per 20,000 streams)")
-    @click.option("--client-nice", default=0, show_default=True, type=click.IntRange(0, 19),
-                  help="niceness of the client processes: on the nodes' own machine, >0 keeps "
-                       "the load generator from delaying the nodes it measures")
-    @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-    @click.pass_context
-    def bench(ctx, urls, connections, videos, hot, rate, duration, clients, sources, client_nice, as_json):
-        """Open N SSE streams, publish R likes/s for D seconds, report deliveries/s, latency
-        percentiles, lost and duplicated events, and RSS per connection."""
-        if not urls:
-            from mesh.tools.meshctl import _run, probe_all
-            from mesh.kv import ROLE_FRONTEND
-            found = _run(ctx, lambda kv: probe_all(kv, ROLE_FRONTEND))
-            urls = [n.http for n, h in found if h is not None and n.http]
-            if not urls:
-                raise click.ClickException("no reachable frontend in the registry (use --frontend URL)")
-        plan = Plan(list(urls), connections, videos, hot, rate, duration, clients, sources,
-                    client_nice=client_nice)
-        echo = (lambda msg: click.echo(msg, err=True))
-        result = asyncio.run(run(plan, echo))
-        if as_json:
-            click.echo(json.dumps(result, indent=2))
-        else:
-            print_table(result, click.echo)
-
-    return bench
+    merged.latency_seen = sum(seen for _, seen in latency_parts)
+    merged.heartbeat_gap_seen = sum(seen for _, seen in gap_parts)
+    return merged
