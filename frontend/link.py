@@ -48,6 +48,7 @@ from mesh.errors import ClientError, RemoteProtocolError
 from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
 from mesh.core.ordering import ChainFollower
 from mesh.core.ownership import owner, rank
+from mesh.io.history import HistoryUnavailable, fetch_history
 from mesh.io.peers import PeerLinks, NodeWatcher, PeerGone
 from mesh.io.pump import SocketPump
 from mesh.io.curve import connect as curve_connect
@@ -73,7 +74,7 @@ class MeshLink:
                  on_presence: Callable[[str, list[dict]], None] | None = None,
                  attempt_timeout: float = 1.0, publish_timeout: float = 3.0,
                  gap_timeout: float = 1.0, drop_every: int = 0, coalesce_max: int = 256, curve=None, dc: str = "",
-                 event_rows: bool = True):
+                 event_rows: bool = True, history_deadline: float = 0.3):
         self.ctx = ctx
         self.name = name
         self.dc = dc  # our datacenter: events of another origin DC came through a bridge
@@ -83,6 +84,7 @@ class MeshLink:
         self.attempt_timeout = attempt_timeout
         self.publish_timeout = publish_timeout
         self.gap_timeout = gap_timeout
+        self.history_deadline = history_deadline
         self.drop_every = drop_every  # fault injection: pretend PUB/SUB lost every Nth message
         self.coalesce_max = max(1, coalesce_max)
         self.event_rows = event_rows  # publish events as rows (protocol.event_row)
@@ -341,24 +343,14 @@ class MeshLink:
             return None
 
     async def history(self, video: str, after, timeout: float) -> list[dict] | None:
-        """The owner's chain of ``video`` after ``after`` (``epoch, seq``); None when history
-        cannot say or no owner answered within ``timeout``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            order = rank(video, self.peers)
-            left = deadline - loop.time()
-            if not order or left <= 0:
-                return None
-            try:
-                reply = await self.dispatchers.request(order[0], P.MSG_HISTORY,
-                                                       P.history_body(video, after), left)
-                return P.history_reply(reply)
-            except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
-                log.warning("history of %s from %s failed: %s", video, order[0], exc or type(exc).__name__)
-                if loop.time() >= deadline:
-                    return None
-                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        """The chain of ``video`` after ``after`` (``epoch, seq``) from its owner, or from its
+        backup when the owner is silent for ``history_deadline`` (``mesh.io.history``); None
+        when history cannot say or no replica answered within ``timeout``."""
+        try:
+            return await fetch_history(self.dispatchers, video, after, timeout, self.history_deadline)
+        except HistoryUnavailable as exc:
+            log.warning("history of %s after %s: no replica answered (%s)", video, after, exc)
+            return None
 
     # --- presence ---------------------------------------------------------------------------
 

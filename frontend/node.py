@@ -95,7 +95,7 @@ class Frontend:
                              attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout,
                              gap_timeout=f.gap_timeout, drop_every=f.fault_drop_every,
                              coalesce_max=f.coalesce_max, curve=curve_from_config(self.cfg), dc=self.cfg.node.dc,
-                             event_rows=self.cfg.node.event_rows)
+                             event_rows=self.cfg.node.event_rows, history_deadline=f.history_deadline)
         await self.kv.open()
         await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
         await self.link.start()

@@ -237,3 +237,48 @@ async def test_wire_gaps_are_repaired_from_history(topology):
         await c.close()
     stats = (await health(f.url))["stats"]
     assert stats["fault_dropped"] >= 15 and stats["gaps_repaired"] >= 15 and stats.get("resets", 0) == 0
+
+
+# --- history from any replica (a catch-up while the owner is down) ----------------------------
+
+
+async def test_reconnect_right_after_the_owner_is_killed_gets_every_event_from_its_backup(topology):
+    """Viewers reconnect with Last-Event-ID right after the video's owner is SIGKILLed, while
+    the registry still lists it: the catch-up asks the owner, gets no answer within
+    ``frontend.history_deadline`` and takes the chain from the backup, which holds every
+    acknowledged event.  Each viewer gets exactly the events it missed, in order, and no
+    ``reset`` (proven by a marker published after the failover, which arrives after them)."""
+    # a 6 s liveness TTL keeps the dead owner registered during the catch-up (sync_timeout
+    # 0.3 s + history_deadline 0.3 s + the request: ~1 s on this machine, a margin of 6x)
+    topology.kv["liveness_ttl"] = "6"
+    video = "replica-cv"
+    assert owner(video, ["d1", "d2"]) == "d1"
+    d1 = topology.dispatcher("d1")
+    topology.dispatcher("d2")
+    fronts = [topology.frontend(name, **PATIENT, **{"frontend.sync_timeout": "0.3"}) for name in ("f1", "f2")]
+    first = await viewer(fronts[0].url, video)
+    sent = [(await like(fronts[1].url, video, user=f"u{i}"))["id"] for i in range(12)]
+    got = await first.events(12)
+    assert [json.loads(e.data)["id"] for e in got] == sent
+    first.close()
+    cuts = [2, 5, 8, 11]  # each viewer last saw a different event
+    d1.kill()
+    again = await asyncio.gather(*(viewer(fronts[i % 2].url, video, last_event_id=got[cut].id)
+                                   for i, cut in enumerate(cuts)))
+    for cut, v in zip(cuts, again):
+        missed = await v.events(len(sent) - cut - 1, timeout=5) if cut < len(sent) - 1 else []
+        assert [e.event for e in missed] == ["like"] * len(missed), [e.event for e in missed]
+        assert [json.loads(e.data)["id"] for e in missed] == sent[cut + 1:]
+    for f in fronts:  # the catch-up happened while the dead owner was still registered
+        assert "d1" in (await health(f.url))["dispatchers"]
+    for f in fronts:
+        await wait_until(lambda f=f: _lists_only(f.url, ["d2"]), timeout=20, what="d1 leaves the registry")
+    marker = (await like(fronts[1].url, video, user="marker"))["id"]
+    for v in again:
+        nxt = await v.next_event(timeout=10)
+        assert (nxt.event, json.loads(nxt.data)["id"]) == ("like", marker)
+        v.close()
+
+
+async def _lists_only(url: str, names: list[str]) -> bool:
+    return (await health(url))["dispatchers"] == names
