@@ -6,6 +6,7 @@ reconnecting viewer across epochs (``frontend.stream.Given``), and the publish p
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from types import SimpleNamespace
@@ -13,10 +14,15 @@ from types import SimpleNamespace
 import pytest
 
 from mesh.wire import protocol as P
-from mesh.core.ownership import rank
+from mesh.errors import ClientError, RemoteProtocolError
+from mesh.core.ownership import owner, rank
+from mesh.core.publishing import (OwnerCache, Outbox, ack_results, acked, group_by_owner,
+                                  not_acknowledged)
 from mesh.io.history import HistoryUnavailable, fetch_history
 from mesh.io.peers import PeerGone
+from mesh.io.tasks import Tasks
 from frontend.fanout import Fanout
+from frontend.publisher import Publisher
 from frontend.stream import Given, ViewerStream
 from mesh.core.subscriptions import SubscriptionTable
 
@@ -192,3 +198,150 @@ async def test_a_viewer_caught_up_by_a_backup_with_a_smaller_epoch_gets_its_live
     live(_event(2000, 3, (2000, 2)), _event(1000, 1, (2000, 5)))  # a late copy, then the backup's
     live(_event(1000, 2, (1000, 1)))
     assert _ids(bytes(v.buf)) == ["2000:4", "2000:5", "1000:1", "1000:2"]
+
+
+# --- the publish path's core --------------------------------------------------------------------
+
+
+def test_owner_cache_hashes_once_per_video_and_dispatcher_set():
+    calls = []
+
+    class Names(list):
+        def __iter__(self):
+            calls.append(1)
+            return super().__iter__()
+
+    cache, gen = OwnerCache(), object()
+    names = Names(["d1", "d2", "d3"])
+    first = [cache.owner_of(v, gen, names) for v in ("a", "b", "a", "a", "b")]
+    assert first == [owner(v, ["d1", "d2", "d3"]) for v in ("a", "b", "a", "a", "b")]
+    assert len(calls) == 2  # one hash pass per video
+    gone = first[0]
+    rest = Names([d for d in ("d1", "d2", "d3") if d != gone])
+    assert cache.owner_of("a", object(), rest) == owner("a", rest) != gone  # a new set: recomputed
+    small = OwnerCache(max_size=2)
+    for v in ("a", "b", "c"):
+        small.owner_of(v, gen, ["d1"])
+    assert len(small._owners) <= 2  # bounded
+
+
+def test_group_by_owner_keeps_order_and_leaves_out_events_without_owner():
+    events = [{"video": v} for v in ("a", "b", "a", "x", "b", "a")]
+    owners = {"a": "d1", "b": "d2", "x": None}
+    assert group_by_owner(events, range(6), owners.get) == {"d1": [0, 2, 5], "d2": [1, 4]}
+    assert group_by_owner(events, [3, 5], owners.get) == {"d1": [5]}
+
+
+def test_outbox_queues_per_target_until_taken():
+    box = Outbox()
+    assert box.add("d1", [{"id": "1"}], "t1") is True  # new queue: schedule a flush
+    assert box.add("d1", [{"id": "2"}], "t2") is False
+    assert box.add("d2", [{"id": "3"}], "t3") is True
+    assert box.take("d1") == [([{"id": "1"}], "t1"), ([{"id": "2"}], "t2")]
+    assert box.take("d1") == [] and len(box) == 1
+
+
+def test_ack_results_reads_the_compact_ack_per_event_and_errors():
+    events = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    reply = P.Control(P.MSG_ACK, b"1", {"epoch": 9, "seqs": [4, [8, 2], {"code": "bad", "message": "no"}]})
+    out: dict = {}
+    ack_results(events, reply, out)
+    assert out == {"a": {"id": "a", "epoch": 9, "seq": 4}, "b": {"id": "b", "epoch": 8, "seq": 2},
+                   "c": {"id": "c", "error": {"code": "bad", "message": "no"}}}
+    ack_results(events[:1], P.Control(P.MSG_ERROR, b"2", {"code": "malformed", "message": "x"}), out)
+    assert out["a"] == {"id": "a", "error": {"code": "malformed", "message": "x"}}
+    with pytest.raises(RemoteProtocolError):
+        ack_results(events, P.Control(P.MSG_ACK, b"3", {"epoch": 9, "seqs": [1]}), {})
+    assert acked(out["b"]) == out["b"]
+    with pytest.raises(ClientError) as err:
+        acked(not_acknowledged({"id": "z"}))
+    assert (err.value.status, err.value.code) == (503, "no_dispatcher")
+
+
+class FakeDispatchers:
+    """``PeerLinks``' members the publisher uses; each dispatcher acks its PUB requests with
+    consecutive seqs after ``delay[name]`` seconds (a name missing from ``alive``: PeerGone)."""
+
+    def __init__(self, names, delay=None):
+        self.peers = {n: None for n in names}
+        self.alive = set(names)
+        self.delay = delay or {}
+        self.changed = asyncio.Event()
+        self.requests: list[tuple[str, int]] = []
+        self.seq = defaultdict(int)
+
+    def set(self, names):
+        self.peers = {n: None for n in names}
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def request(self, name, msg_type, body, timeout):
+        assert msg_type == P.MSG_PUBLISH
+        if name not in self.alive:
+            raise PeerGone(name)
+        wire = P.Control.from_frames(P.Control(msg_type, b"1", body).to_frames())  # as a dispatcher reads it
+        events = P.publish_events(wire, P.check_row)
+        self.requests.append((name, len(events)))
+        await asyncio.wait_for(asyncio.sleep(self.delay.get(name, 0)), timeout)
+        seqs = []
+        for _ in events:
+            self.seq[name] += 1
+            seqs.append(self.seq[name])
+        return P.Control(P.MSG_ACK, b"1", {"epoch": 1, "seqs": seqs})
+
+
+def _publisher(links, attempt=0.2, deadline=1.0) -> Publisher:
+    cache = OwnerCache()
+    return Publisher(links, lambda v: cache.owner_of(v, links.changed, links.peers), defaultdict(int),
+                     Tasks(logging.getLogger("test")), attempt, deadline)
+
+
+def _like(video: str, i: int) -> dict:
+    return P.make_event(video, "like", "u", None, event_id=f"{video}-{i}")
+
+
+async def test_one_request_per_owner_per_loop_turn_from_many_calls():
+    links = FakeDispatchers(["d1", "d2", "d3"])
+    pub = _publisher(links)
+    videos = [f"v{i}" for i in range(12)]
+    calls = [pub.publish_many([_like(v, n) for v in videos]) for n in range(3)]
+    results = await asyncio.gather(*calls)
+    owners = {owner(v, ["d1", "d2", "d3"]) for v in videos}
+    assert sorted(n for n, _ in links.requests) == sorted(owners)  # three calls, one request per owner
+    assert sum(k for _, k in links.requests) == 36
+    for n, res in enumerate(results):
+        assert [r["id"] for r in res] == [f"{v}-{n}" for v in videos] and all("seq" in r for r in res)
+
+
+async def test_on_result_gets_each_owners_share_when_it_answers():
+    links = FakeDispatchers(["d1", "d2"])
+    slow = owner("a", ["d1", "d2"])
+    fast_video = next(v for v in (f"b{i}" for i in range(50)) if owner(v, ["d1", "d2"]) != slow)
+    links.delay[slow] = 0.5
+    pub = _publisher(links, attempt=2.0, deadline=3.0)
+    seen: list[tuple[float, list[int]]] = []
+    start = time.monotonic()
+    events = [_like("a", 0), _like(fast_video, 1), _like("a", 2)]
+    results = await pub.publish_many(events, lambda idx, res: seen.append((time.monotonic() - start, idx)))
+    assert [idx for _, idx in seen] == [[1], [0, 2]]
+    assert seen[0][0] < 0.4  # the fast owner's share did not wait for the slow one (0.5 s)
+    assert [r["id"] for r in results] == [e["id"] for e in events]
+
+
+async def test_a_publish_is_retried_to_the_new_owner_and_fails_cleanly_without_one():
+    links = FakeDispatchers(["d1", "d2"])
+    first = owner("r", ["d1", "d2"])
+    other = "d2" if first == "d1" else "d1"
+    links.alive.discard(first)  # its link broke: the publisher waits for discovery
+    pub = _publisher(links, attempt=0.2, deadline=3.0)
+    task = asyncio.ensure_future(pub.publish_many([_like("r", 0)]))
+    await asyncio.sleep(0.1)
+    links.set([other])  # discovery: the owner left
+    (res,) = await task
+    assert "seq" in res and links.requests[-1][0] == other
+    assert pub.stats["publish_retries"] >= 1
+    none = _publisher(FakeDispatchers([]), deadline=0.2)
+    got = []
+    assert await none.publish_many([_like("r", 1)], lambda idx, res: got.append(idx)) == \
+        [not_acknowledged(_like("r", 1))]
+    assert got == [[0]] and none.stats["publish_failures"] == 1
