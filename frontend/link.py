@@ -44,8 +44,8 @@ log = logging.getLogger("mesh.app")
 class MeshLink:
     def __init__(self, ctx: zmq.asyncio.Context, kv: KV, name: str, settings: FrontendSection, *,
                  on_events: Callable[[str, list[dict]], None],
-                 on_reset: Callable[[str, str], None],
-                 on_presence: Callable[[str, list[dict]], None],
+                 on_reset: Callable[[str, str], None] = lambda video, reason: None,
+                 on_presence: Callable[[str, list[dict]], None] = lambda video, events: None,
                  curve=None, dc: str = "", rows: bool = True):
         self.stats: defaultdict[str, int] = defaultdict(int)
         self.tasks = Tasks(log)
@@ -60,7 +60,7 @@ class MeshLink:
             on_events=on_events, on_reset=on_reset, on_presence=on_presence,
             gap_timeout=settings.gap_timeout, history_deadline=settings.history_deadline,
             coalesce_max=settings.coalesce_max, drop_every=settings.fault_drop_every, curve=curve, dc=dc)
-        self.publisher = Publisher(self.dispatchers, self.owner_of, self.stats, self.tasks,
+        self.publisher = Publisher(self.dispatchers, self._owners, self.stats, self.tasks,
                                    settings.attempt_timeout, settings.publish_timeout, rows)
         self.presence = PresenceLink(self.dispatchers, name, self.owner_of, self.stats, self.tasks)
         # what the node calls, each served by one part

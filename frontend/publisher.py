@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, Iterable
 
 from mesh.wire import protocol as P
 from mesh.errors import RemoteProtocolError
-from mesh.core.publishing import Outbox, ack_results, group_by_owner, joined, not_acknowledged
+from mesh.core.publishing import OwnerCache, Outbox, ack_results, group_by_owner, joined, not_acknowledged
 from mesh.io.peers import PeerGone, PeerLinks
 from mesh.io.tasks import Tasks
 
@@ -36,11 +36,29 @@ def _consume(fut: asyncio.Future) -> None:
         fut.exception()
 
 
+def _fill_all(done: Iterable[asyncio.Future], sent: dict[asyncio.Future, list[int]], results: list) -> bool:
+    """The answered groups' results into ``results``; True when a group's link broke."""
+    failed = False
+    for fut in done:
+        if fut.exception() is not None:
+            failed = True
+            continue
+        for i, res in zip(sent[fut], fut.result()):
+            results[i] = res
+    return failed
+
+
+def _abandon(late) -> None:
+    """Requests given up on: their late reply or failure is read when it comes."""
+    for fut in late:
+        fut.add_done_callback(_consume)
+
+
 class Publisher:
-    def __init__(self, links: PeerLinks, owner_of: Callable[[str], str | None], stats: dict,
+    def __init__(self, links: PeerLinks, owners: OwnerCache, stats: dict,
                  tasks: Tasks, attempt_timeout: float, publish_timeout: float, rows: bool = True):
         self.links = links
-        self.owner_of = owner_of
+        self.owners = owners  # shared with the subscriber and presence (MeshLink.owner_of)
         self.stats = stats
         self.tasks = tasks
         self.attempt_timeout = attempt_timeout
@@ -61,7 +79,8 @@ class Publisher:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            groups = group_by_owner(events, pending, self.owner_of)
+            links = self.links
+            groups = group_by_owner(events, pending, self.owners, links.changed, links.peers)
             if not groups:  # no dispatcher known yet: wait for discovery, within the deadline
                 try:
                     await asyncio.wait_for(self.links.changed.wait(), left)
@@ -69,7 +88,12 @@ class Publisher:
                     break
                 continue
             sent = {self._enqueue(target, [events[i] for i in idx]): idx for target, idx in groups.items()}
-            failed = await self._collect(sent, results, min(self.attempt_timeout, left), on_result)
+            if on_result is None:  # one wait for all: the cheapest for a caller that awaits the lot
+                done, late = await asyncio.wait(sent, timeout=min(self.attempt_timeout, left))
+                failed = _fill_all(done, sent, results)
+                _abandon(late)
+            else:
+                failed = await self._collect_each(sent, results, min(self.attempt_timeout, left), on_result)
             pending = [i for i in pending if results[i] is None]
             if pending:
                 self.stats["publish_retries"] += len(pending)
@@ -85,34 +109,24 @@ class Publisher:
                 on_result(pending, [results[i] for i in pending])
         return results
 
-    async def _collect(self, sent: dict[asyncio.Future, list[int]], results: list, timeout: float,
-                       on_result: OnResult | None) -> bool:
-        """Fill ``results`` from the attempt's groups as they answer, until ``timeout``;
-        True when a link broke."""
+    async def _collect_each(self, sent: dict[asyncio.Future, list[int]], results: list, timeout: float,
+                            on_result: OnResult) -> bool:
+        """Fill ``results`` from the attempt's groups as they answer, each group's share to
+        ``on_result`` then, until ``timeout``; True when a link broke."""
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
-        waiting, failed = set(sent), False
-        when = asyncio.ALL_COMPLETED if on_result is None else asyncio.FIRST_COMPLETED
-        while waiting:
-            done, waiting = await asyncio.wait(waiting, timeout=max(0.0, until - loop.time()), return_when=when)
+        late, failed = set(sent), False
+        while late:
+            done, late = await asyncio.wait(late, timeout=max(0.0, until - loop.time()),
+                                            return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 break
             for fut in done:
-                if fut.exception() is not None:
-                    failed = True
-                    continue
-                answered, got = [], []
-                for i, res in zip(sent[fut], fut.result()):
-                    if res is not None:
-                        results[i] = res
-                        answered.append(i)
-                        got.append(res)
-                if on_result is not None and answered:
-                    on_result(answered, got)
-            if on_result is None:
-                break  # all answered, or the attempt's time is up
-        for fut in waiting:  # a late reply or failure of a request we gave up on
-            fut.add_done_callback(_consume)
+                failed |= _fill_all((fut,), sent, results)
+                answered = [i for i in sent[fut] if results[i] is not None]  # pending until now
+                if answered:
+                    on_result(answered, [results[i] for i in answered])
+        _abandon(late)
         return failed
 
     def _enqueue(self, target: str, events: list[dict]) -> asyncio.Future:

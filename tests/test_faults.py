@@ -282,3 +282,19 @@ async def test_reconnect_right_after_the_owner_is_killed_gets_every_event_from_i
 
 async def _lists_only(url: str, names: list[str]) -> bool:
     return (await health(url))["dispatchers"] == names
+
+
+async def test_a_dispatcher_that_left_the_registry_shows_as_a_lingering_link(topology):
+    """``livemesh_zmq_peers_lingering`` counts the frontend's links to dispatchers that left the
+    registry and still linger (``mesh.io.peers.LINK_LINGER``)."""
+    from test_metrics import scrape
+
+    topology.dispatcher("d1")
+    d2 = topology.dispatcher("d2")
+    f = topology.frontend("f1")
+    before = await scrape(f.url)
+    assert (before["livemesh_zmq_peers"], before["livemesh_zmq_peers_lingering"]) == (2, 0)
+    d2.terminate()  # SIGTERM: it deregisters at once
+    await wait_until(lambda: _lists_only(f.url, ["d1"]), timeout=10, what="d2 leaves the registry")
+    after = await scrape(f.url)
+    assert (after["livemesh_zmq_peers"], after["livemesh_zmq_peers_lingering"]) == (1, 1)

@@ -222,14 +222,19 @@ def test_owner_cache_hashes_once_per_video_and_dispatcher_set():
     small = OwnerCache(max_size=2)
     for v in ("a", "b", "c"):
         small.owner_of(v, gen, ["d1"])
-    assert len(small._owners) <= 2  # bounded
+    assert len(small.table(gen)) <= 2  # bounded
 
 
 def test_group_by_owner_keeps_order_and_leaves_out_events_without_owner():
-    events = [{"video": v} for v in ("a", "b", "a", "x", "b", "a")]
-    owners = {"a": "d1", "b": "d2", "x": None}
-    assert group_by_owner(events, range(6), owners.get) == {"d1": [0, 2, 5], "d2": [1, 4]}
-    assert group_by_owner(events, [3, 5], owners.get) == {"d1": [5]}
+    events = [{"video": v} for v in ("a", "b", "a", "b", "a")]
+    cache, gen, names = OwnerCache(), object(), ["d1", "d2", "d3"]
+    want: dict[str, list[int]] = {}
+    for i, e in enumerate(events):
+        want.setdefault(owner(e["video"], names), []).append(i)
+    assert group_by_owner(events, range(5), cache, gen, names) == want
+    assert group_by_owner(events, [3, 4], cache, gen, names) == \
+        {owner("b", names): [3]} | {owner("a", names): [4]}
+    assert group_by_owner(events, range(5), OwnerCache(), gen, []) == {}  # no dispatcher known
 
 
 def test_outbox_queues_per_target_until_taken():
@@ -291,9 +296,7 @@ class FakeDispatchers:
 
 
 def _publisher(links, attempt=0.2, deadline=1.0) -> Publisher:
-    cache = OwnerCache()
-    return Publisher(links, lambda v: cache.owner_of(v, links.changed, links.peers), defaultdict(int),
-                     Tasks(logging.getLogger("test")), attempt, deadline)
+    return Publisher(links, OwnerCache(), defaultdict(int), Tasks(logging.getLogger("test")), attempt, deadline)
 
 
 def _like(video: str, i: int) -> dict:

@@ -33,25 +33,37 @@ class OwnerCache:
         self._owners: dict[str, str | None] = {}
         self._generation: object = None
 
+    def table(self, generation: object) -> dict[str, str | None]:
+        """The cached owners for the dispatcher set ``generation`` stands for (emptied when
+        the set changed or the cache is full); a caller fills in what it computes."""
+        if generation is not self._generation or len(self._owners) >= self.max_size:
+            self._owners = {}
+            self._generation = generation
+        return self._owners
+
     def owner_of(self, video: str, generation: object, dispatchers: Iterable[str]) -> str | None:
         """The owner of ``video`` among ``dispatchers``, the set ``generation`` stands for."""
-        if generation is not self._generation or len(self._owners) >= self.max_size:
-            self._owners.clear()
-            self._generation = generation
+        table = self.table(generation)
         try:
-            return self._owners[video]
+            return table[video]
         except KeyError:
-            own = self._owners[video] = owner(video, dispatchers)
+            own = table[video] = owner(video, dispatchers)
             return own
 
 
-def group_by_owner(events: list[dict], indices: Iterable[int],
-                   owner_of: Callable[[str], str | None]) -> dict[str, list[int]]:
-    """The ``indices`` of ``events`` per owner, each list in order; events of videos with no
-    owner (no dispatcher known) are left out."""
+def group_by_owner(events: list[dict], indices: Iterable[int], owners: OwnerCache, generation: object,
+                   dispatchers: Iterable[str]) -> dict[str, list[int]]:
+    """The ``indices`` of ``events`` per owner (``owners`` for the set ``generation`` stands
+    for), each list in order; events of videos with no owner (no dispatcher known) are left
+    out.  It runs for every published event: one cache check per batch, then dict lookups."""
+    table = owners.table(generation)
     groups: dict[str, list[int]] = {}
     for i in indices:
-        target = owner_of(events[i]["video"])
+        video = events[i]["video"]
+        try:
+            target = table[video]
+        except KeyError:
+            target = table[video] = owner(video, dispatchers)
         if target is not None:
             group = groups.get(target)
             if group is None:
