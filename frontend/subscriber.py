@@ -98,7 +98,7 @@ class Subscriber:
             self.sub.disconnect(info.pub)
             self.pump.poke()
         except zmq.ZMQError:
-            pass  # never connected (its CURVE key was missing)
+            pass  # never connected (its CURVE key is missing)
         for synced in self._synced.values():
             synced.discard(info.name)
 

@@ -298,3 +298,35 @@ async def test_a_dispatcher_that_left_the_registry_shows_as_a_lingering_link(top
     await wait_until(lambda: _lists_only(f.url, ["d1"]), timeout=10, what="d2 leaves the registry")
     after = await scrape(f.url)
     assert (after["livemesh_zmq_peers"], after["livemesh_zmq_peers_lingering"]) == (1, 1)
+
+
+async def test_a_bridge_relays_its_dcs_chain_from_the_backup_while_the_owner_is_down(topology):
+    """A peer DC's bridge asks ours for a gap in our chain (``HIST`` with our ``dc`` to the
+    relay ROUTER) right after the video's owner is SIGKILLed, still registered: our bridge
+    takes the chain from the backup within the frontend's ``gap_timeout``."""
+    import zmq
+    import zmq.asyncio
+
+    from mesh.wire import protocol as P
+
+    topology.kv["liveness_ttl"] = "6"  # the dead owner stays registered (see the test above)
+    video = "replica-cv"
+    d1 = topology.dispatcher("d1")
+    topology.dispatcher("d2")
+    f = topology.frontend("f1")
+    b = topology.bridge("bridge-dc1")
+    sent = [await like(f.url, video, user=f"u{i}") for i in range(6)]
+    d1.kill()
+    ctx = zmq.asyncio.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        dealer.connect(b.info["relay"])
+        after = (sent[1]["epoch"], sent[1]["seq"])
+        await dealer.send_multipart(P.Control(P.MSG_HISTORY, b"r1", P.relay_history_body(video, after, "dc1")).to_frames())
+        reply = P.Control.from_frames(await asyncio.wait_for(dealer.recv_multipart(), 10))
+        events = P.chain_reply(reply, video, "dc1")
+        assert [e["id"] for e in events] == [s["id"] for s in sent[2:]]
+        assert "d1" in (await health(b.url))["dispatchers"]  # asked while d1 was still registered
+    finally:
+        dealer.close(linger=0)
+        ctx.term()
