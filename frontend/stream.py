@@ -225,7 +225,8 @@ class Given:
         for e in chain:
             if e["seq"] > self.last_seq.get(e["epoch"], -1):
                 self.last_seq[e["epoch"]] = e["seq"]
-        self.past_older = False  # the live path brought an event of an epoch the viewer holds
+        # the live path brought an event of an epoch the viewer holds (holding none: nothing is older)
+        self.past_older = not self.last_seq
 
     def is_fresh(self, event: dict) -> bool:
         if event["id"] in self.ids:

@@ -174,6 +174,7 @@ def test_given_tells_an_unknown_epoch_by_its_predecessor():
     assert not lagging.is_fresh(_event(90, 5, (90, 4)))
     assert not lagging.is_fresh(_event(50, 1, (90, 5)))
     assert lagging.is_fresh(_event(60, 2, (60, 1)))
+    assert Given(None, []).is_fresh(_event(90, 5, (90, 4)))  # a viewer holding nothing lacks all
 
 
 def _stream() -> ViewerStream:
