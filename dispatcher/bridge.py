@@ -43,7 +43,7 @@ import zmq
 import zmq.asyncio
 
 from mesh.wire import protocol as P
-from mesh.core.bridging import EXPORT, IMPORT, Gate, Relay, parse_peers, relayed_history
+from mesh.core.bridging import EXPORT, IMPORT, Gate, Relay, parse_peers
 from mesh.config import Config
 from mesh.io.curve import CurveError, connect as curve_connect, secure_links
 from mesh.errors import RemoteProtocolError
@@ -52,6 +52,7 @@ from mesh.kv import KV, NodeInfo, ROLE_BRIDGE
 from mesh.io.metrics import MetricsHandler, bridge_registry
 from mesh.io.node import release, serve
 from mesh.core.ownership import owner
+from mesh.io.history import HistoryUnavailable, fetch_history
 from mesh.io.peers import PeerLinks, PeerGone
 from mesh.io.sockets import bind, make_socket
 from mesh.io.tasks import Tasks
@@ -284,17 +285,18 @@ class Bridge:
     async def _relay_history(self, peer: bytes, request_id: bytes, video: str, after, dc: str) -> None:
         timeout = self.cfg.frontend.gap_timeout  # the requesting frontend waits no longer
         try:
-            if dc == self.dc:
-                reply = await self.dispatchers.request(self._owner(video), P.MSG_HISTORY,
-                                                       P.history_body(video, after), timeout)
+            if dc == self.dc:  # our chain: from its owner, or its backup when the owner is silent
+                events = await fetch_history(self.dispatchers, video, after, timeout,
+                                             self.cfg.frontend.history_deadline,
+                                             lambda reply: P.chain_reply(reply, video, dc))
             elif dc in self.relay_peers:
-                reply = await self.peer_relays.request(peer_bridge_name(dc), P.MSG_HISTORY,
-                                                       P.relay_history_body(video, after, dc), timeout)
+                events = P.chain_reply(await self.peer_relays.request(
+                    peer_bridge_name(dc), P.MSG_HISTORY, P.relay_history_body(video, after, dc), timeout), video, dc)
             else:
                 raise PeerGone(f"no relay endpoint for {dc} (bridge.relay_peers)")
-            answer = P.Control(P.MSG_ACK, request_id, relayed_history(reply, video, dc))
+            answer = P.Control(P.MSG_ACK, request_id, {"reset": True} if events is None else {"events": events})
             self._count("relayed_history")
-        except (asyncio.TimeoutError, PeerGone) as exc:
+        except (asyncio.TimeoutError, PeerGone, HistoryUnavailable) as exc:
             self._count("relay_failed")
             log.info("history of %s@%s after %s not relayed: %s", video, dc, after, exc or "timeout")
             answer = P.Control(P.MSG_ERROR, request_id, P.error_body("unavailable", str(exc) or "timeout"))

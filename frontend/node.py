@@ -90,12 +90,10 @@ class Frontend:
         self.url = f"http://{f.host}:{port}"
         if not self.name:
             self.name = f"frontend-{port}"
-        self.link = MeshLink(self.ctx, self.kv, self.name, self.fanout.deliver, self.fanout.reset,
-                             on_presence=self.fanout.presence,
-                             attempt_timeout=f.attempt_timeout, publish_timeout=f.publish_timeout,
-                             gap_timeout=f.gap_timeout, drop_every=f.fault_drop_every,
-                             coalesce_max=f.coalesce_max, curve=curve_from_config(self.cfg), dc=self.cfg.node.dc,
-                             event_rows=self.cfg.node.event_rows)
+        self.link = MeshLink(self.ctx, self.kv, self.name, f, on_events=self.fanout.deliver,
+                             on_reset=self.fanout.reset, on_presence=self.fanout.presence,
+                             curve=curve_from_config(self.cfg), dc=self.cfg.node.dc,
+                             rows=self.cfg.node.event_rows)
         await self.kv.open()
         await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
         await self.link.start()
@@ -174,10 +172,11 @@ class Frontend:
         self.counts.set(video, self.table.count(video))
         self._kv_wake.set()
 
-    async def publish_many(self, events: list[dict]) -> list[dict]:
-        """``events`` to their owners; one ``MeshLink.publish_many`` result per event."""
+    async def publish_many(self, events: list[dict], on_result=None) -> list[dict]:
+        """``events`` to their owners; one ``Publisher.publish_many`` result per event (each
+        owner's share also to ``on_result(indices, results)`` as soon as it answers)."""
         self.stats["publishes"] += len(events)
-        return await self.link.publish_many(events)
+        return await self.link.publish_many(events, on_result)
 
     def health(self) -> dict:
         return {"status": "ok" if self.link.peers else "degraded", "role": ROLE_FRONTEND,
@@ -235,7 +234,7 @@ class Frontend:
                 updates.update(self.presence.snapshot())
                 next_full = loop.time() + pr.refresh
             if updates:
-                await self.link.send_presence(list(updates.values()), timeout=pr.refresh)
+                self.link.send_presence(list(updates.values()), timeout=pr.refresh)
 
     async def _freeze_viewers(self) -> None:
         """``gc.freeze()`` once ``gc_freeze_after`` viewers opened since the last freeze

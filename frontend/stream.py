@@ -24,9 +24,11 @@ kernel, one user-space buffer only when the kernel's is full.
   left is encoded again, likes aggregated as the fan-out does, ``Fanout.encode``).  History
   can also be ahead of the live path (an event the frontend got but whose write waits for the
   video's next tick, or one still in flight from the owner; on another frontend, even the
-  Last-Event-ID's own event): until the first live write that brings a local event after the
-  Last-Event-ID that history did not give, live writes drop those too (``given``: history's
-  ids; ``after``: the Last-Event-ID's position).
+  Last-Event-ID's own event): until the first live write that brings a local event past what
+  the viewer has, live writes drop those too (``Given``).  Positions of different epochs are
+  never compared: an epoch is one dispatcher incarnation's start time, and a backup that
+  continues a chain may have started before the owner it replaces, so its larger positions
+  can carry a smaller epoch.
 * ``end()`` (graceful shutdown) closes after the buffer drained: the browser reconnects
   elsewhere after ``retry``.
 
@@ -48,13 +50,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.app")
 
+Position = tuple[int, int]
+
 #: bytes read (and dropped) per readable event: a viewer has nothing to say after its request
 RECV_BYTES = 4096
 
 
 class ViewerStream:
     __slots__ = ("node", "conn_id", "video", "user", "ip", "sock", "fd", "buf", "held",
-                 "closed", "ending", "limit", "given", "after")
+                 "closed", "ending", "limit", "given")
 
     def __init__(self, node: "Frontend", conn_id: int, video: str, user: str | None, ip: str,
                  catching_up: bool, limit: int):
@@ -67,8 +71,7 @@ class ViewerStream:
         self.fd = -1
         self.buf = bytearray()     # unsent bytes (before the head is out: all of them)
         self.held: list | None = [] if catching_up else None
-        self.given: set[str] | None = None  # ids history gave that live writes may still bring
-        self.after: tuple[int, int] | None = None  # the Last-Event-ID's (epoch, seq)
+        self.given: Given | None = None  # what history gave, while live writes may still bring it
         self.closed = False
         self.ending = False
         self.limit = limit         # max_buffer_bytes
@@ -128,15 +131,13 @@ class ViewerStream:
             node.stats["events_recovered"] += len(chain)
             if chain:
                 self.send(node.fanout.encode(chain))
-            self.given, self.after = {e["id"] for e in chain}, after
+            self.given = Given(after, chain)
         for data, events in held:
             self.send(data, events)
 
     def _without_given(self, data: bytes, events: list) -> bytes:
         """``data`` without the events the viewer already has (re-encoded when some were)."""
-        after = self.after
-        fresh = [e for e in events if e.get("remote") or (
-            e["id"] not in self.given and (after is None or (e["epoch"], e["seq"]) > after))]
+        fresh = [e for e in events if e.get("remote") or self.given.is_fresh(e)]
         if any(not e.get("remote") for e in fresh):  # the live path has passed history's end
             self.given = None
         if len(fresh) == len(events):
@@ -198,3 +199,41 @@ class ViewerStream:
             sock.close()
         self.buf = bytearray()
         self.node.remove_viewer(self)
+
+
+class Given:
+    """What a viewer has after its catch-up: the chain up to its Last-Event-ID (``after``) and
+    the events history gave after it; ``is_fresh`` tells a live event the viewer lacks from
+    one it has.  Sans-IO.
+
+    Within one epoch, seqs grow along the chain, so an event of an epoch the viewer holds is
+    fresh when its seq is past the viewer's last one of that epoch.  An event of an epoch the
+    viewer does not hold is either past history's end (a new owner after the fetch) or from
+    before the Last-Event-ID (this frontend's live path lagging behind the frontend the viewer
+    came from, across an owner change): its ``prev`` tells, since the live path delivers in
+    chain order.  It is fresh when it starts a chain, when its predecessor is in an epoch the
+    viewer holds, or once the live path has brought an event of an epoch the viewer holds
+    (everything of older epochs precedes those)."""
+
+    __slots__ = ("ids", "last_seq", "past_older")
+
+    def __init__(self, after: Position | None, chain: list[dict]):
+        self.ids = {e["id"] for e in chain}
+        self.last_seq: dict[int, int] = {}  # epoch -> the viewer's last seq in it
+        if after is not None:
+            self.last_seq[after[0]] = after[1]
+        for e in chain:
+            if e["seq"] > self.last_seq.get(e["epoch"], -1):
+                self.last_seq[e["epoch"]] = e["seq"]
+        # the live path brought an event of an epoch the viewer holds (holding none: nothing is older)
+        self.past_older = not self.last_seq
+
+    def is_fresh(self, event: dict) -> bool:
+        if event["id"] in self.ids:
+            return False
+        last = self.last_seq.get(event["epoch"])
+        if last is not None:
+            self.past_older = True
+            return event["seq"] > last
+        prev = event.get("prev")
+        return not prev or prev[0] in self.last_seq or self.past_older

@@ -61,6 +61,9 @@ class FrontendSection:
                                 doc="max wait for a new subscription to reach the owner")
     gap_timeout: float = _spec(1.0, lo=0.01, hi=60.0,
                                doc="max wait for history to fill a gap or catch a viewer up")
+    history_deadline: float = _spec(0.3, lo=0.0, hi=60.0,
+                                    doc="seconds a catch-up waits for a video's owner before it also "
+                                    "asks the video's backup, which holds the replicated chain")
     max_body_bytes: int = _spec(16384, lo=64, hi=1048576, doc="largest publish body")
     max_comment_chars: int = _spec(2000, lo=1, hi=100000, doc="longest comment text")
     publish_fast_path: bool = _spec(True, doc="answer plain likes and comments off Tornado's HTTP stack "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import time
@@ -346,3 +345,96 @@ async def test_owner_and_backup_sigkilled_and_restarted_never_fork_a_chain(topol
           f"not ready for at most {max(windows) * 1000:.0f} ms")
     assert resets == 0, "a fork or an unrepaired gap reached viewers"
     assert max(windows) < NOT_READY_BOUND, windows
+
+
+# --- history from any replica (a catch-up while the owner is down) ----------------------------
+
+
+async def test_reconnect_right_after_the_owner_is_killed_gets_every_event_from_its_backup(topology):
+    """Viewers reconnect with Last-Event-ID right after the video's owner is SIGKILLed, while
+    the registry still lists it: the catch-up asks the owner, gets no answer within
+    ``frontend.history_deadline`` and takes the chain from the backup, which holds every
+    acknowledged event.  Each viewer gets exactly the events it missed, in order, and no
+    ``reset`` (proven by a marker published after the failover, which arrives after them)."""
+    # a 6 s liveness TTL keeps the dead owner registered during the catch-up (sync_timeout
+    # 0.3 s + history_deadline 0.3 s + the request: ~1 s on this machine, a margin of 6x)
+    topology.kv["liveness_ttl"] = "6"
+    video = "replica-cv"
+    assert owner(video, ["d1", "d2"]) == "d1"
+    d1 = topology.dispatcher("d1")
+    topology.dispatcher("d2")
+    fronts = [topology.frontend(name, **PATIENT, **{"frontend.sync_timeout": "0.3"}) for name in ("f1", "f2")]
+    first = await viewer(fronts[0].url, video)
+    sent = [(await like(fronts[1].url, video, user=f"u{i}"))["id"] for i in range(12)]
+    got = await first.events(12)
+    assert [json.loads(e.data)["id"] for e in got] == sent
+    first.close()
+    cuts = [2, 5, 8, 11]  # each viewer last saw a different event
+    d1.kill()
+    again = await asyncio.gather(*(viewer(fronts[i % 2].url, video, last_event_id=got[cut].id)
+                                   for i, cut in enumerate(cuts)))
+    for cut, v in zip(cuts, again):
+        missed = await v.events(len(sent) - cut - 1, timeout=5) if cut < len(sent) - 1 else []
+        assert [e.event for e in missed] == ["like"] * len(missed), [e.event for e in missed]
+        assert [json.loads(e.data)["id"] for e in missed] == sent[cut + 1:]
+    for f in fronts:  # the catch-up happened while the dead owner was still registered
+        assert "d1" in (await health(f.url))["dispatchers"]
+    for f in fronts:
+        await wait_until(lambda f=f: _lists_only(f.url, ["d2"]), timeout=20, what="d1 leaves the registry")
+    marker = (await like(fronts[1].url, video, user="marker"))["id"]
+    for v in again:
+        nxt = await v.next_event(timeout=10)
+        assert (nxt.event, json.loads(nxt.data)["id"]) == ("like", marker)
+        v.close()
+
+
+async def _lists_only(url: str, names: list[str]) -> bool:
+    return (await health(url))["dispatchers"] == names
+
+
+async def test_a_dispatcher_that_left_the_registry_shows_as_a_lingering_link(topology):
+    """``livemesh_zmq_peers_lingering`` counts the frontend's links to dispatchers that left the
+    registry and still linger (``mesh.io.peers.LINK_LINGER``)."""
+    from test_metrics import scrape
+
+    topology.dispatcher("d1")
+    d2 = topology.dispatcher("d2")
+    f = topology.frontend("f1")
+    before = await scrape(f.url)
+    assert (before["livemesh_zmq_peers"], before["livemesh_zmq_peers_lingering"]) == (2, 0)
+    d2.terminate()  # SIGTERM: it deregisters at once
+    await wait_until(lambda: _lists_only(f.url, ["d1"]), timeout=10, what="d2 leaves the registry")
+    after = await scrape(f.url)
+    assert (after["livemesh_zmq_peers"], after["livemesh_zmq_peers_lingering"]) == (1, 1)
+
+
+async def test_a_bridge_relays_its_dcs_chain_from_the_backup_while_the_owner_is_down(topology):
+    """A peer DC's bridge asks ours for a gap in our chain (``HIST`` with our ``dc`` to the
+    relay ROUTER) right after the video's owner is SIGKILLed, still registered: our bridge
+    takes the chain from the backup within the frontend's ``gap_timeout``."""
+    import zmq
+    import zmq.asyncio
+
+    from mesh.wire import protocol as P
+
+    topology.kv["liveness_ttl"] = "6"  # the dead owner stays registered (see the test above)
+    video = "replica-cv"
+    d1 = topology.dispatcher("d1")
+    topology.dispatcher("d2")
+    f = topology.frontend("f1")
+    b = topology.bridge("bridge-dc1")
+    sent = [await like(f.url, video, user=f"u{i}") for i in range(6)]
+    d1.kill()
+    ctx = zmq.asyncio.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        dealer.connect(b.info["relay"])
+        after = (sent[1]["epoch"], sent[1]["seq"])
+        await dealer.send_multipart(P.Control(P.MSG_HISTORY, b"r1", P.relay_history_body(video, after, "dc1")).to_frames())
+        reply = P.Control.from_frames(await asyncio.wait_for(dealer.recv_multipart(), 10))
+        events = P.chain_reply(reply, video, "dc1")
+        assert [e["id"] for e in events] == [s["id"] for s in sent[2:]]
+        assert "d1" in (await health(b.url))["dispatchers"]  # asked while d1 was still registered
+    finally:
+        dealer.close(linger=0)
+        ctx.term()

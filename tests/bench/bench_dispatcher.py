@@ -229,6 +229,7 @@ async def emulate(args) -> None:
     import zmq.asyncio
 
     from frontend.link import MeshLink
+    from mesh.config import FrontendSection
     from mesh.wire import protocol as P
     from mesh.kv.embedded import EmbeddedKV
     from mesh.io.node import settle_gc
@@ -252,8 +253,8 @@ async def emulate(args) -> None:
 
     ctx = zmq.asyncio.Context()
     kv = EmbeddedKV(args.kv_path)
-    link = MeshLink(ctx, kv, f"bench-f{args.index}", on_events, attempt_timeout=1.0, publish_timeout=3.0,
-                    event_rows=not args.maps)
+    link = MeshLink(ctx, kv, f"bench-f{args.index}", FrontendSection(attempt_timeout=1.0, publish_timeout=3.0),
+                    on_events=on_events, rows=not args.maps)
     loop = asyncio.get_running_loop()
     try:
         await kv.open()
