@@ -8,7 +8,11 @@ travels in one PUB request (several when it exceeds one message).  Each group's 
 event whose ack does not come within ``attempt_timeout`` is sent again -- always to the current
 owner, which changes once discovery says the owner left (a slow owner retried elsewhere would
 sequence the event twice) -- until ``publish_timeout``; the event id makes the retry
-idempotent.  One future per owner request and one per group attempt, never one per event.
+idempotent.  An error the owner marks ``retryable`` (it has just started, a forward found no
+owner, the chain's tail could not be fetched) means the event was not placed: it is sent again
+after ``RETRYABLE_PAUSE``, so a dispatcher restart costs a publisher some milliseconds, not an
+error; only at ``publish_timeout`` does the last such error become the result.  One future per
+owner request and one per group attempt, never one per event.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ log = logging.getLogger("mesh.app")
 OnResult = Callable[[list[int], list[dict]], None]
 #: seconds a publish whose link broke waits for discovery before its retry
 LINK_BROKE_PAUSE = 0.05
+#: seconds before an event refused with a retryable error is sent again
+RETRYABLE_PAUSE = 0.05
 
 
 def _consume(fut: asyncio.Future) -> None:
@@ -36,15 +42,25 @@ def _consume(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-def _fill_all(done: Iterable[asyncio.Future], sent: dict[asyncio.Future, list[int]], results: list) -> bool:
-    """The answered groups' results into ``results``; True when a group's link broke."""
+def _retryable(result: dict | None) -> bool:
+    error = None if result is None else result.get("error")
+    return error is not None and error.get("retryable") is True
+
+
+def _fill_all(done: Iterable[asyncio.Future], sent: dict[asyncio.Future, list[int]], results: list,
+              refused: dict[int, dict]) -> bool:
+    """The answered groups' results into ``results``, and the events refused with a retryable
+    error into ``refused`` (they stay pending); True when a group's link broke."""
     failed = False
     for fut in done:
         if fut.exception() is not None:
             failed = True
             continue
         for i, res in zip(sent[fut], fut.result()):
-            results[i] = res
+            if _retryable(res):
+                refused[i] = res
+            else:
+                results[i] = res
     return failed
 
 
@@ -74,6 +90,7 @@ class Publisher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
         results: list[dict | None] = [None] * len(events)
+        refused: dict[int, dict] = {}  # index -> its latest retryable error
         pending: list[int] = list(range(len(events)))
         while pending:
             left = deadline - loop.time()
@@ -88,31 +105,39 @@ class Publisher:
                     break
                 continue
             sent = {self._enqueue(target, [events[i] for i in idx]): idx for target, idx in groups.items()}
+            refused_before = len(refused)
+            refused.clear()
             if on_result is None:  # one wait for all: the cheapest for a caller that awaits the lot
                 done, late = await asyncio.wait(sent, timeout=min(self.attempt_timeout, left))
-                failed = _fill_all(done, sent, results)
+                failed = _fill_all(done, sent, results, refused)
                 _abandon(late)
             else:
-                failed = await self._collect_each(sent, results, min(self.attempt_timeout, left), on_result)
+                failed = await self._collect_each(sent, results, min(self.attempt_timeout, left), on_result,
+                                                  refused)
             pending = [i for i in pending if results[i] is None]
             if pending:
                 self.stats["publish_retries"] += len(pending)
-                if failed:  # the link broke: give discovery a moment
-                    await asyncio.sleep(min(LINK_BROKE_PAUSE, max(0.0, deadline - loop.time())))
+                if failed or refused:  # the link broke, or the owner cannot place them yet
+                    pause = LINK_BROKE_PAUSE if failed else RETRYABLE_PAUSE
+                    if refused and not refused_before:
+                        log.info("%d events refused for now (%s); retrying", len(refused),
+                                 next(iter(refused.values()))["error"].get("code"))
+                    await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
                 else:
                     log.warning("no ack for %d events within %.2fs; retrying", len(pending), self.attempt_timeout)
         if pending:
             self.stats["publish_failures"] += len(pending)
             for i in pending:
-                results[i] = not_acknowledged(events[i])
+                results[i] = refused.get(i) or not_acknowledged(events[i])
             if on_result is not None:
                 on_result(pending, [results[i] for i in pending])
         return results
 
     async def _collect_each(self, sent: dict[asyncio.Future, list[int]], results: list, timeout: float,
-                            on_result: OnResult) -> bool:
-        """Fill ``results`` from the attempt's groups as they answer, each group's share to
-        ``on_result`` then, until ``timeout``; True when a link broke."""
+                            on_result: OnResult, refused: dict[int, dict]) -> bool:
+        """Fill ``results`` (and ``refused``, as ``_fill_all``) from the attempt's groups as
+        they answer, each group's share to ``on_result`` then, until ``timeout``; True when a
+        link broke."""
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
         late, failed = set(sent), False
@@ -122,7 +147,7 @@ class Publisher:
             if not done:
                 break
             for fut in done:
-                failed |= _fill_all((fut,), sent, results)
+                failed |= _fill_all((fut,), sent, results, refused)
                 answered = [i for i in sent[fut] if results[i] is not None]  # pending until now
                 if answered:
                     on_result(answered, [results[i] for i in answered])

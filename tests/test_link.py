@@ -275,6 +275,7 @@ class FakeDispatchers:
         self.changed = asyncio.Event()
         self.requests: list[tuple[str, int]] = []
         self.seq = defaultdict(int)
+        self.refuse: list[dict] = []  # error bodies the next requests are answered with (ERR)
 
     def set(self, names):
         self.peers = {n: None for n in names}
@@ -289,6 +290,8 @@ class FakeDispatchers:
         events = P.publish_events(wire, P.check_row)
         self.requests.append((name, len(events)))
         await asyncio.wait_for(asyncio.sleep(self.delay.get(name, 0)), timeout)
+        if self.refuse:
+            return P.Control(P.MSG_ERROR, b"1", self.refuse.pop(0))
         seqs = []
         for _ in events:
             self.seq[name] += 1
@@ -349,3 +352,26 @@ async def test_a_publish_is_retried_to_the_new_owner_and_fails_cleanly_without_o
     assert await none.publish_many([_like("r", 1)], lambda idx, res: got.append(idx)) == \
         [not_acknowledged(_like("r", 1))]
     assert got == [[0]] and none.stats["publish_failures"] == 1
+
+
+async def test_an_event_refused_as_retryable_is_sent_again_until_placed_and_a_final_refusal_passes():
+    """A dispatcher that cannot place an event yet (just started, no owner for a forward, a
+    chain it could not fetch) answers a retryable error: the event was not placed, so the
+    publisher sends it again after RETRYABLE_PAUSE instead of answering the client 503; a
+    refusal that is not retryable is the result at once."""
+    links = FakeDispatchers(["d1"])
+    links.refuse = [P.error_body(P.ERR_NOT_READY, "starting", retryable=True)] * 2
+    pub = _publisher(links, attempt=0.5, deadline=3.0)
+    (res,) = await pub.publish_many([_like("v", 0)])
+    assert "seq" in res and len(links.requests) == 3
+    links.refuse = [P.error_body("not_owner", "moved", retryable=True), P.error_body("bad", "no")]
+    got = []
+    (res,) = await pub.publish_many([_like("v", 1)], lambda idx, r: got.append((idx, r)))
+    assert res["error"]["code"] == "bad" and got == [([0], [res])] and len(links.requests) == 5
+    # still refused at publish_timeout: the last refusal is the answer, on both ways of waiting
+    for on_result in (None, lambda idx, r: None):
+        links.refuse = [P.error_body(P.ERR_NOT_READY, "starting", retryable=True)] * 1000
+        short = _publisher(links, attempt=0.5, deadline=0.3)
+        (res,) = await short.publish_many([_like("v", 2)], on_result)
+        assert res["error"]["code"] == P.ERR_NOT_READY and res["error"]["retryable"] is True
+        assert short.stats["publish_failures"] == 1
