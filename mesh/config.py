@@ -4,7 +4,7 @@ Precedence (later wins): built-in defaults, the TOML file, ``LIVEMESH_<SECTION>_
 environment variables (``LIVEMESH_FRONTEND_PORT=8081`` sets ``[frontend] port``), explicit
 overrides passed by a launcher.  Every value is checked against its declared type and range;
 an unknown section or key, or a bad value, raises ``ConfigError`` naming the key and where it
-came from.  The README's configuration reference lists every key.
+came from.  docs/CONFIG.md lists every key (``markdown_table``).
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def _check_together(cfg: Config) -> None:
 
 
 def describe() -> list[tuple[str, str, Any, str]]:
-    """(section, key, default, doc) for every key: the source of the README's reference."""
+    """(section, key, default, doc) for every key: the source of docs/CONFIG.md."""
     rows = []
     for section, obj in Config().sections().items():
         for f in dataclasses.fields(obj):
@@ -310,7 +310,7 @@ def describe() -> list[tuple[str, str, Any, str]]:
 
 
 def markdown_table() -> str:
-    """The README's configuration table (``python -m mesh.config``)."""
+    """The configuration table of docs/CONFIG.md (``python -m mesh.config``)."""
     lines = ["| key | environment | default | meaning |", "| --- | --- | --- | --- |"]
     for section, key, default, doc in describe():
         if isinstance(default, bool):
