@@ -106,3 +106,60 @@ def test_the_documents_example_table_is_what_the_mesh_computes():
     assert "order for `launch-42` is `dispatcher-2` (owner), `dispatcher-1`\n(backup), `dispatcher-3`" in text
     wrong = hashlib.blake2b(b"dispatcher-1\x00launch-42").hexdigest()[:16]
     assert f"`{wrong}`: the wrong answer" in text
+# --- the documents' shape and links ---------------------------------------------------------
+
+_FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+_CODE_SPAN = re.compile(r"`[^`\n]*`")
+_LINK = re.compile(r"\]\(([^)\s]*)\)")
+_AUTOLINK = re.compile(r"<([a-z][a-z0-9+.-]*:[^>\s]*)>", re.I)
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)
+
+
+def links_of(text: str) -> list[str]:
+    """Inline link targets and autolinks of a Markdown text, outside code blocks and spans."""
+    prose = _CODE_SPAN.sub("", _FENCE.sub("", text))
+    return _LINK.findall(prose) + _AUTOLINK.findall(prose)
+
+
+def anchors_of(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation other than - and _ dropped, spaces to -."""
+    out = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", _FENCE.sub("", text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+        out.add(slug.replace(" ", "-"))
+    return out
+
+
+def test_links_in_the_documents_stay_in_the_repository_and_resolve():
+    problems = []
+    for doc in _documents():
+        text = _read(doc)
+        here = os.path.dirname(os.path.join(ROOT, doc))
+        for target in links_of(text):
+            path, _, anchor = target.partition("#")
+            if not target or _SCHEME.match(target) or target.startswith("/"):
+                problems.append(f"{doc}: {target!r} is not a relative link into the repository")
+                continue
+            resolved = os.path.realpath(os.path.join(here, path)) if path else os.path.join(ROOT, doc)
+            if os.path.commonpath([resolved, os.path.realpath(ROOT)]) != os.path.realpath(ROOT):
+                problems.append(f"{doc}: {target!r} points outside the repository")
+            elif not os.path.exists(resolved):
+                problems.append(f"{doc}: {target!r} does not exist")
+            elif anchor and resolved.endswith(".md"):
+                with open(resolved, encoding="utf-8") as fh:
+                    if anchor not in anchors_of(fh.read()):
+                        problems.append(f"{doc}: {target!r} names no heading of {os.path.relpath(resolved, ROOT)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_link_check_sees_what_it_must_refuse():
+    text = ("[a](../shared/DESIGN.md) [b](https://example.org/) <http://x.example> "
+            "`[c](http://in-code.example)`\n```\n[d](http://in-fence.example)\n```\n")
+    assert links_of(text) == ["../shared/DESIGN.md", "https://example.org/", "http://x.example"]
+    assert "local-topologies-mesh-up" in anchors_of("## Local topologies (mesh-up)\n")
+    assert "node-links-zeromq-curve" in anchors_of("## Node links: ZeroMQ CURVE\n")
+
+
+def test_the_readme_is_short():
+    lines = _read("README.md").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; details belong in docs/"

@@ -62,7 +62,7 @@ from mesh.tools.topology import NodeProcess  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
 #: the baseline dispatcher: a tree whose wire carries events as maps only, the reference the
-#: README's dispatcher numbers compare with
+#: docs/BENCHMARKS.md's dispatcher numbers compare with
 BASELINE_REF = "bd9c952"
 #: seconds to wait, after the last ack, for deliveries to stop arriving (quiet for SETTLE_QUIET)
 SETTLE_MAX = 10.0
