@@ -172,3 +172,14 @@ def test_signal_stops_every_child(mesh_up, signum, background):
     run.proc.send_signal(signum)
     assert run.proc.wait(30) == 0
     assert all(gone(pid) for pid in children.values()), children
+
+
+@pytest.mark.parametrize("launcher", ["bin/mesh-up", "bin/meshctl"])
+def test_a_launcher_run_by_a_python_without_the_packages_starts_again_under_the_venv(launcher):
+    # ``-S`` leaves site-packages out, so this Python cannot import tornado: the launcher must
+    # notice, get .venv's Python from bin/venv and run the same command under it
+    out = subprocess.run([sys.executable, "-S", launcher, "--help"], capture_output=True, text=True,
+                         timeout=120, env={k: v for k, v in os.environ.items() if k != "LIVEMESH_REEXEC"})
+    assert out.returncode == 0, out.stderr
+    assert "using the repository's .venv (bin/venv)" in out.stderr
+    assert out.stdout.startswith(f"Usage: {os.path.basename(launcher)}"), out.stdout
