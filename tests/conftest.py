@@ -52,7 +52,8 @@ def kv_path(tmp_path):
 @pytest.fixture
 def topology(tmp_path, kv_path):
     """A factory for node processes on one embedded KV: ``topology.dispatcher("d1")``."""
-    extra = {"dispatcher.drain_seconds": "0.3"}  # keep teardown quick; drain is tested on its own
+    # keep teardown quick; drain is tested on its own
+    extra = {"dispatcher.drain_seconds": "0.3", "frontend.drain_seconds": "0.3"}
     if os.environ.get("LIVEMESH_TEST_DEBUG"):
         extra["node.log_level"] = "debug"
     topo = Topology(kv={"backend": "embedded", "path": kv_path, "liveness_ttl": "2"},

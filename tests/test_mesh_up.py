@@ -16,7 +16,7 @@ from helpers import http, like, read_lines_until, viewer, wait_until
 
 pytestmark = pytest.mark.topology
 
-QUICK_STOP = ("--set", "dispatcher.drain_seconds=0.3")
+QUICK_STOP = ("--set", "dispatcher.drain_seconds=0.3", "--set", "frontend.drain_seconds=0.3")
 
 
 @dataclass
