@@ -3,6 +3,7 @@
 * ``async def`` tests run in a fresh event loop (no plugin needed: ``pytest_pyfunc_call``).
 * ``topology``: real dispatcher and frontend processes on free loopback ports sharing an
   embedded KV in the test's tmp dir; every process is stopped at teardown, even on failure.
+* ``balancer``: a real HAProxy in front of a test's frontends (``tests/lb_fixtures.py``).
 * the global per-test timeout comes from pytest-timeout (``PYTEST_TIMEOUT`` overrides the
   ``timeout`` in pyproject.toml).
 """
@@ -17,7 +18,7 @@ import pytest
 
 from mesh.tools.topology import Topology
 
-pytest_plugins = ["consul_fixtures"]
+pytest_plugins = ["consul_fixtures", "lb_fixtures"]
 
 
 @pytest.hookimpl(tryfirst=True)
