@@ -47,6 +47,23 @@ def render(template: str, bind: str, servers: list[tuple[str, str]]) -> str:
     return string.Template(template).substitute(bind=bind, servers=lines)
 
 
+def server_states(stats_socket: str, timeout: float = 2.0) -> dict[str, str]:
+    """Frontend name -> the view of the HAProxy whose runtime API is at ``stats_socket``:
+    ``UP``, ``DOWN``, or a transition such as ``UP 1/2`` (one failed check of the two that
+    mark it down), from ``show stat``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(stats_socket)
+        sock.sendall(b"show stat\n")
+        chunks = []
+        while chunk := sock.recv(65536):  # HAProxy closes after one command's answer
+            chunks.append(chunk)
+    # CSV with a header row that starts with "# "
+    text = b"".join(chunks).decode("utf-8", "replace").removeprefix("# ")
+    return {row["svname"]: row["status"] for row in csv.DictReader(io.StringIO(text))
+            if row.get("pxname") == BACKEND and row.get("svname") not in ("FRONTEND", "BACKEND")}
+
+
 class HAProxy:
     def __init__(self, config_path: str, host: str, port: int, log_path: str | None = None,
                  stats_socket: str = ""):
@@ -105,19 +122,7 @@ class HAProxy:
         raise LoadBalancerFailed(f"haproxy not serving {self.url}/healthz within {timeout}s: {last}")
 
     def server_states(self, timeout: float = 2.0) -> dict[str, str]:
-        """Frontend name -> HAProxy's view of it: ``UP``, ``DOWN``, or a transition such as
-        ``UP 1/2`` (one failed check of the two that mark it down), from ``show stat``."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(self.stats_socket)
-            sock.sendall(b"show stat\n")
-            chunks = []
-            while chunk := sock.recv(65536):  # HAProxy closes after one command's answer
-                chunks.append(chunk)
-        # CSV with a header row that starts with "# "
-        text = b"".join(chunks).decode("utf-8", "replace").removeprefix("# ")
-        return {row["svname"]: row["status"] for row in csv.DictReader(io.StringIO(text))
-                if row.get("pxname") == BACKEND and row.get("svname") not in ("FRONTEND", "BACKEND")}
+        return server_states(self.stats_socket, timeout)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -366,7 +366,10 @@ Configuration: --config FILE (TOML, as the nodes read it) and --set SECTION.KEY=
 (mesh-up's own KV and port settings win).  Example: --set frontend.aggregate_likes_above=0.
 
 --lb starts HAProxy (/usr/sbin/haproxy) in front of the frontends (one per DC), configured from
-config/haproxy.cfg.template, and prints `lb haproxy http://127.0.0.1:P`."""
+config/haproxy.cfg.template, and prints `lb haproxy http://127.0.0.1:P`; the path of its
+runtime API socket (`show stat`: which frontends it holds UP or DOWN) goes to stderr.  A
+frontend that exits is out of its rotation within 2 s; on SIGTERM a frontend answers /healthz
+with 503 for frontend.drain_seconds while it still serves, so HAProxy takes it out first."""
 
 
 @click.command(name="mesh-up", help=HELP)
