@@ -58,7 +58,7 @@ class FrontendSection:
     drain_seconds: float = _spec(1.5, lo=0.0, hi=600.0,
                                  doc="on SIGTERM: seconds /healthz answers 503 `draining` while the frontend "
                                      "still serves, before it stops listening and ends its streams; above "
-                                     "the load balancer's time to mark it down (0.75 s with "
+                                     "the load balancer's time to mark it down (0.6 s with "
                                      "config/haproxy.cfg.template)")
     publish_timeout: float = _spec(3.0, lo=0.05, hi=60.0, doc="deadline for an owner's ack, seconds")
     attempt_timeout: float = _spec(1.0, lo=0.01, hi=60.0, doc="one publish attempt before retrying")
