@@ -1,11 +1,13 @@
 """A browser behind a real HAProxy loses the frontend serving its stream: headless Chromium
 (driven as in ``tests/test_page_browser.py``) holds an ``EventSource`` on the load balancer's
-URL; the frontend serving it is SIGKILLed; the browser reconnects through the load balancer,
-lands on the other frontend, resumes with ``Last-Event-ID``, and every acknowledged like
-arrives exactly once, in order.  Every wait is a condition with a deadline; Chromium, HAProxy
-and every node stop at teardown, even on failure."""
+URL; the frontend serving it is SIGKILLed, or drains and exits on SIGTERM; the browser
+reconnects through the load balancer, lands on the other frontend, resumes with
+``Last-Event-ID``, and every acknowledged like arrives exactly once, in order.  Every wait is a
+condition with a deadline; Chromium, HAProxy and every node stop at teardown, even on failure."""
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 
@@ -20,7 +22,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.lb, pytest.mark.topology]
 RETRY_MS = 3000
 
 #: each like its own event, so ids compare one to one
-SETTINGS = {"frontend.aggregate_likes_above": "0", "frontend.retry_ms": str(RETRY_MS)}
+SETTINGS = {"frontend.aggregate_likes_above": "0", "frontend.retry_ms": str(RETRY_MS),
+            "frontend.drain_seconds": "1.5"}
 
 #: a raw EventSource (not the page's, which drops duplicates: this one must show them), on the
 #: page's origin, the load balancer.  It records every like id, every open and every break.
@@ -35,7 +38,8 @@ WATCH = """(video) => {
 }"""
 
 
-async def test_a_browser_resumes_through_the_lb_when_its_frontend_is_killed(topology, balancer, browser_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "drained"])
+async def test_a_browser_resumes_through_the_lb_when_its_frontend_goes(topology, balancer, browser_path, signum):
     from playwright.async_api import async_playwright
 
     topology.dispatcher("d1")
@@ -65,7 +69,7 @@ async def test_a_browser_resumes_through_the_lb_when_its_frontend_is_killed(topo
             acked = [(await like(lb.url, video, user=f"before{i}"))["id"] for i in range(5)]
             await page.wait_for_function("(n) => window.likes.length === n", arg=len(acked), timeout=WAIT_MS)
 
-            fronts[first].kill()
+            fronts[first].proc.send_signal(signum)  # SIGTERM: the stream ends after the drain
             await page.wait_for_function("window.breaks >= 1", timeout=WAIT_MS)
             missed = [(await like(lb.url, video, user=f"after{i}"))["id"] for i in range(5)]
             assert await page.evaluate("window.opens") == 1, \
