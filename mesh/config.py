@@ -55,6 +55,11 @@ class FrontendSection:
     port: int = _spec(8080, lo=0, hi=65535, doc="HTTP listen port (0: any free port)")
     heartbeat_interval: float = _spec(15.0, lo=0.05, hi=3600.0, doc="SSE comment heartbeat seconds")
     retry_ms: int = _spec(2000, lo=0, hi=600000, doc="SSE retry: sent to browsers")
+    drain_seconds: float = _spec(1.5, lo=0.0, hi=600.0,
+                                 doc="on SIGTERM: seconds /healthz answers 503 `draining` while the frontend "
+                                     "still serves, before it stops listening and ends its streams; above "
+                                     "the load balancer's time to mark it down (0.6 s with "
+                                     "config/haproxy.cfg.template)")
     publish_timeout: float = _spec(3.0, lo=0.05, hi=60.0, doc="deadline for an owner's ack, seconds")
     attempt_timeout: float = _spec(1.0, lo=0.01, hi=60.0, doc="one publish attempt before retrying")
     sync_timeout: float = _spec(2.0, lo=0.01, hi=60.0,

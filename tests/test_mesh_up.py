@@ -16,7 +16,7 @@ from helpers import http, like, read_lines_until, viewer, wait_until
 
 pytestmark = pytest.mark.topology
 
-QUICK_STOP = ("--set", "dispatcher.drain_seconds=0.3")
+QUICK_STOP = ("--set", "dispatcher.drain_seconds=0.3", "--set", "frontend.drain_seconds=0.3")
 
 
 @dataclass
@@ -46,6 +46,11 @@ class MeshUp:
             names = [a.removeprefix("node.name=") for a in argv if a.startswith("node.name=")]
             found[names[-1] if names else os.path.basename(argv[0])] = pid
         return found
+
+    @property
+    def stats_socket(self) -> str:
+        return next(ln.split()[4] for ln in self.stderr().splitlines()
+                    if ln.startswith("mesh-up: haproxy stats socket "))
 
     def stderr(self) -> str:
         with open(self.stderr_path, encoding="utf-8", errors="replace") as fh:
@@ -157,6 +162,19 @@ async def test_restart_brings_a_killed_frontend_back_on_its_port(mesh_up):
     v = await viewer(run.url("frontend-1"), "restarted")
     try:
         sent = await like(url, "restarted")  # the restarted frontend publishes into the mesh
+        assert (await v.events(1))[0].id == sent["sse_id"]
+    finally:
+        v.close()
+
+
+async def test_lb_holds_every_frontend_and_serves_through_them(mesh_up):
+    from mesh.tools.haproxy import server_states
+    run = mesh_up("--lb")
+    await wait_until(lambda: server_states(run.stats_socket) == {"frontend-1": "UP", "frontend-2": "UP"},
+                     what="both frontends UP in HAProxy")
+    v = await viewer(run.lb, "through-lb")
+    try:
+        sent = await like(run.lb, "through-lb")
         assert (await v.events(1))[0].id == sent["sse_id"]
     finally:
         v.close()
