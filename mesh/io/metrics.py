@@ -116,7 +116,7 @@ class FrontendCollector(Collector):
         yield _gauge("zmq_peers", "dispatchers linked (in the registry)",
                      len(link.peers) if link is not None else 0)
         yield _gauge("zmq_peers_lingering", "links of dispatchers that left the registry",
-                     len(getattr(link, "retired", ())) if link is not None else 0)
+                     len(link.retired) if link is not None else 0)
         yield _counter("events_in", "events received from dispatchers", link_stats.get("events_in", 0))
         yield _counter("events_out", "events written to local viewers (once per event)",
                        node.fanout.events_out)
