@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -198,6 +199,91 @@ def bearer_token(handler: tornado.web.RequestHandler) -> str | None:
     return token.strip() or None
 
 
+#: the answer to a CORS preflight from an allowed origin
+PREFLIGHT_HEADERS = (("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                     ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
+                     ("Access-Control-Max-Age", "600"), ("Allow", "GET, POST, OPTIONS"))
+#: names a frontend bound to a loopback or wildcard address is reached under on this host
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def listening_origins(host: str, port: int) -> frozenset[str]:
+    """The origins of a frontend listening on ``host``:``port`` (plain HTTP): its own address,
+    and the loopback names when it listens on a loopback or wildcard address.  What a page
+    served straight from the frontend has as its ``Origin``; a load balancer's origin is
+    configured (``frontend.public_origins``)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    local = host in ("", "localhost") or (address is not None and (address.is_loopback or address.is_unspecified))
+    names = set(LOOPBACK_HOSTS) if local else set()
+    if address is not None and not address.is_unspecified:
+        names.add(f"[{address}]" if address.version == 6 else str(address))
+    elif address is None and host:
+        names.add(host.lower())
+    return frozenset(f"http://{name}:{port}" for name in names)
+
+
+class Cors:
+    """Which browser origins may call the API, and the CORS headers of each answer.
+
+    A request without ``Origin`` is not a browser's and passes.  The frontend's own origins
+    (``listening_origins`` and ``frontend.public_origins``) pass without CORS headers: the
+    page at ``/`` publishes through them.  They are configured, never read from the request:
+    a DNS-rebinding page at ``http://evil.example`` sends ``Host: evil.example`` and
+    ``Origin: http://evil.example``, which match each other but no origin of ours.  Other
+    origins pass when ``security.cors_origins`` lists them (``*``: any, except for a request
+    with a ``Cookie``); the rest get ``403 origin_not_allowed``.  Reads headers only
+    (anything with ``get`` and ``in``, as Tornado's ``HTTPHeaders``)."""
+
+    def __init__(self, cors_origins, credentials: bool, public_origins, stats):
+        self.listed = frozenset(o for o in cors_origins if o != "*")
+        self.any_origin = "*" in cors_origins
+        self.credentials = credentials
+        self.public = frozenset(public_origins)
+        self.own = self.public
+        self.stats = stats
+
+    def serve_on(self, host: str, port: int) -> None:
+        """The frontend listens on ``host``:``port``: a page served from there is ours too."""
+        self.own = self.public | listening_origins(host, port)
+
+    def allowed_origin(self, headers) -> str | None:
+        """The Access-Control-Allow-Origin value for this request (None: no CORS headers)."""
+        origin = headers.get("Origin")
+        if origin is None:
+            return None
+        if origin in self.listed:
+            return origin
+        if self.any_origin and "Cookie" not in headers:
+            return "*"  # never for a credentialed request
+        return None
+
+    def check_origin(self, headers) -> None:
+        """Raises ``403 origin_not_allowed`` for a browser origin that may not call the API."""
+        origin = headers.get("Origin")
+        if origin is None or origin in self.own or self.allowed_origin(headers) is not None:
+            return
+        self.stats["origin_refused"] += 1
+        raise ClientError(403, "origin_not_allowed",
+                          f"origin {origin[:100]!r} may not call this API: it is not this frontend's "
+                          f"(frontend.public_origins) nor listed in security.cors_origins")
+
+    def response_headers(self, headers) -> list[tuple[str, str]]:
+        """The CORS headers of the answer to this request (``Vary`` is added, the rest set)."""
+        allowed = self.allowed_origin(headers)
+        if allowed is None:
+            return []
+        out = [("Access-Control-Allow-Origin", allowed)]
+        if allowed != "*":
+            out.append(("Vary", "Origin"))
+            if self.credentials:
+                out.append(("Access-Control-Allow-Credentials", "true"))
+        out.append(("Access-Control-Expose-Headers", "Retry-After, WWW-Authenticate"))
+        return out
+
+
 def open_file_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
@@ -232,8 +318,7 @@ class FrontendSecurity:
             raise ConfigError("security.private_videos needs security.auth = jwt")
         self.limits = PublishLimits(sec.like_rate, sec.like_burst, sec.comment_rate, sec.comment_burst,
                                     sec.ip_rate, sec.ip_burst)
-        self.origins = frozenset(o for o in sec.cors_origins if o != "*")
-        self.any_origin = "*" in sec.cors_origins
+        self.cors = Cors(sec.cors_origins, sec.cors_credentials, cfg.frontend.public_origins, self.stats)
         nofile = open_file_limit()
         unlimited = nofile == resource.RLIM_INFINITY or nofile <= sec.fd_reserve
         self.max_connections = nofile - sec.fd_reserve if sec.fd_reserve and not unlimited else None
@@ -258,7 +343,7 @@ class FrontendSecurity:
 
     def check_publish(self, handler: tornado.web.RequestHandler, video: str, kind: str) -> str | None:
         """Origin, rate limits and token of one publish; the verified user (None: auth off)."""
-        self._check_origin(handler)
+        self.cors.check_origin(handler.request.headers)
         now = time.monotonic()
         wait = self.limits.check_ip(handler.request.remote_ip or "?", now)
         if wait:
@@ -382,51 +467,21 @@ class FrontendSecurity:
 
     # --- CORS -------------------------------------------------------------------------------
 
-    def _allowed_origin(self, handler) -> str | None:
-        """The Access-Control-Allow-Origin value for this request (None: no CORS headers)."""
-        origin = handler.request.headers.get("Origin")
-        if origin is None:
-            return None
-        if origin in self.origins:
-            return origin
-        if self.any_origin and "Cookie" not in handler.request.headers:
-            return "*"  # never for a credentialed request
-        return None
-
-    def _same_origin(self, handler) -> bool:
-        request = handler.request
-        return request.headers.get("Origin") == f"{request.protocol}://{request.host}"
-
-    def _check_origin(self, handler) -> None:
-        if "Origin" not in handler.request.headers or self._same_origin(handler):
-            return  # not a browser, or the frontend's own page
-        if self._allowed_origin(handler) is None:
-            self.stats["origin_refused"] += 1
-            raise ClientError(403, "origin_not_allowed",
-                              f"origin {handler.request.headers['Origin'][:100]!r} may not call this API")
-
     def before_headers(self, handler: tornado.web.RequestHandler) -> None:
         for name, value in getattr(handler, "_security_headers", {}).items():
             handler.set_header(name, value)
-        allowed = self._allowed_origin(handler)
-        if allowed is None:
-            return
-        handler.set_header("Access-Control-Allow-Origin", allowed)
-        if allowed != "*":
-            handler.add_header("Vary", "Origin")
-            if self.sec.cors_credentials:
-                handler.set_header("Access-Control-Allow-Credentials", "true")
-        handler.set_header("Access-Control-Expose-Headers", "Retry-After, WWW-Authenticate")
+        for name, value in self.cors.response_headers(handler.request.headers):
+            if name == "Vary":
+                handler.add_header(name, value)
+            else:
+                handler.set_header(name, value)
 
     def preflight(self, handler: tornado.web.RequestHandler) -> None:
         """``OPTIONS``: the CORS preflight of a browser about to publish."""
-        if "Origin" in handler.request.headers and not self._same_origin(handler):
-            self._check_origin(handler)
+        self.cors.check_origin(handler.request.headers)
         handler.set_status(204)
-        handler.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        handler.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID")
-        handler.set_header("Access-Control-Max-Age", "600")
-        handler.set_header("Allow", "GET, POST, OPTIONS")
+        for name, value in PREFLIGHT_HEADERS:
+            handler.set_header(name, value)
         handler.finish()
 
     # --- accepting connections ----------------------------------------------------------------
@@ -442,6 +497,7 @@ class FrontendSecurity:
         # a deep accept queue: bursts of viewers (a live event starting) wait in the kernel
         # instead of being dropped and retried after 1 s, 3 s, ... (Tornado's default is 128)
         self.sockets = tornado.netutil.bind_sockets(port, address=host, backlog=ACCEPT_BACKLOG)
+        self.cors.serve_on(host, self.sockets[0].getsockname()[1])
         self._stop_accepting = [self._add_accept_handler(sock, on_connection) for sock in self.sockets]
         return self.sockets
 

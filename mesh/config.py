@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -69,6 +70,10 @@ class FrontendSection:
     history_deadline: float = _spec(0.3, lo=0.0, hi=60.0,
                                     doc="seconds a catch-up waits for a video's owner before it also "
                                     "asks the video's backup, which holds the replicated chain")
+    public_origins: tuple = _spec((), doc="origins (`scheme://host[:port]`) the page is served under besides the ones "
+                                  "the frontend listens on (`http://127.0.0.1:PORT`, `localhost`), e.g. a load "
+                                  "balancer's `https://live.example`: browsers there publish as the page's own; never "
+                                  "derived from a request's `Host` (`;`-separated in env)")
     max_body_bytes: int = _spec(16384, lo=64, hi=1048576, doc="largest publish body")
     max_comment_chars: int = _spec(2000, lo=1, hi=100000, doc="longest comment text")
     publish_fast_path: bool = _spec(True, doc="answer plain likes and comments off Tornado's HTTP stack "
@@ -300,9 +305,43 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
 def _check_together(cfg: Config) -> None:
     """The rules that span keys, once every source is applied."""
     sec = cfg.security
+    cfg.frontend.public_origins = tuple(canonical_origin(o, "frontend.public_origins")
+                                        for o in cfg.frontend.public_origins)
     if sec.auth == "jwt" and not sec.jwt_audience.strip():
         raise ConfigError("security.jwt_audience: must not be empty when security.auth = jwt "
                           "(an empty audience would accept tokens minted for any service)")
+
+
+#: the port an origin leaves out, per scheme
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_origin(text: str, key: str) -> str:
+    """``text`` as a browser serializes an origin in its ``Origin`` header (RFC 6454 6.1:
+    lower-case scheme and host, no default port, no path), so a configured origin compares
+    equal to the header byte for byte; raises ``ConfigError`` naming ``key`` when ``text`` is
+    not an origin."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{key}: {text!r} is not an origin (scheme://host[:port]): {why}")
+
+    parts = urllib.parse.urlsplit(text.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise refuse("the scheme must be http or https")
+    if not parts.hostname or "@" in parts.netloc:
+        raise refuse("it needs a host, and no user or password")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or text.strip().endswith(("?", "#")):
+        raise refuse("an origin has no path, query or fragment")
+    try:
+        port = parts.port
+    except ValueError:
+        raise refuse("the port must be a number from 0 to 65535") from None
+    host = parts.hostname  # lower-cased; IPv6 without its brackets
+    if not host.isascii() or not all(ch.isalnum() or ch in ".-:" for ch in host):
+        raise refuse("the host must be ASCII letters, digits, '.', '-' (punycode for other names) "
+                     "or a bracketed IPv6 address")
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port in (None, DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
 
 
 def describe() -> list[tuple[str, str, Any, str]]:

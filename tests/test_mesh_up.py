@@ -201,3 +201,14 @@ def test_a_launcher_run_by_a_python_without_the_packages_starts_again_under_the_
     assert out.returncode == 0, out.stderr
     assert "using the repository's .venv (bin/venv)" in out.stderr
     assert out.stdout.startswith(f"Usage: {os.path.basename(launcher)}"), out.stdout
+
+
+async def test_the_page_behind_the_balancer_publishes_through_it(mesh_up):
+    """``--lb``: the frontends take the balancer's origin as their own (``frontend.public_origins``),
+    so a page served through it publishes; another origin does not, whatever its ``Host``."""
+    run = mesh_up("--lb")
+    url = f"{run.lb}/v1/videos/lb-page/likes"
+    status, body = await http("POST", url, headers={"Origin": run.lb})
+    assert status == 202, body
+    status, body = await http("POST", url, headers={"Origin": "http://evil.example", "Host": "evil.example"})
+    assert (status, body["error"]["code"]) == (403, "origin_not_allowed")

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from frontend.security import check_comment_text, json_deeper_than
+from frontend.security import check_comment_text, json_deeper_than, listening_origins
 from mesh.config import load_config
 from mesh.core.auth import SubscribePolicy, TokenVerifier
 from mesh.errors import ClientError, ConfigError
@@ -146,6 +146,28 @@ def test_config_errors():
         TokenVerifier(public_key_pem=b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
     assert SubscribePolicy(["priv-*", "team.?"]).is_private("priv-9")
     assert not SubscribePolicy(["priv-*"]).is_private("public")
+
+
+def test_public_origins_are_checked_and_serialized_as_browsers_send_them():
+    cfg = load_config(env={}, overrides={"frontend.public_origins": "HTTPS://Live.Example:443;http://[::1]:8080/"})
+    assert cfg.frontend.public_origins == ("https://live.example", "http://[::1]:8080")
+    assert load_config(env={}).frontend.public_origins == ()
+    for bad, why in (("live.example", "scheme must be http or https"), ("*", "scheme must be http or https"),
+                     ("https://live.example/app", "no path"), ("https://u:p@live.example", "no user"),
+                     ("https://live.example:99999", "port must be a number"),
+                     ("https://live example", "host must be ASCII")):
+        with pytest.raises(ConfigError, match=f"frontend.public_origins: '{re.escape(bad)}' is not an "
+                                              rf"origin \(scheme://host\[:port\]\): .*{why}"):
+            load_config(env={"LIVEMESH_FRONTEND_PUBLIC_ORIGINS": bad})
+
+
+def test_a_frontend_is_its_own_origin_under_the_addresses_it_listens_on():
+    loopback = {"http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080"}
+    assert listening_origins("127.0.0.1", 8080) == loopback
+    assert listening_origins("0.0.0.0", 8080) == loopback  # every address: the page's public one is configured
+    assert listening_origins("::1", 8080) == loopback
+    assert listening_origins("10.1.2.3", 80) == {"http://10.1.2.3:80"}
+    assert listening_origins("Front.Internal", 8080) == {"http://front.internal:8080"}
 
 
 # --- sans-IO: limits ------------------------------------------------------------------------
@@ -443,6 +465,50 @@ async def test_cors_only_configured_origins_publish(secure):
     err = await fetch("POST", {"Origin": "https://app.example"}, b"")
     assert err.code == 401 and err.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert err.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def _publish_as(url: str, host: str, origin: str, chunked: bool) -> tuple[int, dict]:
+    """A like sent with these ``Host`` and ``Origin`` fields, on the fast path or (``chunked``)
+    handed to Tornado; its status and JSON body."""
+    from test_ingest import answer, connect, post
+    reader, writer = await connect(url)
+    try:
+        request = post("so-1", headers=[("Origin", origin)], chunked=chunked)
+        writer.write(request.replace(b"Host: 127.0.0.1\r\n", f"Host: {host}\r\n".encode(), 1))
+        status, _, body = await answer(reader)
+        return status, body
+    finally:
+        writer.close()
+
+
+async def test_same_origin_is_the_configured_origins_never_the_host_header(topology):
+    """A DNS-rebinding page (``http://evil.example`` resolving to the frontend) sends a ``Host``
+    that matches its ``Origin``: refused on both request paths.  The page served from the
+    frontend's own address, or from a configured public origin (a balancer's), publishes."""
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"frontend.public_origins": "https://Live.Example"})
+    own = f.url.removeprefix("http://")
+    for chunked in (False, True):
+        status, body = await _publish_as(f.url, "evil.example", "http://evil.example", chunked)
+        assert (status, body["error"]["code"]) == (403, "origin_not_allowed"), (chunked, body)
+        assert "frontend.public_origins" in body["error"]["message"] and body["error"]["retryable"] is False
+        status, body = await _publish_as(f.url, f"evil.example:{own.split(':')[1]}",
+                                         f"http://evil.example:{own.split(':')[1]}", chunked)
+        assert status == 403, (chunked, body)
+        for host, origin in ((own, f.url), (f"localhost:{own.split(':')[1]}", f.url.replace("127.0.0.1", "localhost")),
+                             ("live.example", "https://live.example"), (own, "https://live.example")):
+            status, body = await _publish_as(f.url, host, origin, chunked)
+            assert status == 202, (chunked, host, origin, body)
+        status, body = await _publish_as(f.url, "live.example:8443", "https://live.example:8443", chunked)
+        assert status == 403, (chunked, body)
+    preflight = {"Access-Control-Request-Method": "POST"}
+    status, _ = await http("OPTIONS", f"{f.url}/v1/videos/so-1/likes",
+                           headers={**preflight, "Host": "evil.example", "Origin": "http://evil.example"})
+    assert status == 403
+    status, _ = await http("OPTIONS", f"{f.url}/v1/videos/so-1/likes",
+                           headers={**preflight, "Origin": "https://live.example"})
+    assert status == 204
+    assert (await health(f.url))["stats"]["origin_refused"] == 7
 
 
 async def test_cors_wildcard_never_for_credentialed_requests(topology):

@@ -434,6 +434,7 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
             topos = [Topology(kv={**kv, "path": f"{kv['path']}-{dc}"}, extra={**overrides, "node.dc": dc},
                               **common) for dc in names]
         nodes: list[NodeProcess] = []
+        lb_ports: list[int] = []
         exports, relays = {}, {}
         if dcs > 1:  # on embedded KVs every bridge must know the others' export and relay
             # endpoints when it starts; on federated Consul they find each other in the catalog
@@ -460,15 +461,20 @@ def main(dispatchers, frontends, dcs, base_port, kv_backend, kv_path, consul_add
                     import_port=base + 91 if base else 0, wait=False,
                     **{"bridge.http_port": base + 92 if base else 0,
                        "bridge.relay_port": int(relays[dc].rsplit(":", 1)[1]), **relaying}))
-            batch += [topo.frontend(f"{prefix}frontend-{i + 1}", base + i if base else 0, wait=False)
+            # the balancer's port is chosen first: its origin is the page's, so the frontends
+            # take it as their own (frontend.public_origins) and the page publishes through it
+            lb_ports.append((base + 80 if base else free_port(topo.host)) if lb else 0)
+            given = topo.extra.get("frontend.public_origins", "")
+            origins = {"frontend.public_origins": ";".join(filter(None, [given, f"http://{topo.host}:{lb_ports[-1]}"]))
+                       } if lb else {}
+            batch += [topo.frontend(f"{prefix}frontend-{i + 1}", base + i if base else 0, wait=False, **origins)
                       for i in range(frontends)]
             nodes += batch
         for node in nodes:
             click.echo(_describe(node))
         if lb:
             for k, topo in enumerate(topos):
-                base = base_port + k * DC_PORT_STRIDE if base_port else 0
-                balancers.append(_start_lb(topo, tmp, base + 80 if base else 0, names[k], log_dir))
+                balancers.append(_start_lb(topo, tmp, lb_ports[k], names[k], log_dir))
                 click.echo(f"lb haproxy {balancers[-1].url}{' ' + names[k] if dcs > 1 else ''}")
         click.echo("ready")
         _watch(topos, restart)
