@@ -33,7 +33,8 @@ so the loop neither spins on a readable socket nor reads anything it may have to
 One request at a time per connection: the next is not looked at before this one is answered
 (pipelined requests are answered in order).  A connection gets ``security.header_timeout``
 for its next request, as under Tornado (idle keep-alive and slowloris alike); connections
-here count against the connection limit (``FrontendSecurity.stream_attached``).
+here count against the connection limits (``FrontendSecurity.stream_attached``), and one whose
+answer waits that long to be written (its client does not read) is cut.
 """
 
 from __future__ import annotations
@@ -222,13 +223,16 @@ class Call:
 class Conn:
     """One connection while it is served here."""
 
-    __slots__ = ("sock", "fd", "address", "since", "want", "busy", "paused", "closing", "linger", "out")
+    __slots__ = ("sock", "fd", "address", "ip", "since", "want", "busy", "paused", "closing", "linger", "out")
 
     def __init__(self, sock: socket.socket, address):
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address
-        self.since = time.monotonic()  # its next request is due header_timeout after this
+        self.ip = address[0] if address else "?"
+        # its next request is due header_timeout after this; while an answer waits to be
+        # written, its client must read some of it within header_timeout of this
+        self.since = time.monotonic()
         self.want = 0                  # bytes SO_RCVLOWAT waits for (0: not waiting)
         self.busy = False              # a request is being answered
         self.paused = False            # its reader is off until the answer is out
@@ -259,7 +263,7 @@ class PublishPath:
         sock.setblocking(False)
         conn = Conn(sock, address)
         self.conns[conn.fd] = conn
-        self.node.security.stream_attached()
+        self.node.security.stream_attached(conn.ip)
         asyncio.get_running_loop().add_reader(conn.fd, self._readable, conn)
         if not self._sweeping:
             self._sweeping = True
@@ -278,7 +282,7 @@ class PublishPath:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             except OSError:
                 pass
-        self.node.security.stream_detached()
+        self.node.security.stream_detached(conn.ip)
 
     def _close(self, conn: Conn) -> None:
         self._release(conn)
@@ -292,7 +296,10 @@ class PublishPath:
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        for conn in [c for c in self.conns.values() if not c.busy and now - c.since > self.header_timeout]:
+        for conn in [c for c in self.conns.values()
+                     if (c.out or not c.busy) and now - c.since > self.header_timeout]:
+            if conn.out:  # a client that does not read its answers (pipelining, say)
+                self.node.stats["connections_cut_unread"] += 1
             self._close(conn)  # idle keep-alive, or a request that never completed
         self._sweeping = bool(self.conns)
         if self._sweeping:
@@ -358,7 +365,7 @@ class PublishPath:
         if "close" in (t.strip() for t in dict.get(headers, "connection", "").lower().split(",")):
             conn.closing = True
         self.node.stats["ingest_fast"] += 1
-        call = Call(Request(path, headers, conn.address[0] if conn.address else "?"))
+        call = Call(Request(path, headers, conn.ip))
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush)
         self._batch.append((conn, call, video, kind, body))
@@ -438,6 +445,7 @@ class PublishPath:
             return
         if sent < len(data):
             conn.out = data[sent:]
+            conn.since = time.monotonic()
             asyncio.get_running_loop().add_writer(conn.fd, self._drain, conn)
             return
         self._done(conn)
@@ -451,6 +459,7 @@ class PublishPath:
             self._close(conn)
             return
         conn.out = conn.out[sent:]
+        conn.since = time.monotonic()
         if not conn.out:
             asyncio.get_running_loop().remove_writer(conn.fd)
             self._done(conn)
@@ -458,7 +467,7 @@ class PublishPath:
     def _refuse_too_large(self, conn: Conn, request: TooLarge) -> None:
         """A JSON 413 at once, then a lingering close: the body is never read whole."""
         conn.busy = conn.closing = conn.linger = True
-        call = Call(Request(request.path, request.headers, conn.address[0] if conn.address else "?"))
+        call = Call(Request(request.path, request.headers, conn.ip))
         self._answer_error(conn, call, ClientError(
             413, "body_too_large", f"body has {request.length} bytes; the limit is {self.max_body}"))
 

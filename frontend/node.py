@@ -9,7 +9,6 @@ import signal
 import time
 from collections import defaultdict
 
-import tornado.httpserver
 import zmq.asyncio
 from tornado.iostream import IOStream
 
@@ -22,6 +21,7 @@ from mesh.core.sse import encode_comment
 from mesh.core.presence import LocalPresence
 from mesh.core.subscriptions import CountSync, SubscriptionTable
 
+from .admission import CountingHTTPServer
 from .fanout import Fanout
 from .gcpause import CHECK_INTERVAL, GCWatch, freeze_allowance
 from .http import NotFoundHandler, routes
@@ -34,22 +34,6 @@ log = logging.getLogger("mesh.app")
 #: the largest request Tornado reads at all; bodies over ``max_body_bytes`` but under this get
 #: a JSON 413, bigger ones are refused by Tornado's HTTP layer (400, connection closed)
 MAX_REQUEST_BYTES = 1024 * 1024
-
-
-class CountingHTTPServer(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server, counting the connections it serves through its public delegate
-    hooks (``handle_stream`` and ``HTTPServerConnectionDelegate.on_close``), so the connection
-    limit sees them."""
-
-    open_connections = 0
-
-    def handle_stream(self, stream: IOStream, address: tuple) -> None:
-        self.open_connections += 1
-        super().handle_stream(stream, address)
-
-    def on_close(self, server_conn: object) -> None:
-        self.open_connections -= 1
-        super().on_close(server_conn)
 
 
 class Frontend:
@@ -83,7 +67,8 @@ class Frontend:
         self.server = CountingHTTPServer(
             app, max_body_size=MAX_REQUEST_BYTES, max_buffer_size=MAX_REQUEST_BYTES,
             idle_connection_timeout=30.0, body_timeout=10.0, max_header_size=16384)
-        self.security = FrontendSecurity(self.cfg, self)  # auth, limits, CORS, accept loop
+        # auth, limits, CORS, access log, accept loop
+        self.security = FrontendSecurity(self.cfg, self.stats, lambda: len(self.table))
         if f.publish_fast_path:  # likes and comments off Tornado's HTTP stack
             self.ingest = PublishPath(self, self.to_tornado)
         sockets = self.security.listen(self.server, f.port, f.host,

@@ -1,85 +1,52 @@
-"""The frontend's guards: who may publish and watch, how fast, from which origins, and how many
-connections a frontend takes before it sheds them.
+"""The frontend's guards: who may publish and watch, how fast, from which origins, and what
+the access log says.  Connection caps and the accept loop are ``frontend.admission``'s.
 
-Theory of operation.  The HTTP handlers (``frontend/http.py``) call in at a few points; the
-decisions are in the sans-IO cores (``mesh.core.auth``, ``mesh.core.ratelimit``):
+Theory of operation.  Each guard is a small class with one job, given only the settings and
+counters it needs; ``FrontendSecurity`` puts them together for the HTTP handlers
+(``frontend/http.py``) and the publish fast path (``frontend/ingest.py``), which call in at a
+few points.  The decisions are in the sans-IO cores (``mesh.core.auth``, ``mesh.core.ratelimit``):
 
-* ``check_publish`` (every POST): browser origin, per-IP token bucket, JWT (``Authorization:
-  Bearer``), per-user-per-video token bucket; returns the verified user (or None when
-  ``security.auth = off``).  The IP limit comes before the token so a flood of bad tokens costs
-  no signature checks.
-* ``admit_viewer`` (every SSE GET): per-IP and per-frontend viewer limits, then the video's
-  subscribe policy (private videos need a token: ``Authorization`` header, or a short-lived
-  subscribe token in ``?access_token=``, which is redacted from the request URI at once so no
-  log line can carry it).
+* ``check_publish`` (every POST): browser origin (``Cors``), per-IP token bucket
+  (``RateLimits``), JWT (``Auth``: ``Authorization: Bearer``), per-user-per-video token bucket;
+  returns the verified user (or None when ``security.auth = off``).  The IP limit comes before
+  the token so a flood of bad tokens costs no signature checks.
+* ``admit_viewer`` (every SSE GET): per-IP and per-frontend stream limits
+  (``frontend.admission.ViewerLimits``), then the video's subscribe policy (private videos need
+  a token: ``Authorization`` header, or a short-lived subscribe token in ``?access_token=``,
+  which ``Application`` redacts from the request URI before any handler runs, so no log line
+  can carry it).
 * ``before_headers`` (every response): CORS headers, plus the ``Retry-After`` /
-  ``WWW-Authenticate`` of the error being sent (``clear()`` in the error path wipes headers set
-  earlier, so they are stashed on the handler and applied when the headers go out).
-* ``listen``: Tornado's own accept loop logs every failed ``accept()``: at the open-file limit
-  (EMFILE) the listening socket stays readable, so it spins at 100 % CPU writing a log line per
-  turn.  Ours (1) sheds connections past ``open-file limit - fd_reserve`` with a canned 503 before
-  that happens, and (2) at EMFILE uses the reserve-descriptor trick of libuv and nginx: close a
-  spare descriptor kept for this, accept the waiting connection, answer 503, close it, take the
-  spare back -- the backlog drains, the client gets a clean answer instead of a hang, and the
-  loop stays quiet.  Both log at most one line per ``SHED_LOG_INTERVAL``, and so do
-  rate-limited publishes (``log_request``: a flood of 429s is counted, not logged line by line,
-  which cost a flooded frontend ~8 % more CPU and its disk).  Viewer streams stop
-  well below that (``max_viewers`` is clamped under the connection limit), so ``/healthz`` keeps
-  answering when the frontend is full.
-* Slowloris: Tornado applies one deadline to a request's whole header block and uses the same
-  deadline for an idle keep-alive connection (``HTTP1ConnectionParameters.header_timeout``,
-  which ``HTTPServer`` derives from ``idle_connection_timeout``); ``listen`` sets it to
-  ``security.header_timeout``.  A started SSE response has no deadline: it is not idle.
+  ``WWW-Authenticate`` of the error being sent (``ClientError.headers``; ``clear()`` in the
+  error path wipes headers set earlier, so they are stashed on the handler and applied when
+  the headers go out).
+* ``log_request`` (every answer): ``AccessLog``, which sums rate-limited requests up instead
+  of logging each.
+* ``listen``: the accept loop and connection counting of ``frontend.admission``.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import ipaddress
 import logging
 import math
-import os
 import re
-import resource
-import socket
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-import tornado.httpserver
 import tornado.httputil
-import tornado.netutil
 import tornado.web
-from tornado.ioloop import IOLoop
 from tornado.log import access_log
 
 from mesh.core.auth import ACTION_SUBSCRIBE, Grant, SubscribePolicy, TokenVerifier
-from mesh.errors import ClientError, ConfigError
 from mesh.core.ratelimit import PublishLimits
+from mesh.errors import ClientError, ConfigError
 
-if TYPE_CHECKING:
-    from .node import Frontend
+from .admission import (SHED_LOG_INTERVAL, Acceptor, ConnectionLimits, CountingHTTPServer, Tally,
+                        ViewerLimits, connection_limit, per_ip_connection_cap)
 
 log = logging.getLogger("mesh.app")
-
-#: at most one log line per this many seconds about shed connections
-SHED_LOG_INTERVAL = 10.0
-#: seconds accepting pauses when even the reserve descriptor cannot be had
-ACCEPT_PAUSE = 0.1
-#: connections accepted per readable event (Tornado's ``_DEFAULT_BACKLOG`` heuristic)
-ACCEPT_BACKLOG = 4096
-ACCEPT_BATCH = 128
-#: connections under the connection limit kept for health checks and publishes when full
-VIEWER_HEADROOM = 20
-#: a viewer-table sweep (closed streams of idle IPs) at most this often
-SWEEP_INTERVAL = 10.0
-
-_SHED_BODY = (b'{"error": {"code": "overloaded", "message": "frontend is at its connection limit; '
-              b'retry", "retryable": true}}\n')
-SHED_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                 % (len(_SHED_BODY), _SHED_BODY))
 
 # control characters (Unicode Cc) other than \t \n \r, and unpaired surrogates (JSON's \ud800
 # escapes make them; they cannot be encoded as UTF-8 for the wire)
@@ -191,14 +158,6 @@ def check_comment_text(text: str) -> None:
                           f"position {bad.start()}; only \\n \\r \\t are allowed")
 
 
-def bearer_token(handler: tornado.web.RequestHandler) -> str | None:
-    value = handler.request.headers.get("Authorization", "")
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
-
-
 #: the answer to a CORS preflight from an allowed origin
 PREFLIGHT_HEADERS = (("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
                      ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
@@ -284,16 +243,21 @@ class Cors:
         return out
 
 
-def open_file_limit() -> int:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+def bearer_token(headers) -> str | None:
+    """The token of an ``Authorization: Bearer`` field (None: no such field)."""
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
 
 
-class FrontendSecurity:
-    def __init__(self, cfg, node: "Frontend"):
-        self.cfg = cfg
-        sec = self.sec = cfg.security
-        self.node = node
-        self.stats = node.stats
+class Auth:
+    """Tokens: the verifier built from ``security.*`` (None with ``auth = off``) and the
+    subscribe policy of private videos.  Counts refusals in ``stats`` (``auth_401``,
+    ``auth_403``); a 401 carries the ``WWW-Authenticate`` challenge of RFC 6750."""
+
+    def __init__(self, sec, stats):
+        self.stats = stats
         self.verifier: TokenVerifier | None = None
         if sec.auth == "jwt":
             pem = None
@@ -313,157 +277,166 @@ class FrontendSecurity:
                         "this frontend may like and comment under any name; set security.auth = jwt "
                         "outside local development")
         self.policy = SubscribePolicy(sec.private_videos)
-        _nesting_within(sec.max_json_depth)  # compiled here, not during the first publish
         if self.policy.patterns and self.verifier is None:
             raise ConfigError("security.private_videos needs security.auth = jwt")
-        self.limits = PublishLimits(sec.like_rate, sec.like_burst, sec.comment_rate, sec.comment_burst,
-                                    sec.ip_rate, sec.ip_burst)
-        self.cors = Cors(sec.cors_origins, sec.cors_credentials, cfg.frontend.public_origins, self.stats)
-        nofile = open_file_limit()
-        unlimited = nofile == resource.RLIM_INFINITY or nofile <= sec.fd_reserve
-        self.max_connections = nofile - sec.fd_reserve if sec.fd_reserve and not unlimited else None
-        self.max_viewers = sec.max_viewers
-        if self.max_connections is not None and self.max_viewers > self.max_connections - VIEWER_HEADROOM:
-            self.max_viewers = max(1, self.max_connections - VIEWER_HEADROOM)
-            log.warning("security.max_viewers %d lowered to %d: the open-file limit is %d "
-                        "(fd_reserve %d)", sec.max_viewers, self.max_viewers, nofile, sec.fd_reserve)
-        self._by_ip: dict[str, set] = {}  # ip -> its open SSE streams (released on close)
-        self.raw_streams = 0  # streams handed over from Tornado to frontend.stream
-        self._swept = 0.0
-        self._reserve_fd: int | None = None
-        self._shed_since_log = 0
-        self._shed_logged_at = -1e9
-        self._limited_since_log = 0
-        self._limited_logged_at = -1e9
-        self._server = None  # counts Tornado's connections (``open_connections``)
-        self.sockets: list[socket.socket] = []
-        self._stop_accepting: list = []
 
-    # --- publishing -------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.verifier is not None
 
-    def check_publish(self, handler: tornado.web.RequestHandler, video: str, kind: str) -> str | None:
-        """Origin, rate limits and token of one publish; the verified user (None: auth off)."""
-        self.cors.check_origin(handler.request.headers)
-        now = time.monotonic()
-        wait = self.limits.check_ip(handler.request.remote_ip or "?", now)
-        if wait:
-            self._rate_limited(handler, wait, f"too many publishes from your address (limit "
-                               f"{self.sec.ip_rate:g}/s, burst {self.sec.ip_burst})")
-        if self.verifier is None:
-            return None
-        grant = self._authorize(handler, bearer_token(handler), video, kind, False)
-        wait = self.limits.check_user(grant.user, video, kind, now)
-        if wait:
-            rate, burst = ((self.sec.like_rate, self.sec.like_burst) if kind == "like"
-                           else (self.sec.comment_rate, self.sec.comment_burst))
-            self._rate_limited(handler, wait, f"too many {kind}s by {grant.user} on {video} "
-                               f"(limit {rate:g}/s, burst {burst})")
-        return grant.user
-
-    def _authorize(self, handler, token, video: str, action: str, subscribe_token: bool) -> Grant:
+    def authorize(self, token: str | None, video: str, action: str, subscribe_token: bool = False) -> Grant:
         try:
             return self.verifier.authorize(token, video, action, subscribe_token)
         except ClientError as err:
             self.stats[f"auth_{err.status}"] += 1
             if err.status == 401:
-                hint = 'Bearer realm="livemesh"' if err.code == "missing_token" else \
-                    'Bearer realm="livemesh", error="invalid_token"'
-                handler._security_headers = {"WWW-Authenticate": hint}
+                err.headers["WWW-Authenticate"] = 'Bearer realm="livemesh"' if err.code == "missing_token" \
+                    else 'Bearer realm="livemesh", error="invalid_token"'
             raise
 
-    def _rate_limited(self, handler, wait: float, message: str) -> None:
+    def watcher(self, headers, query_token: str | None, video: str) -> str | None:
+        """The verified user of a new stream of ``video`` (None: anonymous).  A private video
+        needs a token; a token sent for a public one is checked as well."""
+        header_token = bearer_token(headers)
+        if not (self.policy.is_private(video) or ((header_token or query_token) and self.verifier)):
+            return None
+        if header_token:
+            return self.authorize(header_token, video, ACTION_SUBSCRIBE).user
+        return self.authorize(query_token, video, ACTION_SUBSCRIBE, subscribe_token=True).user
+
+
+class RateLimits:
+    """The publish token buckets (``mesh.core.ratelimit``): per client IP, and per verified
+    user per video.  A refusal is ``429 rate_limited`` with ``Retry-After`` in whole seconds,
+    counted in ``stats["rate_limited"]``."""
+
+    def __init__(self, sec, stats):
+        self.sec = sec
+        self.stats = stats
+        self.limits = PublishLimits(sec.like_rate, sec.like_burst, sec.comment_rate, sec.comment_burst,
+                                    sec.ip_rate, sec.ip_burst)
+
+    def check_ip(self, ip: str, now: float) -> None:
+        wait = self.limits.check_ip(ip, now)
+        if wait:
+            self._refuse(wait, f"too many publishes from your address (limit {self.sec.ip_rate:g}/s, "
+                         f"burst {self.sec.ip_burst})")
+
+    def check_user(self, user: str, video: str, kind: str, now: float) -> None:
+        wait = self.limits.check_user(user, video, kind, now)
+        if wait:
+            rate, burst = ((self.sec.like_rate, self.sec.like_burst) if kind == "like"
+                           else (self.sec.comment_rate, self.sec.comment_burst))
+            self._refuse(wait, f"too many {kind}s by {user} on {video} (limit {rate:g}/s, burst {burst})")
+
+    def _refuse(self, wait: float, message: str) -> None:
         self.stats["rate_limited"] += 1
         retry_after = max(1, math.ceil(wait))
-        handler._security_headers = {"Retry-After": str(retry_after)}
-        raise ClientError(429, "rate_limited", f"{message}; retry after {retry_after} s", retryable=True)
+        raise ClientError(429, "rate_limited", f"{message}; retry after {retry_after} s", retryable=True,
+                          headers={"Retry-After": str(retry_after)})
 
-    def log_request(self, handler) -> None:
-        """The access log (Tornado's ``log_function``, and the publish fast path's: what
-        Tornado logs, at its levels), except for 429s: counted in ``rate_limited`` and summed
-        up in at most one line per ``SHED_LOG_INTERVAL``.  Every line reads the request
-        through ``request_summary``, which redacts subscribe tokens."""
-        status = handler.get_status()
+
+class AccessLog:
+    """One line per answer on ``tornado.access`` at Tornado's levels (info below 400, warning
+    below 500, error above), except 429s: a flood of them is summed up in at most one line per
+    ``SHED_LOG_INTERVAL``.  Every line reads the request through ``request_summary``, which
+    redacts subscribe tokens."""
+
+    def __init__(self):
+        self.limited = Tally()
+
+    def log(self, status: int, request) -> None:
+        """``request``: what Tornado's ``HTTPServerRequest`` has (``method``, ``uri``,
+        ``remote_ip``, ``request_time()``)."""
         if status == 429:
-            self._limited_since_log += 1
-            now = time.monotonic()
-            if now - self._limited_logged_at >= SHED_LOG_INTERVAL:
+            count = self.limited.add()
+            if count is not None:
                 access_log.warning("429: rate limited %d requests in the last %.0f s, the latest %s",
-                                   self._limited_since_log, SHED_LOG_INTERVAL, request_summary(handler.request))
-                self._limited_logged_at = now
-                self._limited_since_log = 0
+                                   count, SHED_LOG_INTERVAL, request_summary(request))
             return
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         if access_log.isEnabledFor(level):  # info is off by default: no summary made per request
-            access_log.log(level, "%d %s %.2fms", status, request_summary(handler.request),
-                           1000.0 * handler.request.request_time())
+            access_log.log(level, "%d %s %.2fms", status, request_summary(request),
+                           1000.0 * request.request_time())
+
+
+class FrontendSecurity:
+    """The guards of one frontend, put together for its request paths (module docstring).
+    ``stats``: the node's counters; ``viewer_count()``: its open SSE streams."""
+
+    def __init__(self, cfg, stats, viewer_count: Callable[[], int]):
+        sec = cfg.security
+        self.max_json_depth = sec.max_json_depth
+        _nesting_within(sec.max_json_depth)  # compiled here, not during the first publish
+        self.header_timeout = sec.header_timeout
+        self.stats = stats
+        self.auth = Auth(sec, stats)
+        self.rate_limits = RateLimits(sec, stats)
+        self.cors = Cors(sec.cors_origins, sec.cors_credentials, cfg.frontend.public_origins, stats)
+        self.access_log = AccessLog()
+        max_connections = connection_limit(sec.fd_reserve)
+        self.connections = ConnectionLimits(max_connections, per_ip_connection_cap(
+            sec.max_connections_per_ip, sec.max_viewers_per_ip))
+        self.viewers = ViewerLimits(sec.max_viewers, sec.max_viewers_per_ip, max_connections, viewer_count, stats)
+        self.acceptor = Acceptor(self.connections, stats)
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def check_publish(self, handler: tornado.web.RequestHandler, video: str, kind: str) -> str | None:
+        """Origin, rate limits and token of one publish; the verified user (None: auth off)."""
+        request = handler.request
+        try:
+            self.cors.check_origin(request.headers)
+            now = time.monotonic()
+            self.rate_limits.check_ip(request.remote_ip or "?", now)
+            if not self.auth.enabled:
+                return None
+            user = self.auth.authorize(bearer_token(request.headers), video, kind).user
+            self.rate_limits.check_user(user, video, kind, now)
+            return user
+        except ClientError as err:
+            handler._security_headers = err.headers
+            raise
+
+    def log_request(self, handler) -> None:
+        """The access log (Tornado's ``log_function``, and the publish fast path's)."""
+        self.access_log.log(handler.get_status(), handler.request)
 
     # --- viewers ----------------------------------------------------------------------------
 
     def admit_viewer(self, handler: tornado.web.RequestHandler, video: str) -> str:
-        """Connection limits and subscribe policy of a new SSE stream (raises ClientError).
+        """Stream limits and subscribe policy of a new SSE stream (raises ClientError).
         Sets ``handler.auth_user`` (the verified user, or None); returns the client IP, which
         the stream counts against once ``track_viewer`` sees it."""
         request = handler.request
-        query_token = handler.get_query_argument(TOKEN_PARAM, None)  # redacted from the URI
         handler.auth_user = None
         ip = request.remote_ip or "?"
-        now = time.monotonic()
-        if now - self._swept >= SWEEP_INTERVAL:
-            self._sweep(now)
-        mine = self._by_ip.get(ip)
-        if mine and len(mine) >= self.sec.max_viewers_per_ip:
-            mine.difference_update([v for v in mine if v.closed])  # only at the limit: O(1) per admit
-        if mine and len(mine) >= self.sec.max_viewers_per_ip:
-            self.stats["viewers_refused_ip"] += 1
-            handler._security_headers = {"Retry-After": "10"}
-            raise ClientError(429, "too_many_streams", f"your address has {len(mine)} open streams; "
-                              f"the limit is {self.sec.max_viewers_per_ip}", retryable=True)
-        if len(self.node.table) >= self.max_viewers:
-            self.stats["viewers_refused_full"] += 1
-            handler._security_headers = {"Retry-After": "5"}
-            raise ClientError(503, "frontend_full", f"this frontend serves its maximum of "
-                              f"{self.max_viewers} streams; try another", retryable=True)
-        header_token = bearer_token(handler)
-        if self.policy.is_private(video) or ((header_token or query_token) and self.verifier):
-            if header_token:
-                grant = self._authorize(handler, header_token, video, ACTION_SUBSCRIBE, False)
-            else:
-                grant = self._authorize(handler, query_token, video, ACTION_SUBSCRIBE, True)
-            handler.auth_user = grant.user
+        try:
+            self.viewers.admit(ip, time.monotonic())
+            handler.auth_user = self.auth.watcher(request.headers,  # redacted from the URI
+                                                  handler.get_query_argument(TOKEN_PARAM, None), video)
+        except ClientError as err:
+            handler._security_headers = err.headers
+            raise
         return ip
 
     def track_viewer(self, viewer) -> None:
-        """An admitted stream (``frontend.stream.ViewerStream``) counts against its address."""
-        self._by_ip.setdefault(viewer.ip, set()).add(viewer)
+        self.viewers.track(viewer)
 
     def release_viewer(self, viewer) -> None:
-        """A stream closed: it no longer counts against its address."""
-        mine = self._by_ip.get(viewer.ip)
-        if mine is not None:
-            mine.discard(viewer)
-            if not mine:
-                del self._by_ip[viewer.ip]
+        self.viewers.release(viewer)
 
-    def stream_attached(self) -> None:
+    def stream_attached(self, ip: str) -> None:
         """A connection outside Tornado (a viewer's stream it handed over, or one on the
-        publish fast path; ``HTTPServer`` does not count those): count it here, so the
-        connection limit still sees every socket."""
-        self.raw_streams += 1
+        publish fast path; ``HTTPServer`` does not count those) counts against ``ip`` and the
+        connection limit until ``stream_detached``."""
+        self.connections.opened(ip)
 
-    def stream_detached(self) -> None:
-        self.raw_streams -= 1
+    def stream_detached(self, ip: str) -> None:
+        self.connections.closed(ip)
 
     def open_connections(self) -> int:
-        return self._server.open_connections + self.raw_streams
-
-    def _sweep(self, now: float) -> None:
-        self._swept = now
-        for ip in list(self._by_ip):
-            alive = {v for v in self._by_ip[ip] if not v.closed}
-            if alive:
-                self._by_ip[ip] = alive
-            else:
-                del self._by_ip[ip]
+        return self.connections.total
 
     # --- CORS -------------------------------------------------------------------------------
 
@@ -486,121 +459,16 @@ class FrontendSecurity:
 
     # --- accepting connections ----------------------------------------------------------------
 
-    def listen(self, server, port: int, host: str, on_connection) -> list[socket.socket]:
-        """Bind ``port`` on ``host`` with our accept loop and header deadline; accepted
+    def listen(self, server: CountingHTTPServer, port: int, host: str, on_connection):
+        """Bind ``port`` on ``host`` with the accept loop of ``frontend.admission``; accepted
         connections go to ``on_connection(sock, address)``.  ``server`` counts Tornado's
-        connections (``open_connections``).  Returns the listening sockets
+        connections and gets the header and write deadline.  Returns the listening sockets
         (``stop_listening`` closes them)."""
-        server.conn_params.header_timeout = self.sec.header_timeout
-        self._server = server
-        self._reserve_fd = _open_reserve()
-        # a deep accept queue: bursts of viewers (a live event starting) wait in the kernel
-        # instead of being dropped and retried after 1 s, 3 s, ... (Tornado's default is 128)
-        self.sockets = tornado.netutil.bind_sockets(port, address=host, backlog=ACCEPT_BACKLOG)
-        self.cors.serve_on(host, self.sockets[0].getsockname()[1])
-        self._stop_accepting = [self._add_accept_handler(sock, on_connection) for sock in self.sockets]
-        return self.sockets
+        server.conn_params.header_timeout = self.header_timeout
+        server.count_into(self.connections, self.header_timeout, self.stats)
+        sockets = self.acceptor.listen(port, host, on_connection)
+        self.cors.serve_on(host, sockets[0].getsockname()[1])
+        return sockets
 
     def stop_listening(self) -> None:
-        """No new connections: the accept handlers go, the listening sockets close."""
-        for remove in self._stop_accepting:
-            remove()
-        self._stop_accepting = []
-        for sock in self.sockets:
-            sock.close()
-        self.sockets = []
-
-    def _add_accept_handler(self, sock: socket.socket, callback):
-        loop = IOLoop.current()
-        state = {"removed": False, "registered": True}
-
-        def resume() -> None:
-            if not state["removed"] and not state["registered"]:
-                loop.add_handler(sock, on_readable, IOLoop.READ)
-                state["registered"] = True
-
-        def on_readable(fd, events) -> None:
-            for _ in range(ACCEPT_BATCH):
-                if state["removed"]:
-                    return
-                try:
-                    conn, address = sock.accept()
-                except BlockingIOError:
-                    return
-                except ConnectionAbortedError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        raise
-                    if not self._shed_with_reserve(sock):
-                        loop.remove_handler(sock)  # the socket stays readable: do not spin
-                        state["registered"] = False
-                        loop.call_later(ACCEPT_PAUSE, resume)
-                    return
-                if self.max_connections is not None and self.open_connections() >= self.max_connections:
-                    self._shed(conn, "the connection limit")
-                    continue
-                callback(conn, address)
-
-        def remove() -> None:
-            if state["registered"]:
-                loop.remove_handler(sock)
-            state["removed"] = True
-            if self._reserve_fd is not None:
-                os.close(self._reserve_fd)
-                self._reserve_fd = None
-
-        loop.add_handler(sock, on_readable, IOLoop.READ)
-        return remove
-
-    def _shed_with_reserve(self, sock: socket.socket) -> bool:
-        """At EMFILE: free the reserve descriptor, accept and shed what waits, take it back.
-        False when no reserve could be had (accepting must pause)."""
-        if self._reserve_fd is None:
-            self._reserve_fd = _open_reserve()
-            self._count_shed("the open-file limit", 0)
-            return False
-        os.close(self._reserve_fd)
-        self._reserve_fd = None
-        try:
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    conn, _ = sock.accept()
-                except (BlockingIOError, ConnectionAbortedError):
-                    break
-                except OSError:
-                    break  # the freed descriptor went elsewhere meanwhile
-                self._shed(conn, "the open-file limit")
-        finally:
-            self._reserve_fd = _open_reserve()
-        return self._reserve_fd is not None
-
-    def _shed(self, conn: socket.socket, why: str) -> None:
-        try:
-            conn.setblocking(False)
-            conn.send(SHED_RESPONSE)
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the client is gone already: nothing to tell it
-        finally:
-            conn.close()
-        self._count_shed(why, 1)
-
-    def _count_shed(self, why: str, n: int) -> None:
-        self.stats["connections_shed"] += n
-        self._shed_since_log += n
-        now = time.monotonic()
-        if now - self._shed_logged_at >= SHED_LOG_INTERVAL:
-            log.warning("at %s (%d open connections, open-file limit %d): shed %d new connections "
-                        "in the last %.0f s with 503", why, self.open_connections(),
-                        open_file_limit(), self._shed_since_log, SHED_LOG_INTERVAL)
-            self._shed_logged_at = now
-            self._shed_since_log = 0
-
-
-def _open_reserve() -> int | None:
-    try:
-        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-
+        self.acceptor.stop()

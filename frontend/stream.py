@@ -149,7 +149,7 @@ class ViewerStream:
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
-        self.node.security.stream_attached()
+        self.node.security.stream_attached(self.ip)
         pending, self.buf = bytes(self.buf), bytearray()
         asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
         self.send(head + pending)
@@ -195,7 +195,7 @@ class ViewerStream:
             loop.remove_reader(self.fd)
             if self.buf:
                 loop.remove_writer(self.fd)
-            self.node.security.stream_detached()
+            self.node.security.stream_detached(self.ip)
             sock.close()
         self.buf = bytearray()
         self.node.remove_viewer(self)

@@ -182,8 +182,13 @@ class SecuritySection:
     max_viewers: int = _spec(19000, lo=1, hi=10000000, doc="SSE connections per frontend (503 beyond)")
     max_viewers_per_ip: int = _spec(1000, lo=1, hi=10000000,
                                      doc="SSE connections per client IP (429 beyond; NATs put many viewers behind one)")
+    max_connections_per_ip: int = _spec(0, lo=0, hi=10000000,
+                                        doc="TCP connections per client IP, of every kind: streams, keep-alive, requests "
+                                            "in flight (429 `too_many_connections` beyond, then closed); above "
+                                            "`max_viewers_per_ip`; 0: `max_viewers_per_ip` + 100")
     header_timeout: float = _spec(10.0, lo=0.1, hi=3600.0,
-                                  doc="seconds to receive a request's headers (slowloris) or the next request (idle)")
+                                  doc="seconds to receive a request's headers (slowloris) or the next request (idle), "
+                                      "and to write an answer the client does not read (then the connection is cut)")
     fd_reserve: int = _spec(100, lo=0, hi=100000,
                             doc="file descriptors kept free: TCP connections past the open-file limit minus this get a 503")
     curve: bool = _spec(False, doc="CURVE-encrypt and authenticate ZeroMQ links (false: plaintext, logged loudly)")
@@ -307,6 +312,11 @@ def _check_together(cfg: Config) -> None:
     sec = cfg.security
     cfg.frontend.public_origins = tuple(canonical_origin(o, "frontend.public_origins")
                                         for o in cfg.frontend.public_origins)
+    if sec.max_connections_per_ip and sec.max_connections_per_ip <= sec.max_viewers_per_ip:
+        raise ConfigError(f"security.max_connections_per_ip: {sec.max_connections_per_ip} must be above "
+                          f"security.max_viewers_per_ip ({sec.max_viewers_per_ip}): an address's streams are "
+                          f"connections too, and its publishes need room beside them (0: "
+                          f"max_viewers_per_ip + 100)")
     if sec.auth == "jwt" and not sec.jwt_audience.strip():
         raise ConfigError("security.jwt_audience: must not be empty when security.auth = jwt "
                           "(an empty audience would accept tokens minted for any service)")

@@ -31,12 +31,14 @@ class KVError(MeshError):
 class ClientError(MeshError):
     """An error reported to an HTTP client as ``{"error": {"code", "message", "retryable"}}``."""
 
-    def __init__(self, status: int, code: str, message: str, retryable: bool = False):
+    def __init__(self, status: int, code: str, message: str, retryable: bool = False,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.headers = headers or {}  # fields the answer carries: Retry-After, WWW-Authenticate
 
     def to_json(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, "retryable": self.retryable}}

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from frontend.admission import STALL_SWEEP_EVERY, ConnectionLimits, Tally, per_ip_connection_cap
 from frontend.security import check_comment_text, json_deeper_than, listening_origins
 from mesh.config import load_config
 from mesh.core.auth import SubscribePolicy, TokenVerifier
@@ -189,6 +190,38 @@ def test_token_bucket_table_is_bounded():
     for i in range(1000):
         limit.take(i, 0.0)
     assert len(limit.buckets) <= 100
+
+
+def test_connection_caps_count_every_connection_per_address():
+    limits = ConnectionLimits(max_connections=3, max_per_ip=2)
+    limits.opened("10.0.0.1")
+    assert limits.over_ip_cap("10.0.0.1") is None
+    limits.opened("10.0.0.1")
+    refusal = limits.over_ip_cap("10.0.0.1")
+    assert (refusal.status, refusal.code, refusal.retryable) == (429, "too_many_connections", True)
+    assert "security.max_connections_per_ip" in refusal.message and not limits.full()
+    assert limits.over_ip_cap("10.0.0.2") is None
+    limits.opened("10.0.0.2")
+    assert limits.full()
+    limits.closed("10.0.0.1")
+    assert limits.over_ip_cap("10.0.0.1") is None and not limits.full()
+    limits.closed("10.0.0.1")
+    limits.closed("10.0.0.2")
+    assert (limits.total, limits.by_ip) == (0, {})  # nothing left behind per address
+    assert per_ip_connection_cap(0, 1000) == 1100 and per_ip_connection_cap(50, 10) == 50
+    assert load_config(env={}, overrides={"security.max_connections_per_ip": "1001"}).security.max_connections_per_ip == 1001
+    with pytest.raises(ConfigError, match=r"security.max_connections_per_ip: 1000 must be above "
+                                          r"security.max_viewers_per_ip \(1000\)"):
+        load_config(env={}, overrides={"security.max_connections_per_ip": "1000"})
+
+
+def test_a_tally_says_when_a_summary_line_is_due():
+    now = [0.0]
+    tally = Tally(interval=10.0, clock=lambda: now[0])
+    assert tally.add() == 1  # the first line at once
+    assert [tally.add() for _ in range(3)] == [None] * 3
+    now[0] = 10.0
+    assert tally.add(2) == 5 and tally.add() is None
 
 
 def test_json_depth_and_comment_text():
@@ -633,6 +666,145 @@ async def test_slowloris_is_cut_after_the_header_timeout_while_viewers_receive(t
     assert not fast.closed  # a streaming response is not cut by the header timeout
     await fast.close()
     print(f"slowloris cut after {cut_after} s (header_timeout 1.5 s)")
+
+
+def _exchange(sock: socket.socket, request: bytes) -> tuple[int, dict | None]:
+    """Send ``request``, read one answer: its status and JSON body (0, None: closed unanswered)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return 0, None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def _connect_from(host: str, port: int, source: str) -> socket.socket:
+    return socket.create_connection((host, port), timeout=5, source_address=(source, 0))
+
+
+async def test_every_kind_of_connection_counts_against_the_per_address_cap(topology):
+    """``security.max_connections_per_ip`` counts streams, idle keep-alive connections on the
+    publish fast path and Tornado's connections alike; one more gets a JSON 429 and is closed,
+    other addresses are not affected, and a closed connection frees its place."""
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"security.max_viewers_per_ip": "2", "security.max_connections_per_ip": "4",
+                                   "security.header_timeout": "60"})
+    host, port = f.url.removeprefix("http://").split(":")
+    port = int(port)
+    loop = asyncio.get_running_loop()
+    run = lambda fn, *args: loop.run_in_executor(None, fn, *args)  # noqa: E731
+    held = []
+    try:
+        for _ in range(2):  # two streams
+            held.append(await run(_raw_get, host, port, "/v1/videos/cap-ip/events", "127.0.0.7"))
+            assert await run(_status_line, held[-1]) == 200
+        held.append(await run(_connect_from, host, port, "127.0.0.7"))  # idle, on the fast path
+        tornado_conn = await run(_connect_from, host, port, "127.0.0.7")  # kept alive by Tornado
+        held.append(tornado_conn)
+        assert (await run(_exchange, tornado_conn, HEALTH))[0] == 200
+        fifth = await run(_connect_from, host, port, "127.0.0.7")
+        status, body = await run(_exchange, fifth, HEALTH)
+        assert (status, body["error"]["code"], body["error"]["retryable"]) == (429, "too_many_connections", True), body
+        assert "4 open connections; the limit is 4" in body["error"]["message"]
+        assert await run(fifth.recv, 1) == b""  # and closed
+        fifth.close()
+        other = await run(_connect_from, host, port, "127.0.0.8")
+        assert (await run(_exchange, other, HEALTH))[0] == 200
+        other.close()
+        assert (await run(_exchange, tornado_conn, HEALTH))[0] == 200  # the held ones still work
+        held.pop(2).close()  # the idle one goes: its place is free again
+
+        async def one_more_is_taken() -> bool:
+            sock = await run(_connect_from, host, port, "127.0.0.7")
+            try:
+                return (await run(_exchange, sock, HEALTH))[0] == 200
+            finally:
+                sock.close()
+
+        await wait_until(one_more_is_taken, what="a closed connection frees its place")
+        assert (await health(f.url))["stats"]["connections_refused_ip"] >= 1
+    finally:
+        for sock in held:
+            sock.close()
+
+
+#: seconds a loaded 2-core machine may add to a server-side deadline (scheduling, the test's
+#: own thread)
+SCHEDULING_MARGIN = 1.0
+
+
+def _pipeline_without_reading(host: str, port: int, request: bytes, most: int, give_up: float) -> tuple[float, float]:
+    """Send up to ``most`` pipelined copies of ``request`` and never read an answer; the server
+    stops taking requests once its answers have nowhere to go.  Returns (seconds from connecting
+    to being cut, seconds from the last request the server took to being cut); inf: not cut."""
+    import select
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: the answers back up soon
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.connect((host, port))
+        connected = last_progress = time.monotonic()
+        sock.setblocking(False)
+        pending, sent_requests = b"", 0
+        poller = select.poll()
+        poller.register(sock, select.POLLRDHUP)  # POLLHUP and POLLERR are always reported
+        while time.monotonic() - connected < give_up:
+            if not pending and sent_requests < most:
+                pending, sent_requests = request * 50, sent_requests + 50
+            try:
+                sent = sock.send(pending) if pending else 0
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                now = time.monotonic()
+                return now - connected, now - last_progress
+            if sent:
+                pending, last_progress = pending[sent:], time.monotonic()
+                continue
+            if poller.poll(50):
+                now = time.monotonic()
+                return now - connected, now - last_progress
+        return float("inf"), float("inf")
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("path", ["fast", "tornado"])
+async def test_a_connection_that_never_reads_its_answers_is_cut_after_the_header_timeout(topology, path):
+    """Pipelined likes (the publish fast path) or page requests (Tornado) from a client that
+    never reads: the answers back up, the connection stays busy, and it is cut
+    ``security.header_timeout`` after its client last read, while viewers keep receiving."""
+    topology.dispatcher("d1")
+    f = topology.frontend("f1", **{"security.header_timeout": "1.5", "security.ip_rate": "0"})
+    host, port = f.url.removeprefix("http://").split(":")
+    fast = Collector(await viewer(f.url, "unread"))
+    request = (b"POST /v1/videos/unread-flood/likes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+               if path == "fast" else b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    cut = loop.run_in_executor(None, _pipeline_without_reading, host, int(port), request, 20000, 20.0)
+    sent = []
+    while not cut.done():
+        sent.append((await like(f.url, "unread"))["id"])
+        await asyncio.sleep(0.1)
+    since_connect, since_taken = await cut
+    assert since_connect >= 1.5, since_connect  # its first answers went out: not cut before the deadline
+    assert since_taken <= 1.5 + STALL_SWEEP_EVERY + SCHEDULING_MARGIN, (since_connect, since_taken)
+    assert (await health(f.url))["stats"]["connections_cut_unread"] == 1
+    await wait_until(lambda: fast.ids() == sent, what="the viewer got every like")
+    await fast.close()
+    print(f"{path}: cut {since_connect:.2f} s after connecting, {since_taken:.2f} s after the last request taken")
 
 
 # --- the open-file limit ------------------------------------------------------------------------
