@@ -246,7 +246,7 @@ class CountingHTTPServer(tornado.httpserver.HTTPServer):
             self.connections.opened(ip)
             if not self.sweeping:
                 self.sweeping = True
-                IOLoop.current().call_later(STALL_SWEEP_EVERY, self._sweep)
+                IOLoop.current().call_later(STALL_SWEEP_EVERY, self.sweep_unread)
         super().handle_stream(stream, address)
 
     def on_close(self, server_conn) -> None:
@@ -259,7 +259,7 @@ class CountingHTTPServer(tornado.httpserver.HTTPServer):
                 self.connections.closed(ip)
         super().on_close(server_conn)
 
-    def _sweep(self) -> None:
+    def sweep_unread(self) -> None:
         now = time.monotonic()
         for stream in list(self.peers):
             if not stream.writing():
@@ -269,7 +269,7 @@ class CountingHTTPServer(tornado.httpserver.HTTPServer):
                 stream.close()  # on_close releases it
         self.sweeping = bool(self.peers)
         if self.sweeping:
-            IOLoop.current().call_later(STALL_SWEEP_EVERY, self._sweep)
+            IOLoop.current().call_later(STALL_SWEEP_EVERY, self.sweep_unread)
 
 
 class Acceptor:

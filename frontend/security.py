@@ -366,7 +366,6 @@ class FrontendSecurity:
 
     def __init__(self, cfg, stats, viewer_count: Callable[[], int]):
         sec = cfg.security
-        self.max_json_depth = sec.max_json_depth
         _nesting_within(sec.max_json_depth)  # compiled here, not during the first publish
         self.header_timeout = sec.header_timeout
         self.stats = stats
@@ -383,20 +382,25 @@ class FrontendSecurity:
     # --- publishing -------------------------------------------------------------------------
 
     def check_publish(self, handler: tornado.web.RequestHandler, video: str, kind: str) -> str | None:
-        """Origin, rate limits and token of one publish; the verified user (None: auth off)."""
+        """``authorize_publish`` for the request ``handler`` serves; the headers of a refusal
+        go out with its answer (``before_headers``)."""
         request = handler.request
         try:
-            self.cors.check_origin(request.headers)
-            now = time.monotonic()
-            self.rate_limits.check_ip(request.remote_ip or "?", now)
-            if not self.auth.enabled:
-                return None
-            user = self.auth.authorize(bearer_token(request.headers), video, kind).user
-            self.rate_limits.check_user(user, video, kind, now)
-            return user
+            return self.authorize_publish(request.headers, request.remote_ip or "?", video, kind, time.monotonic())
         except ClientError as err:
             handler._security_headers = err.headers
             raise
+
+    def authorize_publish(self, headers, ip: str, video: str, kind: str, now: float) -> str | None:
+        """Origin, rate limits and token of one publish from ``ip``; the verified user (None:
+        auth off).  Raises ``ClientError``, with the headers its answer needs."""
+        self.cors.check_origin(headers)
+        self.rate_limits.check_ip(ip, now)
+        if not self.auth.enabled:
+            return None
+        user = self.auth.authorize(bearer_token(headers), video, kind).user
+        self.rate_limits.check_user(user, video, kind, now)
+        return user
 
     def log_request(self, handler) -> None:
         """The access log (Tornado's ``log_function``, and the publish fast path's)."""
@@ -405,20 +409,25 @@ class FrontendSecurity:
     # --- viewers ----------------------------------------------------------------------------
 
     def admit_viewer(self, handler: tornado.web.RequestHandler, video: str) -> str:
-        """Stream limits and subscribe policy of a new SSE stream (raises ClientError).
-        Sets ``handler.auth_user`` (the verified user, or None); returns the client IP, which
-        the stream counts against once ``track_viewer`` sees it."""
+        """``admit_watcher`` for the SSE request ``handler`` serves.  Sets ``handler.auth_user``
+        (the verified user, or None); returns the client IP, which the stream counts against
+        once ``track_viewer`` sees it."""
         request = handler.request
         handler.auth_user = None
         ip = request.remote_ip or "?"
-        try:
-            self.viewers.admit(ip, time.monotonic())
-            handler.auth_user = self.auth.watcher(request.headers,  # redacted from the URI
-                                                  handler.get_query_argument(TOKEN_PARAM, None), video)
+        try:  # the query's token is redacted from the URI, kept in the parsed arguments
+            handler.auth_user = self.admit_watcher(request.headers, handler.get_query_argument(TOKEN_PARAM, None),
+                                                   ip, video, time.monotonic())
         except ClientError as err:
             handler._security_headers = err.headers
             raise
         return ip
+
+    def admit_watcher(self, headers, query_token: str | None, ip: str, video: str, now: float) -> str | None:
+        """Stream limits and subscribe policy of a new stream of ``video`` from ``ip``; its
+        verified user (None: anonymous).  Raises ``ClientError``, with the headers its answer needs."""
+        self.viewers.admit(ip, now)
+        return self.auth.watcher(headers, query_token, video)
 
     def track_viewer(self, viewer) -> None:
         self.viewers.track(viewer)

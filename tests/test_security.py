@@ -4,6 +4,7 @@ limits, slowloris, shedding at the open-file limit.  Sans-IO cores first, then r
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -18,9 +19,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httputil import HTTPHeaders
 
 from frontend.admission import STALL_SWEEP_EVERY, ConnectionLimits, Tally, per_ip_connection_cap
-from frontend.security import check_comment_text, json_deeper_than, listening_origins
+from frontend.security import FrontendSecurity, check_comment_text, json_deeper_than, listening_origins
 from mesh.config import load_config
 from mesh.core.auth import SubscribePolicy, TokenVerifier
 from mesh.errors import ClientError, ConfigError
@@ -222,6 +224,32 @@ def test_a_tally_says_when_a_summary_line_is_due():
     assert [tally.add() for _ in range(3)] == [None] * 3
     now[0] = 10.0
     assert tally.add(2) == 5 and tally.add() is None
+
+
+def test_the_publish_guards_decide_from_headers_address_and_time_alone():
+    """No handler, no socket: each refusal is a ClientError carrying the headers of its answer."""
+    cfg = load_config(env={}, overrides={"security.auth": "jwt", "security.jwt_secret": SECRET,
+                                         "security.ip_burst": "1", "frontend.public_origins": "https://live.example"})
+    stats = collections.defaultdict(int)
+    guards = FrontendSecurity(cfg, stats, viewer_count=lambda: 0)
+    guards.cors.serve_on("127.0.0.1", 8080)
+    page = {"Origin": "https://live.example", "Authorization": f"Bearer {token()}"}
+    assert guards.authorize_publish(HTTPHeaders(page), "10.0.0.1", "v", "like", 0.0) == "ann"
+    assert guards.authorize_publish(HTTPHeaders({**page, "Origin": "http://127.0.0.1:8080"}),
+                                    "10.0.0.2", "v", "like", 0.0) == "ann"
+
+    def refusal(headers: dict, ip: str) -> ClientError:
+        with pytest.raises(ClientError) as info:
+            guards.authorize_publish(HTTPHeaders(headers), ip, "v", "like", 0.0)
+        return info.value
+
+    limited = refusal(page, "10.0.0.1")  # the address's burst of 1 is spent
+    assert (limited.status, limited.code, limited.headers) == (429, "rate_limited", {"Retry-After": "1"})
+    missing = refusal({"Origin": "https://live.example"}, "10.0.0.3")
+    assert (missing.status, missing.headers) == (401, {"WWW-Authenticate": 'Bearer realm="livemesh"'})
+    rebound = refusal({**page, "Host": "evil.example", "Origin": "http://evil.example"}, "10.0.0.4")
+    assert (rebound.status, rebound.code, rebound.headers) == (403, "origin_not_allowed", {})
+    assert (stats["rate_limited"], stats["auth_401"], stats["origin_refused"]) == (1, 1, 1)
 
 
 def test_json_depth_and_comment_text():
