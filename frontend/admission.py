@@ -28,8 +28,10 @@ idle keep-alive connection too (``HTTP1ConnectionParameters.header_timeout``): t
 frontend sets it to ``security.header_timeout``.  It has none for writing: a client that
 pipelines requests and never reads its answers keeps its connection busy forever, the
 answers queued in the kernel and in ``IOStream``.  ``CountingHTTPServer`` cuts a connection
-whose answer has been waiting to be written for ``header_timeout`` (as nginx's
-``send_timeout``); the fast path does the same (``frontend.ingest``).  A started SSE
+whose answer it finds waiting to be written (``IOStream.writing``) at every look, once a
+second, for ``header_timeout`` (as nginx's ``send_timeout``; the answers here are at most a
+few kilobytes, which a reading client takes in milliseconds); the fast path cuts one whose
+pending answer made no progress for as long (``frontend.ingest``).  A started SSE
 response has neither deadline: it is not idle, and a viewer that stops reading is cut by
 ``frontend.max_buffer_bytes``.
 """

@@ -300,7 +300,7 @@ class PublishPath:
                      if (c.out or not c.busy) and now - c.since > self.header_timeout]:
             if conn.out:  # a client that does not read its answers (pipelining, say)
                 self.node.stats["connections_cut_unread"] += 1
-            self._close(conn)  # idle keep-alive, or a request that never completed
+            self._close(conn)  # idle keep-alive, a request that never completed, an answer not read
         self._sweeping = bool(self.conns)
         if self._sweeping:
             asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
