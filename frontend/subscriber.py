@@ -7,6 +7,8 @@ subscribe with a sync marker on that very topic, and ``wait_synced`` holds a new
 stream until the marker of the current owner has arrived, so a viewer that sees its stream open
 receives every event published after that.
 
+Events arrive as rows, in fan-out messages and history replies alike, and are read as maps
+here, once (``protocol.row_event``): everything after the SUB socket names their fields.
 Incoming events pass through a ``ChainFollower`` per video (``mesh.core.ordering``): in order, no
 duplicates; a gap (PUB/SUB drop, reconnect, owner change) is repaired from history
 (``mesh.io.history``: the owner, or its backup when the owner is silent) within

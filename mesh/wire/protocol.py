@@ -162,6 +162,7 @@ def unpack(data: bytes, what: str) -> Any:
 
 def make_event(video: str, kind: str, user: str | None, text: str | None,
                event_id: str | None = None, ts: float | None = None) -> dict:
+    """A new event as the accepting frontend holds it: a map (``event_row`` is its wire form)."""
     if kind not in EVENT_KINDS:
         raise LocalProtocolError(f"unknown event kind {kind!r}")
     return {
