@@ -21,7 +21,7 @@ fake clock and no socket.
    once (``Sequencer.accept_many``: one chain append per video), packed once
    (``protocol.pack_events``: the same bytes go into the ``REPL`` and the XPUB message), and
    each event's placement -- its bare ``seq`` -- is written into its request's ``PendingAck``
-   (the compact ACK carries the epoch once and one integer per event).
+   (the ACK carries the epoch once and one integer per event).
 3. The burst then commits as a unit: its new events go to each backup (the next dispatcher
    in rendezvous order) in one ``Replicate`` per backup; once every one is answered (or
    skipped: the shell reports a timeout or a suspect backup the same way), each video's

@@ -30,7 +30,7 @@ Cost per event (``accept_many`` runs for every published like): the dedupe windo
 dict plus the batches in insertion order, evicted a whole batch at a time (an ``OrderedDict``
 with one ``popitem`` per event costs a quarter of the sequencing time in a profile);
 history and arrival times are extended once per batch, in C; the placement returned per event
-is its bare ``seq`` (an ``int``) when it was placed in this epoch, which is what the compact
+is its bare ``seq`` (an ``int``) when it was placed in this epoch, which is what the
 ``ACK`` carries (mesh.wire.protocol ``ack_body``).
 
 Events are ``mesh.wire.protocol.check_row``'s full rows, as they come off the wire: no map is

@@ -372,17 +372,18 @@ def health(node: NodeProcess) -> dict:
 
 
 def read_json_line(proc: subprocess.Popen, timeout: float) -> dict:
+    """The next JSON line a child bench process prints, within ``timeout`` seconds."""
     import selectors
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     try:
         if not sel.select(timeout):
-            raise RuntimeError(f"emulator {proc.pid}: no report within {timeout}s")
+            raise RuntimeError(f"child {proc.pid}: no report within {timeout}s")
         line = proc.stdout.readline()
     finally:
         sel.close()
     if not line:
-        raise RuntimeError(f"emulator {proc.pid} exited with {proc.wait(5)}")
+        raise RuntimeError(f"child {proc.pid} exited with {proc.wait(5)}")
     return json.loads(line)
 
 

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import selectors
 import shutil
 import statistics
 import subprocess
@@ -117,23 +116,10 @@ async def child(args) -> None:
         ctx.term()
 
 
-def read_json_line(proc: subprocess.Popen, timeout: float) -> dict:
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            raise RuntimeError(f"child {proc.pid}: no answer within {timeout}s")
-        line = proc.stdout.readline()
-    finally:
-        sel.close()
-    if not line:
-        raise RuntimeError(f"child {proc.pid} exited with {proc.wait(5)}")
-    return json.loads(line)
-
-
 def main(args) -> dict:
     sys.path.insert(0, ROOT)
     from mesh.tools.topology import Topology
+    from tests.bench.bench_dispatcher import read_json_line
 
     tmp = tempfile.mkdtemp(prefix="bench-publisher-")
     ref = ""
