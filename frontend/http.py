@@ -100,7 +100,13 @@ def check_video(video: str) -> str:
 
 
 class HealthHandler(JSONHandler):
+    """200 while the frontend serves (status ``ok``, or ``degraded`` while it knows no
+    dispatcher); 503 ``draining`` after SIGTERM, which takes it out of a load balancer's
+    rotation while it still serves (``Frontend.shutdown``)."""
+
     def get(self) -> None:
+        if self.node.draining:
+            self.set_status(503)
         self.write(self.node.health())
 
 

@@ -72,6 +72,8 @@ class Frontend:
         self._kv_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.gc = GCWatch()
+        #: set on SIGTERM: /healthz answers 503 so load balancers stop sending here
+        self.draining = False
 
     async def start(self) -> None:
         f = self.cfg.frontend
@@ -113,9 +115,16 @@ class Frontend:
         return {"http": self.url}
 
     async def shutdown(self, timeout: float = 2.0) -> None:
-        """Graceful shutdown, first step: stop accepting, leave the registry (so no new viewer
-        or count points here), then end every SSE response so browsers reconnect elsewhere
-        after ``retry``."""
+        """Graceful shutdown, first step.  For ``drain_seconds`` the frontend serves everything
+        as before while ``/healthz`` answers 503 ``draining``: a load balancer's health check
+        takes it out of rotation while it still answers, so no publish or new stream that
+        reached it meanwhile fails.  Then it stops accepting, leaves the registry (so no new
+        viewer or count points here) and ends every SSE response, so browsers reconnect after
+        ``retry`` through the load balancer to a frontend still in rotation."""
+        self.draining = True
+        drain = self.cfg.frontend.drain_seconds
+        log.info("frontend %s draining for %.1fs (/healthz answers 503)", self.name, drain)
+        await asyncio.sleep(drain)
         if self.security:
             self.security.stop_listening()
         if self.ingest:
@@ -178,7 +187,8 @@ class Frontend:
         return await self.link.publish_many(events, on_result)
 
     def health(self) -> dict:
-        return {"status": "ok" if self.link.peers else "degraded", "role": ROLE_FRONTEND,
+        status = "draining" if self.draining else "ok" if self.link.peers else "degraded"
+        return {"status": status, "role": ROLE_FRONTEND,
                 "name": self.name, "url": self.url, "dispatchers": sorted(self.link.peers),
                 "connections": len(self.table), "videos": len(self.table.by_video), "rss_kb": rss_kb(),
                 "cpu_s": round(time.process_time(), 3), "gc": self.gc.stats(),

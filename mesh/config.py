@@ -4,7 +4,7 @@ Precedence (later wins): built-in defaults, the TOML file, ``LIVEMESH_<SECTION>_
 environment variables (``LIVEMESH_FRONTEND_PORT=8081`` sets ``[frontend] port``), explicit
 overrides passed by a launcher.  Every value is checked against its declared type and range;
 an unknown section or key, or a bad value, raises ``ConfigError`` naming the key and where it
-came from.  The README's configuration reference lists every key.
+came from.  docs/CONFIG.md lists every key (``markdown_table``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ class FrontendSection:
     port: int = _spec(8080, lo=0, hi=65535, doc="HTTP listen port (0: any free port)")
     heartbeat_interval: float = _spec(15.0, lo=0.05, hi=3600.0, doc="SSE comment heartbeat seconds")
     retry_ms: int = _spec(2000, lo=0, hi=600000, doc="SSE retry: sent to browsers")
+    drain_seconds: float = _spec(1.5, lo=0.0, hi=600.0,
+                                 doc="on SIGTERM: seconds /healthz answers 503 `draining` while the frontend "
+                                     "still serves, before it stops listening and ends its streams; above "
+                                     "the load balancer's time to mark it down (0.6 s with "
+                                     "config/haproxy.cfg.template)")
     publish_timeout: float = _spec(3.0, lo=0.05, hi=60.0, doc="deadline for an owner's ack, seconds")
     attempt_timeout: float = _spec(1.0, lo=0.01, hi=60.0, doc="one publish attempt before retrying")
     sync_timeout: float = _spec(2.0, lo=0.01, hi=60.0,
@@ -298,7 +303,7 @@ def _check_together(cfg: Config) -> None:
 
 
 def describe() -> list[tuple[str, str, Any, str]]:
-    """(section, key, default, doc) for every key: the source of the README's reference."""
+    """(section, key, default, doc) for every key: the source of docs/CONFIG.md."""
     rows = []
     for section, obj in Config().sections().items():
         for f in dataclasses.fields(obj):
@@ -307,7 +312,7 @@ def describe() -> list[tuple[str, str, Any, str]]:
 
 
 def markdown_table() -> str:
-    """The README's configuration table (``python -m mesh.config``)."""
+    """The configuration table of docs/CONFIG.md (``python -m mesh.config``)."""
     lines = ["| key | environment | default | meaning |", "| --- | --- | --- | --- |"]
     for section, key, default, doc in describe():
         if isinstance(default, bool):

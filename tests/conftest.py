@@ -3,6 +3,7 @@
 * ``async def`` tests run in a fresh event loop (no plugin needed: ``pytest_pyfunc_call``).
 * ``topology``: real dispatcher and frontend processes on free loopback ports sharing an
   embedded KV in the test's tmp dir; every process is stopped at teardown, even on failure.
+* ``balancer``: a real HAProxy in front of a test's frontends (``tests/lb_fixtures.py``).
 * the global per-test timeout comes from pytest-timeout (``PYTEST_TIMEOUT`` overrides the
   ``timeout`` in pyproject.toml).
 """
@@ -17,7 +18,7 @@ import pytest
 
 from mesh.tools.topology import Topology
 
-pytest_plugins = ["consul_fixtures"]
+pytest_plugins = ["consul_fixtures", "lb_fixtures"]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -52,7 +53,8 @@ def kv_path(tmp_path):
 @pytest.fixture
 def topology(tmp_path, kv_path):
     """A factory for node processes on one embedded KV: ``topology.dispatcher("d1")``."""
-    extra = {"dispatcher.drain_seconds": "0.3"}  # keep teardown quick; drain is tested on its own
+    # keep teardown quick; drain is tested on its own
+    extra = {"dispatcher.drain_seconds": "0.3", "frontend.drain_seconds": "0.3"}
     if os.environ.get("LIVEMESH_TEST_DEBUG"):
         extra["node.log_level"] = "debug"
     topo = Topology(kv={"backend": "embedded", "path": kv_path, "liveness_ttl": "2"},

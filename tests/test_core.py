@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 
 import msgpack
 import pytest
@@ -565,8 +566,15 @@ def test_tail_announcement_reveals_a_lost_last_event():
         P.FanoutMessage.from_frames([P.topic_for("v"), P.pack({"v": 1, "k": "T", "from": "d", "tail": [1]})])
 
 
-def test_readme_lists_every_config_key():
-    from mesh.config import describe
-    readme = open("README.md").read()
-    missing = [f"{s}.{k}" for s, k, _, _ in describe() if f"`{s}.{k}`" not in readme]
-    assert not missing, f"README's configuration table lacks {missing}: run python -m mesh.config"
+def test_config_reference_is_the_table_the_code_declares():
+    """docs/CONFIG.md holds ``markdown_table()`` verbatim: every key, its environment variable,
+    default and meaning as ``mesh/config.py`` declares them, so a new key, a changed default or
+    a reworded meaning fails here until the document is regenerated."""
+    from mesh.config import describe, markdown_table
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIG.md")
+    with open(path, encoding="utf-8") as fh:
+        doc = fh.read()
+    missing = [f"{s}.{k}" for s, k, _, _ in describe() if f"| `{s}.{k}` |" not in doc]
+    assert not missing, f"docs/CONFIG.md lacks {missing}"
+    assert markdown_table() in doc, ("docs/CONFIG.md's table differs from mesh/config.py: "
+                                     "replace it with the output of python -m mesh.config")

@@ -118,7 +118,7 @@ def test_decoders_accept_what_the_encoders_make():
 
 # --- the HTTP API ---------------------------------------------------------------------------------
 
-#: every status the API documents (README, "HTTP API"), plus 200/202/204 successes
+#: every status the API documents (docs/API.md, "Errors"), plus 200/202/204 successes
 DOCUMENTED = {200, 202, 204, 400, 401, 403, 404, 405, 413, 429, 503}
 
 videos = st.one_of(st.sampled_from(["ok", "priv-1", "v.1_x-2", "-bad", "a" * 65, "%ff", "%00", "..", "a%2Fb"]),

@@ -16,7 +16,7 @@ from helpers import http, like, read_lines_until, viewer, wait_until
 
 pytestmark = pytest.mark.topology
 
-QUICK_STOP = ("--set", "dispatcher.drain_seconds=0.3")
+QUICK_STOP = ("--set", "dispatcher.drain_seconds=0.3", "--set", "frontend.drain_seconds=0.3")
 
 
 @dataclass
@@ -46,6 +46,11 @@ class MeshUp:
             names = [a.removeprefix("node.name=") for a in argv if a.startswith("node.name=")]
             found[names[-1] if names else os.path.basename(argv[0])] = pid
         return found
+
+    @property
+    def stats_socket(self) -> str:
+        return next(ln.split()[4] for ln in self.stderr().splitlines()
+                    if ln.startswith("mesh-up: haproxy stats socket "))
 
     def stderr(self) -> str:
         with open(self.stderr_path, encoding="utf-8", errors="replace") as fh:
@@ -162,6 +167,19 @@ async def test_restart_brings_a_killed_frontend_back_on_its_port(mesh_up):
         v.close()
 
 
+async def test_lb_holds_every_frontend_and_serves_through_them(mesh_up):
+    from mesh.tools.haproxy import server_states
+    run = mesh_up("--lb")
+    await wait_until(lambda: server_states(run.stats_socket) == {"frontend-1": "UP", "frontend-2": "UP"},
+                     what="both frontends UP in HAProxy")
+    v = await viewer(run.lb, "through-lb")
+    try:
+        sent = await like(run.lb, "through-lb")
+        assert (await v.events(1))[0].id == sent["sse_id"]
+    finally:
+        v.close()
+
+
 @pytest.mark.parametrize("signum,background", [(signal.SIGINT, False), (signal.SIGINT, True),
                                                (signal.SIGTERM, True)],
                          ids=["sigint-foreground", "sigint-background", "sigterm-background"])
@@ -172,3 +190,14 @@ def test_signal_stops_every_child(mesh_up, signum, background):
     run.proc.send_signal(signum)
     assert run.proc.wait(30) == 0
     assert all(gone(pid) for pid in children.values()), children
+
+
+@pytest.mark.parametrize("launcher", ["bin/mesh-up", "bin/meshctl"])
+def test_a_launcher_run_by_a_python_without_the_packages_starts_again_under_the_venv(launcher):
+    # ``-S`` leaves site-packages out, so this Python cannot import tornado: the launcher must
+    # notice, get .venv's Python from bin/venv and run the same command under it
+    out = subprocess.run([sys.executable, "-S", launcher, "--help"], capture_output=True, text=True,
+                         timeout=120, env={k: v for k, v in os.environ.items() if k != "LIVEMESH_REEXEC"})
+    assert out.returncode == 0, out.stderr
+    assert "using the repository's .venv (bin/venv)" in out.stderr
+    assert out.stdout.startswith(f"Usage: {os.path.basename(launcher)}"), out.stdout

@@ -17,7 +17,7 @@ from multidc_fixtures import DC, datacenters
 pytestmark = [pytest.mark.topology, pytest.mark.multidc]
 
 #: the bound this file asserts for a new viewer in one DC to get another DC's events (the
-#: measured values are printed; see README "Multiple datacenters")
+#: measured values are printed; see docs/MULTIDC.md)
 SUBSCRIBE_BOUND = 1.0
 
 

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.consul, pytest.mark.multidc, pytest.mark.topology]
 
 DCS = ("dc1", "dc2", "dc3")
 #: what this file asserts for a count change to be visible from another DC through WAN
-#: federation (the measured values are printed; README "Multiple datacenters"): a 0 <-> 1
+#: federation (the measured values are printed; docs/MULTIDC.md): a 0 <-> 1
 #: change is written at once, others within ``frontend.count_flush_interval`` (1 s)
 VISIBLE_BOUND = 1.0
 FLUSH_INTERVAL = 1.0

@@ -1,5 +1,5 @@
 """Presence across datacenters and history through bridges, on real processes: two DCs on
-loopback (each its own embedded KV, dispatchers, frontends, bridge), see README "Presence"
+loopback (each its own embedded KV, dispatchers, frontends, bridge), see docs/MULTIDC.md
 and "Multiple datacenters"."""
 
 from __future__ import annotations

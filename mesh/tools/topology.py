@@ -312,14 +312,19 @@ def _parse_sets(sets: tuple[str, ...], config_path: str | None) -> dict[str, str
 def _start_lb(topo: Topology, workdir: str, port: int, dc: str, log_dir: str | None):
     from mesh.tools.haproxy import HAProxy, LoadBalancerFailed
     fronts = [(n.name, n.url.removeprefix("http://")) for n in topo.nodes if n.role == "frontend"]
-    lb = HAProxy.write_config(os.path.join(workdir, f"haproxy-{dc}.cfg"), topo.host, port or free_port(topo.host),
-                              fronts, log_path=os.path.join(log_dir, f"haproxy-{dc}.log") if log_dir else None)
+    lb = None
     try:
+        lb = HAProxy.write_config(os.path.join(workdir, f"haproxy-{dc}.cfg"), topo.host,
+                                  port or free_port(topo.host), fronts,
+                                  log_path=os.path.join(log_dir, f"haproxy-{dc}.log") if log_dir else None)
         lb.start()
         lb.wait_ready()
     except LoadBalancerFailed as exc:
-        lb.stop()
+        if lb is not None:
+            lb.stop()
         raise click.ClickException(str(exc)) from None
+    click.echo(f"mesh-up: haproxy stats socket {lb.stats_socket} (echo 'show stat' | socat - UNIX-CONNECT:...)",
+               err=True)
     return lb
 
 
@@ -361,7 +366,10 @@ Configuration: --config FILE (TOML, as the nodes read it) and --set SECTION.KEY=
 (mesh-up's own KV and port settings win).  Example: --set frontend.aggregate_likes_above=0.
 
 --lb starts HAProxy (/usr/sbin/haproxy) in front of the frontends (one per DC), configured from
-config/haproxy.cfg.template, and prints `lb haproxy http://127.0.0.1:P`."""
+config/haproxy.cfg.template, and prints `lb haproxy http://127.0.0.1:P`; the path of its
+runtime API socket (`show stat`: which frontends it holds UP or DOWN) goes to stderr.  A
+frontend that exits is out of its rotation within 2 s; on SIGTERM a frontend answers /healthz
+with 503 for frontend.drain_seconds while it still serves, so HAProxy takes it out first."""
 
 
 @click.command(name="mesh-up", help=HELP)
