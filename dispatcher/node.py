@@ -60,9 +60,8 @@ class Dispatcher:
         self.ctx = ctx
         d = cfg.dispatcher
         self.seq = Sequencer(history_size=d.history_size, history_age=d.history_age,
-                             dedupe_size=d.dedupe_size, dc=cfg.node.dc, rows=True)
+                             dedupe_size=d.dedupe_size, dc=cfg.node.dc)
         self.name = cfg.node.name
-        self.event_rows = cfg.node.event_rows  # events sent as rows (protocol.event_row)
         self.stats = defaultdict(int)
         self.router: SocketPump | None = None
         self.xpub: SocketPump | None = None
@@ -72,8 +71,7 @@ class Dispatcher:
         self.leaving = False
         # not ready (publishes and history answered "not_ready") until the first discovery
         # round: before it, live() is ourselves alone and every video would look like ours
-        self.pipeline = Pipeline(self.name, self.seq, self.stats, self.live, time.monotonic,
-                                 event_rows=self.event_rows, ready=False)
+        self.pipeline = Pipeline(self.name, self.seq, self.stats, self.live, time.monotonic, ready=False)
         self._tasks: list[asyncio.Task] = []
         self.tasks = Tasks(log)
         pr = cfg.presence

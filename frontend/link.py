@@ -46,7 +46,7 @@ class MeshLink:
                  on_events: Callable[[str, list[dict]], None],
                  on_reset: Callable[[str, str], None] = lambda video, reason: None,
                  on_presence: Callable[[str, list[dict]], None] = lambda video, events: None,
-                 curve=None, dc: str = "", rows: bool = True):
+                 curve=None, dc: str = ""):
         self.stats: defaultdict[str, int] = defaultdict(int)
         self.tasks = Tasks(log)
         self.dispatchers = PeerLinks(ctx, kv, on_connect=self._dispatcher_up,
@@ -61,7 +61,7 @@ class MeshLink:
             gap_timeout=settings.gap_timeout, history_deadline=settings.history_deadline,
             coalesce_max=settings.coalesce_max, drop_every=settings.fault_drop_every, curve=curve, dc=dc)
         self.publisher = Publisher(self.dispatchers, self._owners, self.stats, self.tasks,
-                                   settings.attempt_timeout, settings.publish_timeout, rows)
+                                   settings.attempt_timeout, settings.publish_timeout)
         self.presence = PresenceLink(self.dispatchers, name, self.owner_of, self.stats, self.tasks)
         # what the node calls, each served by one part
         self.subscribe = self.subscriber.subscribe

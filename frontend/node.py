@@ -79,8 +79,7 @@ class Frontend:
             self.name = f"frontend-{port}"
         self.link = MeshLink(self.ctx, self.kv, self.name, f, on_events=self.fanout.deliver,
                              on_reset=self.fanout.reset, on_presence=self.fanout.presence,
-                             curve=curve_from_config(self.cfg), dc=self.cfg.node.dc,
-                             rows=self.cfg.node.event_rows)
+                             curve=curve_from_config(self.cfg), dc=self.cfg.node.dc)
         await self.kv.open()
         await self.kv.register(NodeInfo(self.name, ROLE_FRONTEND, self.cfg.node.dc, http=self.url))
         await self.link.start()

@@ -72,14 +72,13 @@ def _abandon(late) -> None:
 
 class Publisher:
     def __init__(self, links: PeerLinks, owners: OwnerCache, stats: dict,
-                 tasks: Tasks, attempt_timeout: float, publish_timeout: float, rows: bool = True):
+                 tasks: Tasks, attempt_timeout: float, publish_timeout: float):
         self.links = links
         self.owners = owners  # shared with the subscriber and presence (MeshLink.owner_of)
         self.stats = stats
         self.tasks = tasks
         self.attempt_timeout = attempt_timeout
         self.publish_timeout = publish_timeout
-        self.rows = rows  # events as rows on the wire (protocol.event_row)
         self.outbox = Outbox()
 
     async def publish_many(self, events: list[dict], on_result: OnResult | None = None) -> list[dict]:
@@ -174,10 +173,9 @@ class Publisher:
         results: dict[str, dict] = {}
         try:
             replies = await asyncio.gather(*(self.links.request(
-                target, P.MSG_PUBLISH, P.publish_body(c, compact_ack=True, rows=self.rows), self.publish_timeout)
-                for c in chunks))
-            for events, reply in zip(chunks, replies):
-                ack_results(events, reply, results)
+                target, P.MSG_PUBLISH, P.publish_body(c), self.publish_timeout) for c in chunks))
+            for rows, reply in zip(chunks, replies):
+                ack_results(rows, reply, results)
         except asyncio.TimeoutError:
             return  # the publishers' own attempt deadlines have fired and retried
         except (PeerGone, RemoteProtocolError) as exc:

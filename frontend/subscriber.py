@@ -7,6 +7,8 @@ subscribe with a sync marker on that very topic, and ``wait_synced`` holds a new
 stream until the marker of the current owner has arrived, so a viewer that sees its stream open
 receives every event published after that.
 
+Events arrive as rows, in fan-out messages and history replies alike, and are read as maps
+here, once (``protocol.row_event``): everything after the SUB socket names their fields.
 Incoming events pass through a ``ChainFollower`` per video (``mesh.core.ordering``): in order, no
 duplicates; a gap (PUB/SUB drop, reconnect, owner change) is repaired from history
 (``mesh.io.history``: the owner, or its backup when the owner is silent) within
@@ -195,13 +197,13 @@ class Subscriber:
         if self.drop_every and self._received % self.drop_every == 0:
             self.stats["fault_dropped"] += 1
             return
-        self.stats["events_in"] += len(msg.events)
-        if self.dc and any(P.origin_dc(e, self.dc) != self.dc for e in msg.events):
-            local = self._offer_remote(msg.video, msg.events)
-            if not local:
+        events = list(map(P.row_event, msg.events))
+        self.stats["events_in"] += len(events)
+        if self.dc and any(P.origin_dc(e, self.dc) != self.dc for e in events):
+            events = self._offer_remote(msg.video, events)
+            if not events:
                 return
-            msg.events = local
-        events, fetch_after = follower.offer(msg.events)
+        events, fetch_after = follower.offer(events)
         if events:
             ready.setdefault(msg.video, []).extend(events)
         if fetch_after is not None:
@@ -285,10 +287,11 @@ class Subscriber:
         backup when the owner is silent for ``history_deadline`` (``mesh.io.history``); None
         when history cannot say or no replica answered within ``timeout``."""
         try:
-            return await fetch_history(self.dispatchers, video, after, timeout, self.history_deadline)
+            chain = await fetch_history(self.dispatchers, video, after, timeout, self.history_deadline)
         except HistoryUnavailable as exc:
             log.warning("history of %s after %s: no replica answered (%s)", video, after, exc)
             return None
+        return None if chain is None else list(map(P.row_event, chain))
 
     async def remote_history(self, video: str, dc: str, after, timeout: float) -> list[dict] | None:
         """Another DC's chain of ``video`` after ``after``, through our DC's bridge and the
@@ -299,8 +302,9 @@ class Subscriber:
         try:
             reply = await self.relays.request(names[0], P.MSG_HISTORY,
                                               P.relay_history_body(video, after, dc), timeout)
-            return P.chain_reply(reply, video, dc)
+            chain = P.chain_reply(reply, video, dc)
         except (asyncio.TimeoutError, PeerGone, RemoteProtocolError) as exc:
             log.warning("history of %s from %s through bridge %s failed: %s", video, dc, names[0],
                         exc or type(exc).__name__)
             return None
+        return None if chain is None else list(map(P.row_event, chain))

@@ -31,9 +31,6 @@ class NodeSection:
     dc: str = _spec("dc1", doc="datacenter name")
     log_level: str = _spec("info", choices=("debug", "info", "warning", "error"), doc="log level")
     log_json: bool = _spec(False, doc="log one JSON object per line")
-    event_rows: bool = _spec(True, doc="send events as msgpack arrays, not maps (cheaper to encode "
-                             "and decode; every node decodes both); false: maps, for peers that decode "
-                             "maps only")
 
 
 @dataclass

@@ -21,27 +21,34 @@ def _event(video="v", dc="dc1", epoch=1, seq=1, prev=None):
     return e
 
 
-def test_sequencer_stamps_the_origin_dc_and_check_event_accepts_it():
+def _row(video="v") -> list:
+    return P.check_row(P.event_row(P.make_event(video, "like", None, None)))
+
+
+def test_sequencer_stamps_the_origin_dc_and_check_row_accepts_it():
     seq = Sequencer(epoch=5, dc="dc2")
-    event, _ = seq.accept(P.make_event("v", "like", None, None))
-    assert event["dc"] == "dc2" and P.check_event(event) is event
-    assert "dc" not in Sequencer(epoch=5).accept(P.make_event("v", "like", None, None))[0]
+    event, _ = seq.accept(_row())
+    assert event[P.ROW_DC] == "dc2" and P.check_row(event) is event and P.row_event(event)["dc"] == "dc2"
+    assert "dc" not in P.row_event(Sequencer(epoch=5).accept(_row())[0])
     with pytest.raises(RemoteProtocolError):
-        P.check_event({**event, "dc": 7})
+        P.check_row([*event[:P.ROW_DC], 7])
     assert P.origin_dc({"id": "x"}, "here") == "here"
 
 
 def test_gate_exports_only_own_dc_events_and_imports_only_others():
     gate = Gate("dc1")
-    own = P.FanoutMessage("v", P.FANOUT_EVENTS, "d1", [_event(dc="dc1")]).to_frames()
+    own = P.FanoutMessage("v", P.FANOUT_EVENTS, "d1", [P.event_row(_event(dc="dc1"))]).to_frames()
     assert gate.passes(EXPORT, own) == own
     assert gate.passes(IMPORT, own) is None  # our own events never come back in
-    foreign = P.FanoutMessage("v", P.FANOUT_EVENTS, "x", [_event(dc="dc2")]).to_frames()
+    foreign = P.FanoutMessage("v", P.FANOUT_EVENTS, "x", [P.event_row(_event(dc="dc2"))]).to_frames()
     assert gate.passes(EXPORT, foreign) is None  # never re-exported
     assert gate.passes(IMPORT, foreign) == foreign
-    mixed = P.FanoutMessage("v", P.FANOUT_EVENTS, "d1", [_event(dc="dc1"), _event(dc="dc2", seq=2)]).to_frames()
+    mixed = P.FanoutMessage("v", P.FANOUT_EVENTS, "d1", [P.event_row(_event(dc="dc1")),
+                                                         P.event_row(_event(dc="dc2", seq=2))]).to_frames()
     out = P.FanoutMessage.from_frames(gate.passes(EXPORT, mixed))
-    assert [e["dc"] for e in out.events] == ["dc1"]
+    assert [e[P.ROW_DC] for e in out.events] == ["dc1"]
+    unstamped = P.FanoutMessage("v", P.FANOUT_EVENTS, "d1", [P.event_row(_event(dc=None))]).to_frames()
+    assert gate.passes(EXPORT, unstamped) is None and gate.passes(IMPORT, unstamped) is None  # ours
     for kind, extra in ((P.FANOUT_SYNC, {}), (P.FANOUT_TAIL, {"tail": (1, 1)}),
                         (P.FANOUT_PRESENCE, {"presence": [{"kind": "count", "count": 1}]})):
         assert gate.passes(EXPORT, P.FanoutMessage("v", kind, "d1", **extra).to_frames()) is None

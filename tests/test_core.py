@@ -42,21 +42,23 @@ def test_valid_video_ids():
 
 def test_control_round_trip():
     ev = P.make_event("v1", "comment", "ann", "hi\r\nthere 🎉")
-    msg = P.Control(P.MSG_PUBLISH, b"\x00\x01", P.publish_body([ev]))
+    msg = P.Control(P.MSG_PUBLISH, b"\x00\x01", P.publish_body([P.event_row(ev)]))
     back = P.Control.from_frames(msg.to_frames())
     assert back.msg_type == P.MSG_PUBLISH and back.request_id == b"\x00\x01"
-    assert P.publish_events(back) == [ev]
+    assert list(map(P.row_event, P.publish_events(back))) == [ev]
 
 
 def test_fanout_round_trip_and_sync():
     ev = P.make_event("v1", "like", None, None)
-    msg = P.FanoutMessage.from_frames(P.FanoutMessage("v1", P.FANOUT_EVENTS, "d1", [ev]).to_frames())
-    assert (msg.video, msg.kind, msg.sender, msg.events) == ("v1", "E", "d1", [ev])
+    msg = P.FanoutMessage.from_frames(P.FanoutMessage("v1", P.FANOUT_EVENTS, "d1", [P.event_row(ev)]).to_frames())
+    assert (msg.video, msg.kind, msg.sender) == ("v1", "E", "d1")
+    assert [P.row_event(e) for e in msg.events] == [ev]
     sync = P.FanoutMessage.from_frames(P.FanoutMessage("v1", P.FANOUT_SYNC, "d1").to_frames())
     assert sync.kind == P.FANOUT_SYNC and sync.events == []
 
 
 GOOD_EVENT = P.make_event("v1", "like", "u", None)
+GOOD_ROW = P.event_row(GOOD_EVENT)
 
 
 @pytest.mark.parametrize("dc", [None, "dc2"])
@@ -64,51 +66,56 @@ def test_event_rows_round_trip_through_pub_repl_and_fanout_as_the_same_maps(dc):
     ev = {**P.make_event("v1", "comment", "ann", "hi 🎉"), "epoch": 3, "seq": 7, "prev": [3, 6]}
     if dc:
         ev["dc"] = dc
+    nxt = {**ev, "seq": 8, "prev": [3, 7]}
     row = P.event_row(ev)
     assert type(row) is list and len(row) == P.EVENT_ROW_LEN + (1 if dc else 0)
-    pub = P.Control.from_frames(P.Control(P.MSG_PUBLISH, b"r", P.publish_body([ev], rows=True)).to_frames())
-    assert type(pub.body["events"][0]) is list and P.publish_events(pub) == [ev]
-    [(count, data)] = P.pack_events([ev, {**ev, "seq": 8, "prev": [3, 7]}], rows=True)
+    pub = P.Control.from_frames(P.Control(P.MSG_PUBLISH, b"r", P.publish_body([row])).to_frames())
+    assert type(pub.body["events"][0]) is list and list(map(P.row_event, P.publish_events(pub))) == [ev]
+    [(count, data)] = P.pack_events([P.event_row(ev), P.event_row(nxt)])
     repl = P.Control.from_frames(P.Control(P.MSG_REPLICATE, b"r", P.packed_events_body([(count, data)])).to_frames())
-    assert P.publish_events(repl) == [ev, {**ev, "seq": 8, "prev": [3, 7]}]
+    assert list(map(P.row_event, P.publish_events(repl))) == [ev, nxt]
     fan = P.FanoutMessage.from_frames(P.packed_fanout_events("v1", "d1", count, data))
-    assert fan.events == [ev, {**ev, "seq": 8, "prev": [3, 7]}]
-    # rows are smaller than maps, and a receiver takes both forms in one list
-    assert len(data) < len(P.pack_events([ev, ev])[0][1])
-    mixed = P.Control(P.MSG_PUBLISH, b"r", {"events": [row, ev]})
-    assert P.publish_events(mixed) == [ev, ev]
-    # a dispatcher keeps full rows (dc slot always there): a row from the wire is completed in
-    # place, a map becomes one; packed as maps again they are the same events
+    assert list(map(P.row_event, fan.events)) == [ev, nxt]
+    # a dispatcher keeps full rows (dc slot always there): a row from the wire is completed in place
     wire = P.event_row({k: v for k, v in ev.items() if k != "dc"})
     assert P.check_row(wire) is wire and wire[P.ROW_DC] is None and len(wire) == P.EVENT_ROW_LEN + 1
-    full = P.check_row(dict(ev))
-    assert full == P.event_row(ev, full=True) and P.row_event(full) == ev
-    [(count, data)] = P.pack_events([full, wire], rows=False)
-    as_maps = P.FanoutMessage.from_frames(P.packed_fanout_events("v1", "d1", count, data))
-    assert as_maps.events == [ev, {k: v for k, v in ev.items() if k != "dc"}]
+    assert P.row_event(wire) == {k: v for k, v in ev.items() if k != "dc"}
+
+
+def test_an_event_map_on_the_wire_is_malformed():
+    """Events travel as rows only: a map in an events list is rejected like any bad event."""
+    with pytest.raises(RemoteProtocolError, match="not a row"):
+        P.check_row(dict(GOOD_EVENT))
+    events, rejected = P.publish_items(P.Control(P.MSG_PUBLISH, b"r", {"events": [list(GOOD_ROW), dict(GOOD_EVENT)]}))
+    assert [i for i, _ in events] == [0] and [(i, r["code"]) for i, r in rejected] == [(1, "malformed")]
+    with pytest.raises(RemoteProtocolError, match="not a row"):
+        P.FanoutMessage.from_frames([P.topic_for("v1"), P.pack({"v": 1, "k": "E", "from": "d", "events": [GOOD_EVENT]})])
+    with pytest.raises(RemoteProtocolError, match="not a row"):
+        P.history_reply(P.Control(P.MSG_ACK, b"r", {"events": [GOOD_EVENT]}))
 
 
 @pytest.mark.parametrize("row,needle", [
-    (P.event_row(GOOD_EVENT)[:-1], "8 fields"),
-    (P.event_row(GOOD_EVENT) + ["dc2", "x"], "11 fields"),
+    (GOOD_ROW[:-1], "8 fields"),
+    (GOOD_ROW + ["dc2", "x"], "11 fields"),
     ([], "0 fields"),
-    (["", *P.event_row(GOOD_EVENT)[1:]], "malformed"),
-    ([*P.event_row(GOOD_EVENT)[:1], ["v1"], *P.event_row(GOOD_EVENT)[2:]], "malformed"),  # unhashable video
-    ([*P.event_row(GOOD_EVENT)[:2], {"k": 1}, *P.event_row(GOOD_EVENT)[3:]], "malformed"),  # unhashable kind
-    ([*P.event_row(GOOD_EVENT)[:2], "dislike", *P.event_row(GOOD_EVENT)[3:]], "malformed"),
-    ([*P.event_row(GOOD_EVENT)[:6], "0", *P.event_row(GOOD_EVENT)[7:]], "malformed"),
-    ([*P.event_row(GOOD_EVENT)[:8], [1]], "malformed"),
-    (P.event_row(GOOD_EVENT) + [7], "malformed"),
+    (["", *GOOD_ROW[1:]], "malformed"),
+    ([*GOOD_ROW[:1], ["v1"], *GOOD_ROW[2:]], "malformed"),  # unhashable video
+    ([*GOOD_ROW[:2], {"k": 1}, *GOOD_ROW[3:]], "malformed"),  # unhashable kind
+    ([*GOOD_ROW[:2], "dislike", *GOOD_ROW[3:]], "malformed"),
+    ([*GOOD_ROW[:1], "a b", *GOOD_ROW[2:]], "malformed"),
+    ([*GOOD_ROW[:6], "0", *GOOD_ROW[7:]], "malformed"),
+    ([*GOOD_ROW[:8], [1]], "malformed"),
+    (GOOD_ROW + [7], "malformed"),
+    ("junk", "not a row"),
 ])
 def test_malformed_event_rows_are_rejected_one_by_one(row, needle):
     with pytest.raises(RemoteProtocolError, match=needle):
-        P.check_event(row)
-    body = P.publish_body([GOOD_EVENT], rows=True)
+        P.check_row(list(row) if type(row) is list else row)
+    body = P.publish_body([list(GOOD_ROW)])
     body["events"].append(row)
     events, rejected = P.publish_items(P.Control(P.MSG_PUBLISH, b"r", body))
     assert [i for i, _ in events] == [0] and [i for i, _ in rejected] == [1]
-    assert rejected[0][1]["id"] == (row[0] if row and type(row[0]) is str else "")
-    assert rejected[0][1]["error"]["code"] == "malformed"
+    assert rejected[0][1]["code"] == "malformed" and needle in rejected[0][1]["message"]
 
 
 @pytest.mark.parametrize("frames,needle", [
@@ -127,10 +134,11 @@ def test_malformed_control_frames(frames, needle):
 
 @pytest.mark.parametrize("body", [
     {}, {"events": []}, {"events": "x"}, {"events": [1]},
-    {"events": [{**GOOD_EVENT, "kind": "dislike"}]},
-    {"events": [{**GOOD_EVENT, "video": "a b"}]},
-    {"events": [{**GOOD_EVENT, "seq": "1"}]},
-    {"events": [{k: v for k, v in GOOD_EVENT.items() if k != "ts"}]},
+    {"events": [GOOD_EVENT]},
+    {"events": [[*GOOD_ROW[:2], "dislike", *GOOD_ROW[3:]]]},
+    {"events": [[*GOOD_ROW[:1], "a b", *GOOD_ROW[2:]]]},
+    {"events": [[*GOOD_ROW[:7], "1", *GOOD_ROW[8:]]]},
+    {"events": [list(GOOD_ROW), GOOD_ROW[:5]]},
 ])
 def test_malformed_publish_bodies(body):
     with pytest.raises(RemoteProtocolError):
@@ -143,7 +151,8 @@ def test_malformed_publish_bodies(body):
     [b"v/a\x00", b"\xff\xfe"],
     [b"v/a\x00", P.pack({"v": 2, "k": "S", "from": "d"})],
     [b"v/a\x00", P.pack({"v": 1, "k": "Q", "from": "d"})],
-    [b"v/a\x00", P.pack({"v": 1, "k": "E", "from": "d", "events": [{**GOOD_EVENT, "video": "b"}]})],
+    [b"v/a\x00", P.pack({"v": 1, "k": "E", "from": "d", "events": [[*GOOD_ROW[:1], "b", *GOOD_ROW[2:]]]})],
+    [b"v/a\x00", P.pack({"v": 1, "k": "E", "from": "d", "events": [{**GOOD_EVENT, "video": "a"}]})],
     [b"v/a\x00", msgpack.packb({"v": 1, "k": "E", "from": "d", "events": [[[[[]]]]]})],
 ])
 def test_malformed_fanout_frames(frames):
@@ -188,33 +197,38 @@ def _ev(video="v"):
     return P.make_event(video, "like", None, None)
 
 
-class _Form:
-    """Events as the sequencer gets them: maps, or full rows (what a dispatcher keeps)."""
+def _row(video="v") -> list:
+    """A new like as a dispatcher keeps it: a full row (``check_row``)."""
+    return P.check_row(P.event_row(_ev(video)))
 
-    def __init__(self, rows: bool):
-        self.rows = rows
+
+def _maps(rows):
+    """Rows as a frontend reads them (None stays None)."""
+    return None if rows is None else [P.row_event(e) for e in rows]
+
+
+class _Rows:
+    """The sequencer with the events it gets (full rows), read back as maps."""
 
     def seq(self, **kwargs) -> Sequencer:
-        return Sequencer(rows=self.rows, **kwargs)
+        return Sequencer(**kwargs)
 
-    def ev(self, video: str = "v"):
-        event = _ev(video)
-        return P.event_row(event, full=True) if self.rows else event
+    def ev(self, video: str = "v") -> list:
+        return _row(video)
 
-    def copy(self, event):
-        return list(event) if self.rows else dict(event)
+    def copy(self, event: list) -> list:
+        return list(event)
 
-    def m(self, event) -> dict:
-        """``event`` read as a map."""
-        return P.row_event(event) if self.rows else event
+    def m(self, event: list) -> dict:
+        return P.row_event(event)
 
     def ms(self, events) -> list[dict] | None:
-        return None if events is None else [self.m(e) for e in events]
+        return _maps(events)
 
 
-@pytest.fixture(params=["maps", "rows"])
-def form(request) -> _Form:
-    return _Form(request.param == "rows")
+@pytest.fixture
+def form() -> _Rows:
+    return _Rows()
 
 
 def test_sequencer_chains_dedupes_and_remembers(form):
@@ -291,23 +305,18 @@ def test_dedupe_window_keeps_at_least_dedupe_size_ids_and_evicts_whole_batches(f
     assert none.accept(form.copy(ev))[1] and none.tail("v") == (3, 2)   # no window at all
 
 
-def test_sequencer_stamps_its_dc_on_rows_and_maps(form):
+def test_sequencer_stamps_its_dc(form):
     event = form.m(form.seq(epoch=5, dc="dc2").accept(form.ev())[0])
     assert event["dc"] == "dc2"
     assert "dc" not in form.m(form.seq(epoch=5).accept(form.ev())[0])
 
 
-def test_compact_ack_round_trip_and_the_per_event_form():
-    events = [_ev(), _ev(), {"no": "id"}, _ev()]
+def test_ack_round_trip():
     placed = [7, 8, {"code": "malformed", "message": "bad"}, (2, 9)]
-    compact = P.Control(P.MSG_ACK, b"r", P.ack_body(placed, 11))
-    assert P.unpack(compact.to_frames()[3], "ack") == {"epoch": 11, "seqs": [7, 8, placed[2], [2, 9]]}
-    legacy = P.Control(P.MSG_ACK, b"r", P.ack_body(placed, 11, events))
-    assert [r["id"] for r in P.ack_results(legacy)] == [events[0]["id"], events[1]["id"], "", events[3]["id"]]
-    want = [(11, 7), (11, 8), placed[2], (2, 9)]
-    for msg in (compact, legacy):   # both forms decode to the same placements, over the wire too
-        assert P.ack_positions(P.Control.from_frames(msg.to_frames()), 4) == want
-    assert P.publish_body(events, compact_ack=True)["ack"] == P.ACK_SEQS and "ack" not in P.publish_body(events)
+    ack = P.Control(P.MSG_ACK, b"r", P.ack_body(placed, 11))
+    assert P.unpack(ack.to_frames()[3], "ack") == {"epoch": 11, "seqs": [7, 8, placed[2], [2, 9]]}
+    assert P.ack_positions(P.Control.from_frames(ack.to_frames()), 4) == [(11, 7), (11, 8), placed[2], (2, 9)]
+    assert P.publish_body([GOOD_ROW]) == {"events": [GOOD_ROW]}
 
 
 @pytest.mark.parametrize("body,why", [
@@ -317,9 +326,8 @@ def test_compact_ack_round_trip_and_the_per_event_form():
     ({"epoch": 1, "seqs": [1, [1, 2, 3], 3]}, "malformed placement"),
     ({"epoch": 1, "seqs": [1, {"code": 5}, 3]}, "malformed placement"),
     ({"epoch": 1, "seqs": [1, True, 3]}, "malformed placement"),
-    ({"results": [{"id": "a", "epoch": 1, "seq": 1}]}, "1 results for 3"),
-    ({"results": [{"id": "a", "epoch": 1}] * 3}, "malformed ack result"),
-    ({"stored": 3}, "neither 'seqs' nor 'results'"),
+    ({"results": [{"id": "a", "epoch": 1, "seq": 1}] * 3}, "'epoch' and 3 'seqs'"),
+    ({"stored": 3}, "'epoch' and 3 'seqs'"),
 ])
 def test_malformed_acks_are_remote_protocol_errors(body, why):
     with pytest.raises(RemoteProtocolError, match=why):
@@ -327,21 +335,21 @@ def test_malformed_acks_are_remote_protocol_errors(body, why):
 
 
 def test_publish_items_rejects_bad_events_one_by_one():
-    good, bad = _ev(), {**_ev(), "kind": "dislike"}
+    good, bad = P.event_row(_ev()), P.event_row({**_ev(), "kind": "dislike"})
     msg = P.Control(P.MSG_PUBLISH, b"r", P.publish_body([good, bad, "junk"]))
     events, rejected = P.publish_items(msg)
-    assert events == [(0, good)]
-    assert [(i, r["id"], r["error"]["code"]) for i, r in rejected] == [(1, bad["id"], "malformed"), (2, "", "malformed")]
+    assert events == [(0, good)] and len(good) == P.EVENT_ROW_LEN + 1   # completed in place
+    assert [(i, r["code"]) for i, r in rejected] == [(1, "malformed"), (2, "malformed")]
     with pytest.raises(RemoteProtocolError):
         P.publish_items(P.Control(P.MSG_PUBLISH, b"r", {"events": []}))
 
 
 def test_chunked_keeps_every_message_far_below_the_size_limit():
     from mesh.io.sockets import MAX_MSG_SIZE
-    likes = [_ev() for _ in range(4500)]
+    likes = [_row() for _ in range(4500)]
     assert [len(c) for c in P.chunked(likes)] == [2000, 2000, 500]
     assert P.chunked(likes[:10]) == [likes[:10]]
-    comments = [P.make_event("v", "comment", "u" * 64, "\U0001f389" * 2000) for _ in range(300)]
+    comments = [P.event_row(P.make_event("v", "comment", "u" * 64, "\U0001f389" * 2000)) for _ in range(300)]
     chunks = P.chunked(comments)
     assert [e for c in chunks for e in c] == comments and len(chunks) > 1
     assert all(len(P.pack(P.publish_body(c))) < MAX_MSG_SIZE // 2 for c in chunks)
@@ -352,7 +360,7 @@ def test_pre_packed_events_are_the_bytes_packing_would_give(count):
     """The dispatcher packs each batch once and reuses the bytes for fan-out and REPL: the
     messages must be exactly those of FanoutMessage.to_frames / Control.to_frames (wire unchanged)."""
     seq = Sequencer(epoch=5, dc="dc1")
-    events = seq.accept_many("v", [_ev() for _ in range(count)])[0]
+    events = seq.accept_many("v", [_row() for _ in range(count)])[0]
     batches = P.pack_events(events)
     assert [n for n, _ in batches] == [len(c) for c in P.chunked(events)]
     assert [P.packed_fanout_events("v", "d-1", n, data) for n, data in batches] == \
@@ -369,7 +377,7 @@ def test_pre_packed_events_are_the_bytes_packing_would_give(count):
 def test_chain_follower_delivers_in_order_and_repairs_gaps():
     from mesh.core.ordering import ChainFollower
     seq = Sequencer(epoch=1)
-    evs = [seq.accept(_ev())[0] for _ in range(6)]
+    evs = _maps(seq.accept(_row())[0] for _ in range(6))
     f = ChainFollower()
     out, fetch = f.offer(evs[:2])
     assert out == evs[:2] and fetch is None
@@ -379,7 +387,7 @@ def test_chain_follower_delivers_in_order_and_repairs_gaps():
     assert out == [] and fetch == (1, 2)
     out, fetch = f.offer([evs[5]])                       # held while repairing
     assert out == [] and fetch is None
-    out, reset = f.repaired(seq.after("v", fetch))
+    out, reset = f.repaired(_maps(seq.after("v", fetch)))
     assert [e["seq"] for e in out] == [3, 4, 5, 6] and not reset
     assert f.last == (1, 6)
 
@@ -387,13 +395,13 @@ def test_chain_follower_delivers_in_order_and_repairs_gaps():
 def test_chain_follower_resets_when_history_cannot_fill():
     from mesh.core.ordering import ChainFollower
     seq = Sequencer(epoch=1)
-    evs = [seq.accept(_ev())[0] for _ in range(4)]
+    evs = _maps(seq.accept(_row())[0] for _ in range(4))
     f = ChainFollower()
     f.offer(evs[:1])
     _, fetch = f.offer(evs[3:])
     out, reset = f.repaired(None)
     assert reset and out == [evs[3]] and f.resets == 1
-    nxt = seq.accept(_ev())[0]
+    nxt = P.row_event(seq.accept(_row())[0])
     assert f.offer([nxt]) == ([nxt], None)               # continues from there
 
 
@@ -544,13 +552,13 @@ def test_example_configs_load():
 def test_tail_announcement_reveals_a_lost_last_event():
     from mesh.core.ordering import ChainFollower
     seq = Sequencer(epoch=1)
-    evs = [seq.accept(_ev())[0] for _ in range(3)]
+    evs = _maps(seq.accept(_row())[0] for _ in range(3))
     f = ChainFollower()
     f.offer(evs[:2])                                     # the last event was lost on the wire
     assert f.check_tail((1, 2)) is None                  # a tail we have: nothing to do
     assert f.check_tail((1, 3)) == (1, 2)
     assert f.check_tail((1, 3)) is None                  # already repairing
-    out, reset = f.repaired(seq.after("v", (1, 2)))
+    out, reset = f.repaired(_maps(seq.after("v", (1, 2))))
     assert out == [evs[2]] and not reset
     msg = P.FanoutMessage.from_frames(P.FanoutMessage("v", P.FANOUT_TAIL, "d1", tail=(1, 3)).to_frames())
     assert (msg.kind, msg.tail) == ("T", (1, 3))

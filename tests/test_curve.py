@@ -90,7 +90,7 @@ async def test_curve_mesh_delivers_and_refuses_strangers(curve_mesh, tmp_path, a
             dealer.curve_serverkey = zmq.auth.load_certificate(os.path.join(key_dir, "d1.key"))[0]
         dealer.connect(d1.info["router"])
         event = P.make_event("secret-talk", P.KIND_LIKE, "mallory", None)
-        await dealer.send_multipart(P.Control(P.MSG_PUBLISH, b"r1", P.publish_body([event])).to_frames())
+        await dealer.send_multipart(P.Control(P.MSG_PUBLISH, b"r1", P.publish_body([P.event_row(event)])).to_frames())
         assert not await dealer.poll(1000), "a peer without an allowed key got a reply"
     assert await v.no_event(0.5, kinds={"like"}) is None
     stats = (await health(d1.info["http"]))["stats"]

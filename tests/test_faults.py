@@ -433,7 +433,7 @@ async def test_a_bridge_relays_its_dcs_chain_from_the_backup_while_the_owner_is_
         await dealer.send_multipart(P.Control(P.MSG_HISTORY, b"r1", P.relay_history_body(video, after, "dc1")).to_frames())
         reply = P.Control.from_frames(await asyncio.wait_for(dealer.recv_multipart(), 10))
         events = P.chain_reply(reply, video, "dc1")
-        assert [e["id"] for e in events] == [s["id"] for s in sent[2:]]
+        assert [e[P.ROW_ID] for e in events] == [s["id"] for s in sent[2:]]
         assert "d1" in (await health(b.url))["dispatchers"]  # asked while d1 was still registered
     finally:
         dealer.close(linger=0)

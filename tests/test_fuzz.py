@@ -45,7 +45,8 @@ event_like = st.fixed_dictionaries(
      "epoch": st.one_of(st.integers(-5, 5), scalars), "seq": st.one_of(st.integers(-5, 5), scalars),
      "prev": st.one_of(st.none(), st.lists(st.integers(-3, 3), max_size=3), scalars)},
     optional={"fwd": st.booleans()})
-#: events in either wire form: maps, rows made of the same fields (with or without a ``dc``), any list
+#: events as a peer may send them: rows of event-like fields (with or without a ``dc``), maps of
+#: the same fields (not the wire form: malformed), any list
 event_any = st.one_of(
     event_like,
     st.tuples(event_like, st.one_of(st.none(), st.text(max_size=70), scalars)).map(
@@ -56,7 +57,6 @@ bodies = st.one_of(
     st.binary(max_size=64),
     values.map(msgpack.packb),
     st.fixed_dictionaries({}, optional={"events": st.one_of(st.lists(event_any, max_size=3), values),
-                                        "results": st.one_of(st.lists(values, max_size=3), values),
                                         "epoch": values, "seqs": st.one_of(st.lists(values, max_size=3), values),
                                         "video": st.one_of(st.text(max_size=8), values),
                                         "after": st.one_of(st.none(), st.lists(st.integers(-2, 2), max_size=3), values),
@@ -81,7 +81,7 @@ def test_control_decoder_only_raises_remote_protocol_errors(frames):
     if msg is None:
         return
     assert isinstance(msg.body, dict)
-    for reader in (P.publish_events, P.ack_results, lambda m: P.ack_positions(m, 2), P.history_request,
+    for reader in (P.publish_events, P.publish_items, lambda m: P.ack_positions(m, 2), P.history_request,
                    P.history_reply):
         only_remote_errors(reader, msg)
 
@@ -107,14 +107,13 @@ def test_fanout_decoder_only_raises_remote_protocol_errors(frames):
 
 def test_decoders_accept_what_the_encoders_make():
     event = P.make_event("v1", "comment", "ann", "hi\n")
-    ctl = P.Control(P.MSG_PUBLISH, b"r", P.publish_body([event]))
-    assert P.publish_events(P.Control.from_frames(ctl.to_frames())) == [event]
-    fan = P.FanoutMessage("v1", P.FANOUT_EVENTS, "d1", [event])
-    assert P.FanoutMessage.from_frames(fan.to_frames()).events == [event]
-    rows = P.Control(P.MSG_PUBLISH, b"r", P.publish_body([event], rows=True))
-    assert P.publish_events(P.Control.from_frames(rows.to_frames())) == [event]
-    [(count, data)] = P.pack_events([event], rows=True)
-    assert P.FanoutMessage.from_frames(P.packed_fanout_events("v1", "d1", count, data)).events == [event]
+    ctl = P.Control(P.MSG_PUBLISH, b"r", P.publish_body([P.event_row(event)]))
+    assert list(map(P.row_event, P.publish_events(P.Control.from_frames(ctl.to_frames())))) == [event]
+    fan = P.FanoutMessage("v1", P.FANOUT_EVENTS, "d1", [P.event_row(event)])
+    assert list(map(P.row_event, P.FanoutMessage.from_frames(fan.to_frames()).events)) == [event]
+    [(count, data)] = P.pack_events([P.event_row(event)])
+    packed = P.FanoutMessage.from_frames(P.packed_fanout_events("v1", "d1", count, data))
+    assert list(map(P.row_event, packed.events)) == [event]
 
 
 # --- the HTTP API ---------------------------------------------------------------------------------

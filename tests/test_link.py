@@ -55,7 +55,7 @@ class FakeLinks:
 
 def _chain_reply(events):
     async def answer(body, timeout):
-        return P.Control(P.MSG_ACK, b"1", {"events": events})
+        return P.Control(P.MSG_ACK, b"1", {"events": [P.event_row(e) for e in events]})
     return answer
 
 
@@ -78,7 +78,7 @@ async def test_history_comes_from_the_backup_once_the_owner_is_silent_past_the_d
     start = time.monotonic()
     got = await fetch_history(links, "v", (7, 0), timeout=5.0, hedge=0.2)
     took = time.monotonic() - start
-    assert [e["id"] for e in got] == ["e7-1"]
+    assert [e[P.ROW_ID] for e in got] == ["e7-1"]
     assert [n for n, _ in links.asked] == [owner, backup]  # the third dispatcher holds no replica
     assert links.asked[1][1] - start >= 0.2  # the backup is asked only after the hedge delay
     assert took < 2.0  # far below the 5 s deadline (2 s: margin for a loaded 2-core runner)
@@ -88,7 +88,7 @@ async def test_a_prompt_owner_is_the_only_replica_asked():
     owner, backup = _replicas("v")
     links = FakeLinks({owner: _chain_reply([_event(7, 2, (7, 1))]), backup: _chain_reply([])})
     got = await fetch_history(links, "v", (7, 1), timeout=5.0, hedge=0.5)
-    assert [e["id"] for e in got] == ["e7-2"] and [n for n, _ in links.asked] == [owner]
+    assert [e[P.ROW_ID] for e in got] == ["e7-2"] and [n for n, _ in links.asked] == [owner]
 
 
 async def test_an_owner_that_cannot_say_or_is_gone_sends_the_request_to_the_backup_at_once():
@@ -104,7 +104,7 @@ async def test_an_owner_that_cannot_say_or_is_gone_sends_the_request_to_the_back
         links = FakeLinks({owner: first, backup: _chain_reply([_event(7, 3)])})
         start = time.monotonic()
         got = await fetch_history(links, "v", (7, 2), timeout=5.0, hedge=2.0)
-        assert [e["id"] for e in got] == ["e7-3"]
+        assert [e[P.ROW_ID] for e in got] == ["e7-3"]
         assert links.asked[1][1] - start < 1.0  # not after the 2 s hedge delay
 
 
@@ -113,11 +113,11 @@ async def test_a_late_owner_answer_still_wins_when_the_backup_is_silent_too():
 
     async def late(body, timeout):
         await asyncio.sleep(0.3)
-        return P.Control(P.MSG_ACK, b"1", {"events": [_event(7, 4)]})
+        return P.Control(P.MSG_ACK, b"1", {"events": [P.event_row(_event(7, 4))]})
 
     links = FakeLinks({owner: late, backup: _silent()})
     got = await fetch_history(links, "v", (7, 3), timeout=5.0, hedge=0.1)
-    assert [e["id"] for e in got] == ["e7-4"]
+    assert [e[P.ROW_ID] for e in got] == ["e7-4"]
 
 
 async def test_history_says_none_when_every_replica_cannot_say_and_raises_when_none_answers():
@@ -145,7 +145,7 @@ async def test_a_malformed_reply_counts_as_no_answer_and_the_backup_is_asked():
 
     links = FakeLinks({owner: garbage, backup: _chain_reply([_event(7, 5)])})
     got = await fetch_history(links, "v", (7, 4), timeout=2.0, hedge=1.0)
-    assert [e["id"] for e in got] == ["e7-5"]
+    assert [e[P.ROW_ID] for e in got] == ["e7-5"]
 
 
 # --- a reconnecting viewer's catch-up across epochs ---------------------------------------------
@@ -247,8 +247,8 @@ def test_outbox_queues_per_target_until_taken():
     assert box.take("d1") == [] and len(box) == 1
 
 
-def test_ack_results_reads_the_compact_ack_per_event_and_errors():
-    events = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+def test_ack_results_reads_the_ack_per_event_and_errors():
+    events = [P.event_row(_event(1, 0, eid=i)) for i in "abc"]
     reply = P.Control(P.MSG_ACK, b"1", {"epoch": 9, "seqs": [4, [8, 2], {"code": "bad", "message": "no"}]})
     out: dict = {}
     ack_results(events, reply, out)
@@ -287,7 +287,7 @@ class FakeDispatchers:
         if name not in self.alive:
             raise PeerGone(name)
         wire = P.Control.from_frames(P.Control(msg_type, b"1", body).to_frames())  # as a dispatcher reads it
-        events = P.publish_events(wire, P.check_row)
+        events = P.publish_events(wire)
         self.requests.append((name, len(events)))
         await asyncio.wait_for(asyncio.sleep(self.delay.get(name, 0)), timeout)
         if self.refuse:

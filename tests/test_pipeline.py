@@ -25,7 +25,7 @@ class Node:
     def __init__(self, mesh: "Mesh", name: str, epoch: int):
         self.name = name
         self.live = list(mesh.names)  # this node's view of the dispatcher set
-        self.seq = Sequencer(epoch=epoch, rows=True, history_size=100)
+        self.seq = Sequencer(epoch=epoch, history_size=100)
         self.stats: dict = defaultdict(int)
         self.pipeline = Pipeline(name, self.seq, self.stats, lambda: self.live, mesh.clock)
         self.replies: dict[bytes, P.Control] = {}   # client request id -> reply
@@ -33,7 +33,8 @@ class Node:
         self.pending: list = []                     # peer requests not carried out yet
 
     def events(self, video: str) -> list[dict]:
-        return [e for m in self.broadcast if m.video == video for e in m.events]
+        """The events of ``video`` broadcast here, in order, as a frontend reads them."""
+        return [P.row_event(e) for m in self.broadcast if m.video == video for e in m.events]
 
     def held(self, kind: type) -> list:
         return [e for e in self.pending if type(e) is kind]
@@ -57,7 +58,7 @@ class Mesh:
         return self.nodes[name]
 
     def publish(self, name: str, events: list[dict], request_id: bytes) -> None:
-        msg = _wire(P.Control(P.MSG_PUBLISH, request_id, P.publish_body(events, compact_ack=True, rows=True)))
+        msg = _wire(P.Control(P.MSG_PUBLISH, request_id, P.publish_body(list(map(P.event_row, events)))))
         self.apply(name, self.nodes[name].pipeline.publish([(b"client", msg)]))
 
     def history(self, name: str, video: str, after, request_id: bytes) -> None:
@@ -421,13 +422,13 @@ def test_history_of_an_owned_video_fetches_the_chain_first(mesh):
     mesh.history("d2", video, (3, 1), b"h1")
     assert b"h1" not in mesh["d2"].replies
     mesh.settle()
-    assert [e[P.ROW_SEQ] for e in P.history_reply(mesh["d2"].replies[b"h1"], P.check_row)] == [2, 3]
+    assert [e[P.ROW_SEQ] for e in P.history_reply(mesh["d2"].replies[b"h1"])] == [2, 3]
 
 
 def test_one_bad_event_is_rejected_alone(mesh):
     video = video_owned_by("d1", "d2", mesh.names)
     _make_writer(mesh, "d1", video)
-    body = P.publish_body(likes(video, 2), compact_ack=True, rows=True)
+    body = P.publish_body(list(map(P.event_row, likes(video, 2))))
     body["events"][1] = ["bad"]
     mesh.apply("d1", mesh["d1"].pipeline.publish([(b"client", _wire(P.Control(P.MSG_PUBLISH, b"r1", body)))]))
     mesh.settle()
@@ -525,7 +526,7 @@ def test_an_idempotency_key_gives_one_event_id_per_video_user_and_key():
     assert one == event_id_for_key("v1", "amy", "order-17")
     assert len({one, event_id_for_key("v2", "amy", "order-17"), event_id_for_key("v1", "bob", "order-17"),
                 event_id_for_key("v1", None, "order-17"), event_id_for_key("v1", "amy", "order-18")}) == 5
-    assert P.check_row(P.event_row(P.make_event("v1", P.KIND_LIKE, "amy", None, event_id=one, ts=1.0), full=True))
+    assert P.check_row(P.event_row(P.make_event("v1", P.KIND_LIKE, "amy", None, event_id=one, ts=1.0)))
     assert one.startswith("k") and all(c in "0123456789abcdef" for c in P.new_event_id()), \
         "a keyed id never equals a generated one"
     for bad in ("", "x" * 256, "caf\u00e9", "tab\there"):

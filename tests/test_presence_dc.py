@@ -201,10 +201,11 @@ def test_gate_passes_summaries_of_its_own_dc_out_and_relays_the_others_in():
     assert gate.presence == {EXPORT: 1, IMPORT: 1} and not gate.frames[EXPORT]
 
 
-def _event(video="v", dc="dc2", seq=1):
+def _event(video="v", dc="dc2", seq=1) -> list:
+    """A sequenced like of DC ``dc``, as a row."""
     e = P.make_event(video, "like", None, None)
     e.update(epoch=1, seq=seq, prev=[1, seq - 1] if seq > 1 else None, dc=dc)
-    return e
+    return P.event_row(e)
 
 
 def test_relayed_history_is_checked_and_relay_requests_need_an_origin():

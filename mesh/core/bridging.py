@@ -94,10 +94,11 @@ class Gate:
         if msg.kind != P.FANOUT_EVENTS:
             self.dropped[f"{direction}_{'control' if msg.kind != P.FANOUT_PRESENCE else 'presence'}"] += 1
             return None
+        dc, at = self.dc, P.ROW_DC  # rows: a row without a dc is its receiver's DC's
         if direction == EXPORT:
-            keep = [e for e in msg.events if e.get("dc") == self.dc]
+            keep = [e for e in msg.events if e[at] == dc]
         else:
-            keep = [e for e in msg.events if P.origin_dc(e, self.dc) != self.dc]
+            keep = [e for e in msg.events if e[at] is not None and e[at] != dc]
         if len(keep) != len(msg.events):
             self.dropped[f"{direction}_not_crossing"] += len(msg.events) - len(keep)
         if not keep:

@@ -22,9 +22,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from mesh.core.sequencing import Position, position
+from mesh.core.sequencing import Position
 
 RECENT_IDS = 4096
+
+
+def position(event: dict) -> Position:
+    """The ``(epoch, seq)`` of an event as a frontend holds it (``protocol.row_event``)."""
+    return event["epoch"], event["seq"]
 
 
 def _prev(event: dict) -> Position | None:

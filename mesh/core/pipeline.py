@@ -21,7 +21,7 @@ fake clock and no socket.
    once (``Sequencer.accept_many``: one chain append per video), packed once
    (``protocol.pack_events``: the same bytes go into the ``REPL`` and the XPUB message), and
    each event's placement -- its bare ``seq`` -- is written into its request's ``PendingAck``
-   (the compact ACK carries the epoch once and one integer per event).
+   (the ACK carries the epoch once and one integer per event).
 3. The burst then commits as a unit: its new events go to each backup (the next dispatcher
    in rendezvous order) in one ``Replicate`` per backup; once every one is answered (or
    skipped: the shell reports a timeout or a suspect backup the same way), each video's
@@ -190,17 +190,15 @@ class PendingAck:
     results to their own commit (``fill``): two of them, for two videos of one request, may be
     in flight at once."""
 
-    __slots__ = ("out", "peer", "request_id", "results", "sent", "legacy", "epoch")
+    __slots__ = ("out", "peer", "request_id", "results", "sent", "epoch")
 
-    def __init__(self, out: list, peer: bytes, request_id: bytes, size: int, epoch: int,
-                 legacy: list | None = None):
+    def __init__(self, out: list, peer: bytes, request_id: bytes, size: int, epoch: int):
         self.out = out  # the pipeline's effects: the ACK goes there
         self.peer = peer
         self.request_id = request_id
         self.results: list[int | tuple[int, int] | dict | None] = [None] * size
         self.sent = False
         self.epoch = epoch
-        self.legacy = legacy  # the request's events when it wants the per-event ACK form
 
     def fill(self, i: int, result: int | tuple[int, int] | dict) -> None:
         """Event ``i``'s result, unless it has one; the ACK leaves once all have one."""
@@ -217,7 +215,7 @@ class PendingAck:
     def settle(self) -> None:
         if not self.sent and None not in self.results:
             self.sent = True
-            body = P.ack_body(self.results, self.epoch, self.legacy)
+            body = P.ack_body(self.results, self.epoch)
             self.out.append(Reply(self.peer, P.Control(P.MSG_ACK, self.request_id, body)))
 
 
@@ -307,7 +305,7 @@ class Pipeline:
     ``ready``: whether ``live()`` is known (the shell sets it after its first discovery)."""
 
     def __init__(self, name: str, seq: Sequencer, stats: dict, live: Callable[[], list[str]],
-                 clock: Callable[[], float], event_rows: bool = True, ready: bool = True,
+                 clock: Callable[[], float], ready: bool = True,
                  handoff_hold: float = HANDOFF_HOLD):
         self.ready = ready
         self.handoff_hold = handoff_hold
@@ -320,7 +318,6 @@ class Pipeline:
         self.stats = stats
         self.live = live
         self.clock = clock
-        self.event_rows = event_rows
         self.out: list[Effect] = []
         self._slow: dict[str, SlowVideo] = {}
         self._waiting: set[str] = set()       # slow videos whose next op waits for a commit
@@ -406,7 +403,7 @@ class Pipeline:
     def store_replica(self, peer: bytes, msg: P.Control) -> list[Effect]:
         """A ``REPL`` from the owner of some videos: its events join our logs."""
         try:
-            events = P.publish_events(msg, P.check_row)
+            events = P.publish_events(msg)
         except RemoteProtocolError as exc:
             return [rejection(self.stats, peer, msg, "malformed", exc)]
         stored = self.seq.store(events, self.clock())
@@ -478,7 +475,7 @@ class Pipeline:
         if reply is not None:
             try:
                 if reply.msg_type == P.MSG_ACK:
-                    chain = P.history_reply(reply, P.check_row)
+                    chain = P.history_reply(reply)
                 else:
                     error = f"{reply.body.get('code')}: {reply.body.get('message')}"
             except RemoteProtocolError as exc:
@@ -515,28 +512,26 @@ class Pipeline:
 
     def _take_publish(self, peer: bytes, msg: P.Control, groups: dict, acks: list[PendingAck]) -> None:
         try:
-            events, rejected = P.publish_items(msg, P.check_row)
+            events, rejected = P.publish_items(msg)
             if not events:  # nothing usable: the whole request is rejected
-                raise RemoteProtocolError(rejected[0][1]["error"]["message"])
+                raise RemoteProtocolError(rejected[0][1]["message"])
         except RemoteProtocolError as exc:
             self.out.append(rejection(self.stats, peer, msg, "malformed", exc))
             return
-        # a requester that did not ask for the compact ACK gets the per-event maps (needs the ids)
-        legacy = None if msg.body.get("ack") == P.ACK_SEQS else msg.body["events"]
-        ack = PendingAck(self.out, peer, msg.request_id, len(events) + len(rejected), self.seq.epoch, legacy)
+        ack = PendingAck(self.out, peer, msg.request_id, len(events) + len(rejected), self.seq.epoch)
         acks.append(ack)
         if rejected:  # one line per request, not per event
             self.stats["malformed"] += 1
             self.stats["events_rejected"] += len(rejected)
             wire_log.warning("rejected %d of %d events of a publish from %r: %s", len(rejected),
-                             len(events) + len(rejected), peer[:16], rejected[0][1]["error"]["message"])
+                             len(events) + len(rejected), peer[:16], rejected[0][1]["message"])
             for i, result in rejected:
-                ack.fill(i, result["error"])
+                ack.fill(i, result)
         fwd = bool(msg.body.get("fwd"))
         if fwd and msg.body.get("leaving") is True:
             self._depart(msg.body.get("from"))
         by_video = groups[fwd]
-        for i, event in events:  # rows (P.check_row): what the sequencer keeps
+        for i, event in events:
             group = by_video.get(event[P.ROW_VIDEO])
             if group is None:
                 group = by_video[event[P.ROW_VIDEO]] = []
@@ -606,10 +601,10 @@ class Pipeline:
         # each batch packed once: the same bytes go to the backup and to the fan-out
         batches = burst.fanout.setdefault(video, [])
         if again:
-            batches.extend(P.pack_events(again, self.event_rows))
+            batches.extend(P.pack_events(again))
             burst.again += len(again)
         if new:
-            packed = P.pack_events(new, self.event_rows)
+            packed = P.pack_events(new)
             batches.extend(packed)
             backup = next((d for d in order if d != self.name), None)
             if backup is not None:
@@ -747,7 +742,7 @@ class Pipeline:
                                               f"(its writer here: {writer})")
                 return True
             op.stage = _FORWARD
-            body = {**P.publish_body([e for _, _, e in op.items], compact_ack=True, rows=self.event_rows),
+            body = {**P.publish_body([e for _, _, e in op.items]),
                     "fwd": True, "from": self.name}
             if self.name not in self.live():  # we are leaving: the writer-to-be may not know yet
                 body["leaving"] = True
@@ -836,5 +831,5 @@ class Pipeline:
         chain = self.seq.after(video, after, self.clock())
         self.stats["history_requests"] += 1
         body = {"reset": True, "tail": list(self.seq.tail(video) or ()) or None} if chain is None \
-            else {"events": P.wire_events(chain, self.event_rows)}
+            else {"events": chain}
         self.out.append(Reply(peer, P.Control(P.MSG_ACK, request_id, body)))

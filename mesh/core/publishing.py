@@ -95,20 +95,21 @@ class Outbox:
         return len(self._queues)
 
 
-def joined(batch: list[tuple[list[dict], Any]]) -> list[list[dict]]:
-    """A flushed queue's events as the requests' chunks (``protocol.chunked``)."""
-    return P.chunked([e for part, _ in batch for e in part])
+def joined(batch: list[tuple[list[dict], Any]]) -> list[list[list]]:
+    """A flushed queue's events as the requests' chunks of rows (``protocol.event_row``,
+    ``protocol.chunked``)."""
+    return P.chunked([P.event_row(e) for part, _ in batch for e in part])
 
 
-def ack_results(events: list[dict], reply: P.Control, into: dict[str, dict]) -> None:
-    """An owner's reply to the PUB request of ``events``, per event id into ``into``: the ack
+def ack_results(rows: list[list], reply: P.Control, into: dict[str, dict]) -> None:
+    """An owner's reply to the PUB request of ``rows``, per event id into ``into``: the ack
     ``{"id","epoch","seq"}`` or ``{"id","error"}`` (RemoteProtocolError: a malformed reply)."""
+    ids = [r[P.ROW_ID] for r in rows]
     if reply.msg_type == P.MSG_ERROR:
-        into.update((e["id"], {"id": e["id"], "error": reply.body}) for e in events)
+        into.update((i, {"id": i, "error": reply.body}) for i in ids)
         return
-    for e, where in zip(events, P.ack_positions(reply, len(events))):
-        into[e["id"]] = {"id": e["id"], "error": where} if type(where) is dict \
-            else {"id": e["id"], "epoch": where[0], "seq": where[1]}
+    for i, where in zip(ids, P.ack_positions(reply, len(ids))):
+        into[i] = {"id": i, "error": where} if type(where) is dict else {"id": i, "epoch": where[0], "seq": where[1]}
 
 
 def not_acknowledged(event: dict) -> dict:

@@ -30,12 +30,12 @@ Cost per event (``accept_many`` runs for every published like): the dedupe windo
 dict plus the batches in insertion order, evicted a whole batch at a time (an ``OrderedDict``
 with one ``popitem`` per event costs a quarter of the sequencing time in a profile);
 history and arrival times are extended once per batch, in C; the placement returned per event
-is its bare ``seq`` (an ``int``) when it was placed in this epoch, which is what the compact
+is its bare ``seq`` (an ``int``) when it was placed in this epoch, which is what the
 ``ACK`` carries (mesh.wire.protocol ``ack_body``).
 
-Events are maps, or rows (``rows=True``: ``mesh.wire.protocol.check_row``'s full rows, what a
-dispatcher keeps: no map is built per event, and its fan-out packs them as they are); the
-sequencer reads and writes their fields by key or by index alike.
+Events are ``mesh.wire.protocol.check_row``'s full rows, as they come off the wire: no map is
+built per event, and the fan-out packs them as they are; the sequencer reads and writes their
+fields by index (``protocol.ROW_*``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ Position = tuple[int, int]  # (epoch, seq)
 _consume = deque(maxlen=0).extend
 #: where ``accept_many`` placed an event: its seq in this sequencer's epoch, or (epoch, seq)
 Placement = int | Position
-#: the fields the sequencer reads and writes: (id, video, epoch, seq, prev, dc) of a map, of a row
-MAP_KEYS = ("id", "video", "epoch", "seq", "prev", "dc")
-ROW_KEYS = (P.ROW_ID, P.ROW_VIDEO, P.ROW_EPOCH, P.ROW_SEQ, P.ROW_PREV, P.ROW_DC)
+Row = list  # a full event row (protocol.check_row)
+_ID, _VIDEO, _EPOCH, _SEQ, _PREV, _DC = P.ROW_ID, P.ROW_VIDEO, P.ROW_EPOCH, P.ROW_SEQ, P.ROW_PREV, P.ROW_DC
+_id_of = itemgetter(_ID)
 
 
 #: longest ``Idempotency-Key`` accepted (the IETF httpapi draft leaves it to the server)
@@ -76,10 +76,6 @@ def event_id_for_key(video: str, user: str | None, key: str) -> str:
     return KEYED_ID_PREFIX + hashlib.blake2b(scope, digest_size=16).hexdigest()
 
 
-def position(event: dict) -> Position:
-    return event["epoch"], event["seq"]
-
-
 @dataclass
 class VideoLog:
     seq: int = 0                   # last seq this dispatcher assigned in its own epoch
@@ -90,10 +86,7 @@ class VideoLog:
 
 class Sequencer:
     def __init__(self, epoch: int | None = None, history_size: int = 1000,
-                 history_age: float = 300.0, dedupe_size: int = 100000, dc: str = "", rows: bool = False):
-        self.rows = rows
-        self._keys = ROW_KEYS if rows else MAP_KEYS
-        self._id_of = itemgetter(self._keys[0])
+                 history_age: float = 300.0, dedupe_size: int = 100000, dc: str = ""):
         self.dc = dc  # stamped on every event sequenced here: its origin DC (multi-DC bridges)
         self.epoch = epoch if epoch is not None else int(time.time() * 1000)
         self.history_size = history_size
@@ -102,8 +95,8 @@ class Sequencer:
         self.videos: dict[str, VideoLog] = {}
         # dedupe window: event id -> stored event, and the same events batch by batch in
         # insertion order; whole batches leave once the newer ones hold dedupe_size ids
-        self._recent: dict[str, dict] = {}
-        self._recent_batches: deque[list[dict]] = deque()
+        self._recent: dict[str, Row] = {}
+        self._recent_batches: deque[list[Row]] = deque()
         self.duplicates = 0
         self.conflicts = 0
 
@@ -114,13 +107,12 @@ class Sequencer:
         """The video has a chain here from now on (empty when nothing was stored)."""
         self._log(video)
 
-    def accept(self, event: dict, now: float | None = None) -> tuple[dict, bool]:
+    def accept(self, event: Row, now: float | None = None) -> tuple[Row, bool]:
         """Place ``event`` (mutated: epoch, seq, prev) at the end of its video's chain.
         Returns ``(event, is_new)``; a retry of a known event id returns the stored event with
         its original placement and ``is_new=False``."""
-        k_id, k_video = self._keys[:2]
-        new, _, _ = self.accept_many(event[k_video], [event], now)
-        return (new[0], True) if new else (self._recent[event[k_id]], False)
+        new, _, _ = self.accept_many(event[_VIDEO], [event], now)
+        return (new[0], True) if new else (self._recent[event[_ID]], False)
 
     def conflict(self, event_id: str, video: str) -> dict:
         """The error result of an id already placed on another video's chain."""
@@ -128,8 +120,8 @@ class Sequencer:
         return P.error_body("id_conflict", f"event id {event_id[:64]!r} is already placed on another video "
                                            f"than {video}")
 
-    def accept_many(self, video: str, events: list[dict],
-                    now: float | None = None) -> tuple[list[dict], list[dict], list[Placement]]:
+    def accept_many(self, video: str, events: list[Row],
+                    now: float | None = None) -> tuple[list[Row], list[Row], list[Placement]]:
         """Append ``events`` (all of ``video``, in arrival order; mutated like ``accept``) to
         the video's chain in one go: one log lookup and one clock read for the batch.
         Returns ``(new, again, placed)``: the newly sequenced events; the retried events known
@@ -140,37 +132,36 @@ class Sequencer:
         now = time.monotonic() if now is None else now
         log = self._log(video)
         recent, epoch, dc = self._recent, self.epoch, self.dc
-        k_id, k_video, k_epoch, k_seq, k_prev, k_dc = self._keys
         recent_get = recent.get
-        new: list[dict] = []
-        again: list[dict] = []
+        new: list[Row] = []
+        again: list[Row] = []
         placed: list[Placement] = []
         new_append, placed_append = new.append, placed.append
         seq = start = log.seq
         prev = list(log.tail) if log.tail else None
         for event in events:  # runs for every published event: no helper call, no tuple per event
-            event_id = event[k_id]
+            event_id = event[_ID]
             seen = recent_get(event_id)
             if seen is None:
                 seq += 1
-                event[k_epoch] = epoch
-                event[k_seq] = seq
-                event[k_prev] = prev
+                event[_EPOCH] = epoch
+                event[_SEQ] = seq
+                event[_PREV] = prev
                 prev = [epoch, seq]
                 if dc:
-                    event[k_dc] = dc
+                    event[_DC] = dc
                 recent[event_id] = event  # a later copy of the id in this batch is a retry
                 new_append(event)
                 placed_append(seq)
                 continue
-            if seen[k_video] != video:
+            if seen[_VIDEO] != video:
                 placed_append(self.conflict(event_id, video))
                 continue
             self.duplicates += 1
-            if seen[k_epoch] == epoch:
-                placed_append(seen[k_seq])
+            if seen[_EPOCH] == epoch:
+                placed_append(seen[_SEQ])
             else:
-                placed_append((seen[k_epoch], seen[k_seq]))
+                placed_append((seen[_EPOCH], seen[_SEQ]))
                 if all(e is not seen for e in again):
                     again.append(seen)
         if seq != start:
@@ -180,19 +171,18 @@ class Sequencer:
             self._remember(new)
         return new, again, placed
 
-    def store(self, events: list[dict], now: float | None = None) -> int:
+    def store(self, events: list[Row], now: float | None = None) -> int:
         """Store events sequenced elsewhere (a replica from the owner, or a chain tail handed
         over by the previous owner), skipping known ones.  Returns how many were new."""
         now = time.monotonic() if now is None else now
         recent, videos = self._recent, self.videos
-        k_id, k_video, k_epoch, k_seq = self._keys[:4]
         added = []
         for event in events:  # a backup runs this for every replicated event
-            event_id = event[k_id]
+            event_id = event[_ID]
             if event_id in recent:
                 continue
-            log = videos.get(event[k_video]) or self._log(event[k_video])
-            log.tail = (event[k_epoch], event[k_seq])
+            log = videos.get(event[_VIDEO]) or self._log(event[_VIDEO])
+            log.tail = (event[_EPOCH], event[_SEQ])
             log.history.append(event)
             log.times.append(now)
             recent[event_id] = event
@@ -207,14 +197,14 @@ class Sequencer:
             return False
         return log.tail == pos or any(self.position(e) == pos for e in log.history)
 
-    def is_replica(self, event: dict) -> bool:
-        return event[self._keys[2]] != self.epoch
+    def is_replica(self, event: Row) -> bool:
+        return event[_EPOCH] != self.epoch
 
-    def position(self, event) -> Position:
-        _, _, k_epoch, k_seq, _, _ = self._keys
-        return event[k_epoch], event[k_seq]
+    @staticmethod
+    def position(event: Row) -> Position:
+        return event[_EPOCH], event[_SEQ]
 
-    def after(self, video: str, pos: Position | None, now: float | None = None) -> list[dict] | None:
+    def after(self, video: str, pos: Position | None, now: float | None = None) -> list[Row] | None:
         """The chain of ``video`` after the event at ``pos`` (``None``: the whole history), or
         None when history cannot say (``pos`` unknown here or already forgotten)."""
         log = self.videos.get(video)
@@ -226,7 +216,7 @@ class Sequencer:
         if log.tail == pos:
             return []
         events = list(log.history)
-        first_prev = events and (events[0][self._keys[4]] if self.rows else events[0].get("prev"))
+        first_prev = events and events[0][_PREV]
         if first_prev and tuple(first_prev) == pos:
             return events  # pos itself was pruned, but its successor is the oldest we keep
         for i, e in enumerate(events):
@@ -254,11 +244,11 @@ class Sequencer:
                                                 times=deque(maxlen=self.history_size))
         return log
 
-    def _remember(self, events: list[dict]) -> None:
+    def _remember(self, events: list[Row]) -> None:
         """``events`` (already in ``_recent``) join the dedupe window; the oldest batches
         leave while the newer ones hold at least ``dedupe_size`` ids (0: none kept)."""
         if events:
             self._recent_batches.append(events)
         recent, batches, size = self._recent, self._recent_batches, self.dedupe_size
         while batches and len(recent) - len(batches[0]) >= size:
-            _consume(map(recent.pop, map(self._id_of, batches.popleft())))  # C-level loops
+            _consume(map(recent.pop, map(_id_of, batches.popleft())))  # C-level loops

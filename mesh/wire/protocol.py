@@ -34,21 +34,17 @@ Fan-out, XPUB (dispatcher) -> SUB (frontend), two frames::
                           (owner -> its DC's bridge -> peer bridges -> their owners, see
                           ``check_dc_summary``); frontends ignore it.
 
-An event is a msgpack map::
+An event is a msgpack array, its fields in this order (an *event row*: no key strings, so
+less than half the decoding cost of a map, docs/PROTOCOL.md)::
 
-    {"id": str, "video": str, "kind": "like"|"comment", "user": str|None,
-     "text": str|None, "ts": float (ms since the Unix epoch, stamped by the accepting
-     frontend), "epoch": int, "seq": int, "prev": [epoch, seq] | None[, "dc": str]}
+    [id: str, video: str, kind: "like"|"comment", user: str|None, text: str|None,
+     ts: float (ms since the Unix epoch, stamped by the accepting frontend),
+     epoch: int, seq: int, prev: [epoch, seq] | None(, dc: str)]
 
-or, the same fields in this order, a msgpack array (an *event row*: no key strings, so less
-than half the decoding cost of the map, docs/PROTOCOL.md)::
-
-    [id, video, kind, user, text, ts, epoch, seq, prev(, dc)]
-
-Every receiver accepts both forms in every events list (PUB, REPL, fan-out, history); a node
-sends rows in PUB, REPL, fan-out and history replies unless ``node.event_rows`` is false (for
-peers that decode maps only).  A dispatcher keeps events as full rows
-(``check_row``) from decoding to fan-out.
+Every events list (PUB, REPL, fan-out, history) holds rows.  A dispatcher keeps them as full
+rows (``check_row``) from decoding to fan-out; a frontend reads the ones it receives as maps
+keyed by these field names (``row_event``: SSE encoding and chain following name the fields)
+and sends the maps it makes as rows (``event_row``).
 
 ``epoch``/``seq``/``prev`` are assigned by the video's owner dispatcher (0/0/None before);
 ``prev`` is the position of the previous event of the video's chain (mesh.core.sequencing).
@@ -64,7 +60,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 
@@ -166,6 +162,7 @@ def unpack(data: bytes, what: str) -> Any:
 
 def make_event(video: str, kind: str, user: str | None, text: str | None,
                event_id: str | None = None, ts: float | None = None) -> dict:
+    """A new event as the accepting frontend holds it: a map (``event_row`` is its wire form)."""
     if kind not in EVENT_KINDS:
         raise LocalProtocolError(f"unknown event kind {kind!r}")
     return {
@@ -197,9 +194,12 @@ def parse_sse_id(text: str) -> tuple[int, int] | None:
     return int(epoch), int(seq)
 
 
-#: event keys a peer must send (``prev`` and ``dc`` are optional)
-EVENT_KEYS = ("id", "video", "kind", "user", "text", "ts", "epoch", "seq")
-#: video ids already validated (``check_event`` runs for every event in and out of a
+#: an event row's fields, in order (``event_row``); ``dc`` only when the event has one
+EVENT_ROW_FIELDS = ("id", "video", "kind", "user", "text", "ts", "epoch", "seq", "prev", "dc")
+EVENT_ROW_LEN = len(EVENT_ROW_FIELDS) - 1
+#: indices of a row's fields
+ROW_ID, ROW_VIDEO, ROW_KIND, ROW_USER, ROW_TEXT, ROW_TS, ROW_EPOCH, ROW_SEQ, ROW_PREV, ROW_DC = range(10)
+#: video ids already validated (``check_row`` runs for every event in and out of a
 #: dispatcher: a set lookup instead of a regex match); dropped whole past KNOWN_VIDEOS_MAX
 _known_videos: set[str] = set()
 
@@ -217,98 +217,55 @@ def _known_video(video: Any) -> bool:
     return True
 
 
-def _valid_fields(event_id, video, kind, user, text, ts, epoch, seq, prev, dc) -> bool:
-    """The checks of ``check_event``, on an event's fields (either form).  On the hot path of
-    every node: exact type checks (msgpack makes exact types), a set lookup for known videos."""
-    try:
-        return (
-            type(event_id) is str and 0 < len(event_id) <= 64
-            and (video in _known_videos or _known_video(video))
-            and kind in EVENT_KINDS
-            and (user is None or type(user) is str)
-            and (text is None or type(text) is str)
-            and (type(ts) is float or type(ts) is int)
-            and type(epoch) is int and type(seq) is int
-            and (prev is None or valid_position(prev))
-            and (dc is None or (type(dc) is str and 0 < len(dc) <= 64))
-        )
-    except TypeError:  # an unhashable video or kind
-        return False
-
-
 def check_row(obj: Any) -> list:
-    """Validate an event received from a peer (either form); returns it as a full row: all
-    ten fields, ``dc`` None when it has none (the form a dispatcher keeps its events in:
-    ``Sequencer(rows=True)``).  A row from the wire is completed in place, not copied."""
+    """Validate an event row received from a peer; returns it as a full row: all ten fields,
+    ``dc`` None when it has none (the form a dispatcher keeps its events in).  A row from the
+    wire is completed in place, not copied.  On the hot path of every node: exact type checks
+    (msgpack makes exact types), a set lookup for known videos."""
     if type(obj) is not list:
-        return event_row(check_event(obj), full=True)
+        raise RemoteProtocolError(f"event is not a row: {type(obj).__name__}")
     n = len(obj)
     if n == EVENT_ROW_LEN:
         obj.append(None)
     elif n != EVENT_ROW_LEN + 1:
         raise RemoteProtocolError(f"event row has {n} fields, expected {EVENT_ROW_LEN} or {EVENT_ROW_LEN + 1}")
     event_id, video, kind, user, text, ts, epoch, seq, prev, dc = obj
-    if not _valid_fields(event_id, video, kind, user, text, ts, epoch, seq, prev, dc):
+    try:
+        ok = (type(event_id) is str and 0 < len(event_id) <= 64
+              and (video in _known_videos or _known_video(video))
+              and kind in EVENT_KINDS
+              and (user is None or type(user) is str)
+              and (text is None or type(text) is str)
+              and (type(ts) is float or type(ts) is int)
+              and type(epoch) is int and type(seq) is int
+              and (prev is None or valid_position(prev))
+              and (dc is None or (type(dc) is str and 0 < len(dc) <= 64)))
+    except TypeError:  # an unhashable video or kind
+        ok = False
+    if not ok:
         raise RemoteProtocolError(f"malformed event {str(obj[:n])[:200]}")
     return obj
 
 
-def check_event(obj: Any) -> dict:
-    """Validate an event received from a peer, a map or a row (``event_row``); returns it as
-    a map or raises RemoteProtocolError."""
-    if type(obj) is list:
-        return row_event(check_row(obj))
-    if type(obj) is not dict:
-        raise RemoteProtocolError("event is neither a map nor a row")
-    try:
-        ok = _valid_fields(obj["id"], obj["video"], obj["kind"], obj["user"], obj["text"], obj["ts"],
-                           obj["epoch"], obj["seq"], obj.get("prev"), obj.get("dc"))
-    except KeyError:
-        ok = False
-    if not ok:
-        raise RemoteProtocolError(f"malformed event {str(obj)[:200]}")
-    return obj
-
-
-#: an event row's fields, in order (``event_row``); ``dc`` only when the event has one
-EVENT_ROW_FIELDS = ("id", "video", "kind", "user", "text", "ts", "epoch", "seq", "prev", "dc")
-EVENT_ROW_LEN = len(EVENT_ROW_FIELDS) - 1
-#: indices of a row's fields
-ROW_ID, ROW_VIDEO, ROW_KIND, ROW_USER, ROW_TEXT, ROW_TS, ROW_EPOCH, ROW_SEQ, ROW_PREV, ROW_DC = range(10)
-
-
-def event_row(event: dict, full: bool = False) -> list:
-    """``event`` as a row: ``[id, video, kind, user, text, ts, epoch, seq, prev(, dc)]``
-    (``full``: always with the ``dc`` slot, None when it has none, like ``check_row``)."""
+def event_row(event: dict) -> list:
+    """A frontend's event map as the row it sends: ``[id, video, kind, user, text, ts, epoch,
+    seq, prev(, dc)]``."""
     row = [event["id"], event["video"], event["kind"], event["user"], event["text"], event["ts"],
            event["epoch"], event["seq"], event.get("prev")]
     dc = event.get("dc")
-    if dc is not None or full:
+    if dc is not None:
         row.append(dc)
     return row
 
 
 def row_event(row: list) -> dict:
-    """A (checked) row as the event map."""
+    """A checked row as the map a frontend reads (the keys of EVENT_ROW_FIELDS; ``dc`` only
+    when the event has one)."""
     event = {"id": row[0], "video": row[1], "kind": row[2], "user": row[3], "text": row[4], "ts": row[5],
              "epoch": row[6], "seq": row[7], "prev": row[8]}
     if len(row) > ROW_DC and row[ROW_DC] is not None:
         event["dc"] = row[ROW_DC]
     return event
-
-
-def wire_events(events: list, rows: bool) -> list:
-    """``events`` (maps, or a dispatcher's rows) in the wire form chosen: rows (``rows``) or
-    maps; a list already in that form is returned as it is."""
-    if not events or (type(events[0]) is list) == rows:
-        return events
-    return [event_row(e) for e in events] if rows else [row_event(e) for e in events]
-
-
-def wire_event_id(event: Any) -> str:
-    """The id of an event as a peer sent it (either form), "" when it has none."""
-    event_id = event.get("id") if type(event) is dict else event[0] if type(event) is list and event else None
-    return event_id if type(event_id) is str else ""
 
 
 # --- pre-packed events ------------------------------------------------------------------
@@ -335,13 +292,12 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def pack_events(events: list, rows: bool = False) -> list[tuple[int, bytes]]:
-    """``events`` (maps or rows) cut like ``chunked`` and packed (as rows with ``rows``, else
-    as maps: ``wire_events``): per batch, its length and its elements' encodings (the msgpack
-    array without its header)."""
+def pack_events(events: list[list]) -> list[tuple[int, bytes]]:
+    """``events`` (rows) cut like ``chunked`` and packed: per batch, its length and its
+    elements' encodings (the msgpack array without its header)."""
     out = []
     for batch in chunked(events):
-        data = _packer.pack(wire_events(batch, rows))
+        data = _packer.pack(batch)
         out.append((len(batch), data[len(_array_header(len(batch))):]))
     return out
 
@@ -403,16 +359,9 @@ class Control:
         return cls(msg_type, request_id, decoded)
 
 
-#: ``"ack": ACK_SEQS`` in a PUB body asks for the compact ACK (``ack_body``)
-ACK_SEQS = "seqs"
-
-
-def publish_body(events: list[dict], compact_ack: bool = False, rows: bool = False) -> dict:
-    """A PUB body; ``compact_ack``: the requester decodes the compact ACK (``ack_positions``;
-    without it a dispatcher answers in the per-event map form, which every requester decodes);
-    ``rows``: the events as rows (``event_row``)."""
-    events = wire_events(events, rows)
-    return {"events": events, "ack": ACK_SEQS} if compact_ack else {"events": events}
+def publish_body(events: list[list]) -> dict:
+    """A PUB body: ``events`` as rows (``event_row``, or a dispatcher's ``check_row`` rows)."""
+    return {"events": events}
 
 
 def _body_events(msg: Control) -> list:
@@ -422,25 +371,24 @@ def _body_events(msg: Control) -> list:
     return events
 
 
-def publish_events(msg: Control, check: Callable[[Any], Any] = check_event) -> list:
-    """Every event of a PUB/REPL body, validated (``check``: as maps, or ``check_row``: as
-    rows); one bad event rejects the message."""
-    return [check(e) for e in _body_events(msg)]
+def publish_events(msg: Control) -> list[list]:
+    """Every event of a PUB/REPL body, validated (``check_row``); one bad event rejects the
+    message."""
+    return [check_row(e) for e in _body_events(msg)]
 
 
-def publish_items(msg: Control, check: Callable[[Any], Any] = check_event) -> tuple[list[tuple[int, Any]], list[tuple[int, dict]]]:
+def publish_items(msg: Control) -> tuple[list[tuple[int, list]], list[tuple[int, dict]]]:
     """The events of a PUB request, validated one by one: ``(events, rejected)``, each a list
-    of ``(position, ...)``: the valid events, and for each bad one its ACK result (code
-    ``malformed``, ``id`` empty when it had none), so one bad event rejects just itself.
-    Raises RemoteProtocolError when the body has no events list at all."""
-    events: list[tuple[int, dict]] = []
+    of ``(position, ...)``: the valid rows, and for each bad one its error map (code
+    ``malformed``), so one bad event rejects just itself.  Raises RemoteProtocolError when
+    the body has no events list at all."""
+    events: list[tuple[int, list]] = []
     rejected: list[tuple[int, dict]] = []
     for i, event in enumerate(_body_events(msg)):
         try:
-            events.append((i, check(event)))
+            events.append((i, check_row(event)))
         except RemoteProtocolError as exc:
-            rejected.append((i, {"id": wire_event_id(event),
-                                 "error": {"code": "malformed", "message": str(exc)[:200]}}))
+            rejected.append((i, error_body("malformed", str(exc)[:200])))
     return events, rejected
 
 
@@ -450,15 +398,14 @@ MAX_BATCH_EVENTS = 2000
 MAX_BATCH_BYTES = 1024 * 1024
 
 
-_text_of = operator.itemgetter("text")
-_row_text_of = operator.itemgetter(ROW_TEXT)
+_text_of = operator.itemgetter(ROW_TEXT)
 
 
-def chunked(events: list) -> list[list]:
-    """``events`` (maps or rows) cut into batches of at most MAX_BATCH_EVENTS events and about
+def chunked(events: list[list]) -> list[list[list]]:
+    """``events`` (rows) cut into batches of at most MAX_BATCH_EVENTS events and about
     MAX_BATCH_BYTES (an event's size is estimated from its strings, 4 bytes per character at
     worst in UTF-8), in order.  Likes are small: one batch unless there are very many."""
-    text_of = _row_text_of if events and type(events[0]) is list else _text_of
+    text_of = _text_of
     if len(events) <= MAX_BATCH_EVENTS and 4 * sum(map(len, filter(None, map(text_of, events)))) \
             + 400 * len(events) <= MAX_BATCH_BYTES:  # C-level loops: this runs for every batch
         return [events]
@@ -474,41 +421,16 @@ def chunked(events: list) -> list[list]:
     return out
 
 
-def ack_body(placed: list, epoch: int, events: list | None = None) -> dict:
-    """The ACK of a PUB request from its events' placements, in request order: a ``seq``
-    (``int``, in ``epoch``), an ``(epoch, seq)`` (an event placed in another epoch: a retry
-    of one its previous owner sequenced), or an error map ``{"code", "message"}``.
+def ack_body(placed: list, epoch: int) -> dict:
+    """The ACK of a PUB request from its events' placements, in request order::
 
-    Compact form (the requester asked for it, ``publish_body(compact_ack=True)``)::
+        {"epoch": int, "seqs": [seq | [epoch, seq] | {"code", "message"(, "retryable")}, ...]}
 
-        {"epoch": int, "seqs": [seq | [epoch, seq] | {"code", "message"}, ...]}
-
-    Without ``events`` that is the body; with ``events`` (the request's own list: the ids)
-    it is the per-event form, for requesters that did not ask for the compact one::
-
-        {"results": [{"id", "epoch", "seq"} | {"id", "error": {"code", "message"}}, ...]}
-    """
-    if events is None:
-        return {"epoch": epoch, "seqs": placed}
-    results = []
-    for event, where in zip(events, placed):
-        event_id = wire_event_id(event)
-        if type(where) is int:
-            results.append({"id": event_id, "epoch": epoch, "seq": where})
-        elif type(where) is dict:
-            results.append({"id": event_id, "error": where})
-        else:
-            results.append({"id": event_id, "epoch": where[0], "seq": where[1]})
-    return {"results": results}
-
-
-def ack_results(msg: Control) -> list[dict]:
-    """The per-event form of an ACK (``ack_body`` with ``events``)."""
-    results = msg.body.get("results")
-    if not isinstance(results, list) or not all(isinstance(r, dict) and isinstance(r.get("id"), str)
-                                                for r in results):
-        raise RemoteProtocolError("ack body needs a 'results' list of maps with an id")
-    return results
+    a ``seq`` (``int``, in ``epoch``: the common case, one small integer per event), an
+    ``(epoch, seq)`` (an event placed in another epoch: a retry of one its previous owner
+    sequenced), or an error map (``error_body``).  The requester knows its events' order, so
+    the ACK names no event."""
+    return {"epoch": epoch, "seqs": placed}
 
 
 def _error_map(obj: Any) -> bool:
@@ -516,37 +438,22 @@ def _error_map(obj: Any) -> bool:
 
 
 def ack_positions(msg: Control, count: int) -> list[tuple[int, int] | dict]:
-    """Per event of a PUB request of ``count`` events, from its ACK in either form: its
+    """Per event of a PUB request of ``count`` events, from its ACK (``ack_body``): its
     ``(epoch, seq)``, or its error map ``{"code", "message"}``."""
     body = msg.body
-    if "seqs" in body:
-        epoch, seqs = body.get("epoch"), body["seqs"]
-        if type(epoch) is not int or epoch < 0 or type(seqs) is not list or len(seqs) != count:
-            raise RemoteProtocolError(f"compact ack needs an 'epoch' and {count} 'seqs'")
-        out: list[tuple[int, int] | dict] = []
-        for where in seqs:
-            if type(where) is int and where >= 0:
-                out.append((epoch, where))
-            elif valid_position(where):
-                out.append(tuple(where))
-            elif _error_map(where):
-                out.append(where)
-            else:
-                raise RemoteProtocolError(f"compact ack: malformed placement {str(where)[:80]}")
-        return out
-    if "results" not in body:
-        raise RemoteProtocolError("ack of a publish has neither 'seqs' nor 'results'")
-    results = ack_results(msg)
-    if len(results) != count:
-        raise RemoteProtocolError(f"ack has {len(results)} results for {count} events")
-    out = []
-    for r in results:
-        if valid_position([r.get("epoch"), r.get("seq")]):
-            out.append((r["epoch"], r["seq"]))
-        elif _error_map(r.get("error")):
-            out.append(r["error"])
+    epoch, seqs = body.get("epoch"), body.get("seqs")
+    if type(epoch) is not int or epoch < 0 or type(seqs) is not list or len(seqs) != count:
+        raise RemoteProtocolError(f"ack of a publish needs an 'epoch' and {count} 'seqs'")
+    out: list[tuple[int, int] | dict] = []
+    for where in seqs:
+        if type(where) is int and where >= 0:
+            out.append((epoch, where))
+        elif valid_position(where):
+            out.append(tuple(where))
+        elif _error_map(where):
+            out.append(where)
         else:
-            raise RemoteProtocolError(f"malformed ack result {str(r)[:80]}")
+            raise RemoteProtocolError(f"ack of a publish: malformed placement {str(where)[:80]}")
     return out
 
 
@@ -638,8 +545,8 @@ def relay_history_request(msg: Control) -> tuple[str, tuple[int, int] | None, st
     return video, after, dc
 
 
-def history_reply(msg: Control, check: Callable[[Any], Any] = check_event) -> list | None:
-    """The events of a history reply, or None when the owner answered ``reset``."""
+def history_reply(msg: Control) -> list[list] | None:
+    """The events (checked rows) of a history reply, or None when the owner answered ``reset``."""
     if msg.msg_type != MSG_ACK:
         raise RemoteProtocolError(f"history reply of type {msg.msg_type!r}")
     if msg.body.get("reset"):
@@ -647,17 +554,17 @@ def history_reply(msg: Control, check: Callable[[Any], Any] = check_event) -> li
     events = msg.body.get("events")
     if not isinstance(events, list):
         raise RemoteProtocolError("history reply without events")
-    return [check(e) for e in events]
+    return [check_row(e) for e in events]
 
 
-def chain_reply(msg: Control, video: str, dc: str) -> list[dict] | None:
+def chain_reply(msg: Control, video: str, dc: str) -> list[list] | None:
     """``history_reply`` for another DC's chain (relayed by bridges): every event must be of
     ``video`` and sequenced in ``dc``."""
     events = history_reply(msg)
     for event in events or ():
-        if event["video"] != video or origin_dc(event, dc) != dc:
-            raise RemoteProtocolError(f"history of {video}@{dc} holds event {event['id']!r} "
-                                      f"of {event['video']}@{event.get('dc')}")
+        if event[ROW_VIDEO] != video or (event[ROW_DC] or dc) != dc:
+            raise RemoteProtocolError(f"history of {video}@{dc} holds event {event[ROW_ID]!r} "
+                                      f"of {event[ROW_VIDEO]}@{event[ROW_DC]}")
     return events
 
 
@@ -676,12 +583,13 @@ def error_body(code: str, message: str, retryable: bool = False) -> dict:
 
 @dataclass
 class FanoutMessage:
-    """One fan-out message (XPUB -> SUB)."""
+    """One fan-out message (XPUB -> SUB); ``events`` are rows (``check_row`` rows once
+    decoded)."""
 
     video: str
     kind: str
     sender: str
-    events: list[dict] = field(default_factory=list)
+    events: list[list] = field(default_factory=list)
     tail: tuple[int, int] | None = None
     presence: list[dict] = field(default_factory=list)
     summary: dict | None = None
@@ -728,9 +636,9 @@ class FanoutMessage:
         events = payload.get("events")
         if not isinstance(events, list):
             raise RemoteProtocolError("fan-out events is not a list")
-        events = [check_event(e) for e in events]
+        events = [check_row(e) for e in events]
         for event in events:
-            if event["video"] != video:
+            if event[ROW_VIDEO] != video:
                 raise RemoteProtocolError("event video does not match its topic")
         return cls(video, kind, sender, events)
 
@@ -749,7 +657,8 @@ def packed_fanout_events(video: str, sender: str, count: int, data: bytes) -> li
 
 
 def origin_dc(event: dict, default: str) -> str:
-    """The datacenter whose owner dispatcher sequenced ``event`` (``default`` when unstamped)."""
+    """The datacenter whose owner dispatcher sequenced ``event`` (a frontend's map;
+    ``default`` when unstamped)."""
     return event.get("dc") or default
 
 

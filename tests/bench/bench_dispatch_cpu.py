@@ -1,11 +1,12 @@
 """Microbenchmark: the dispatcher's publish path in one process, without sockets.
 
-    python tests/bench/bench_dispatch_cpu.py [--tree DIR] [--bursts 100] [--maps] [--callgrind]
+    python tests/bench/bench_dispatch_cpu.py [--tree DIR] [--bursts 100] [--callgrind]
 
 ``Dispatcher._handle_batch`` of the tree ``--tree`` (default: this one) is fed ``bursts`` bursts
 of 20 ``PUB`` requests x 100 likes over 100 videos (each request touches every video, like
-``bench_dispatcher.py``), built and packed before the timed part, as rows (``--maps``: as maps);
-its ROUTER and XPUB are sinks that count messages.  Every video's chain exists beforehand, so
+``bench_dispatcher.py``), built and packed before the timed part, as that tree's frontends send them (a tree whose
+``publish_body`` still takes ``compact_ack`` gets ``"ack": "seqs"``, the compact ACK its
+frontends ask for); its ROUTER and XPUB are sinks that count messages.  Every video's chain exists beforehand, so
 everything takes the fast path: decode, check, group, sequence, pack, acknowledge, and the
 dedupe window's evictions once it is full (100 k ids: 50 bursts).
 
@@ -47,13 +48,17 @@ class Sink:
         self.sent += 1
 
 
-def bursts(P, count: int, maps: bool) -> list[list[list[bytes]]]:
+def _asks_for_compact_ack(P) -> bool:
+    return "compact_ack" in P.publish_body.__code__.co_varnames
+
+
+def bursts(P, count: int) -> list[list[list[bytes]]]:
     """The requests of ``count`` bursts (from the cache when built before)."""
-    path = os.path.join(CACHE, f"{'maps' if maps else 'rows'}-{count}.pickle")
+    path = os.path.join(CACHE, f"{'pub-ack-seqs' if _asks_for_compact_ack(P) else 'pub'}-{count}.pickle")
     if os.path.exists(path):
         with open(path, "rb") as fh:
             return pickle.load(fh)
-    out = build(P, count, maps)
+    out = build(P, count)
     os.makedirs(CACHE, exist_ok=True)
     with open(path + ".tmp", "wb") as fh:
         pickle.dump(out, fh)
@@ -61,17 +66,17 @@ def bursts(P, count: int, maps: bool) -> list[list[list[bytes]]]:
     return out
 
 
-def build(P, count: int, maps: bool) -> list[list[list[bytes]]]:
+def build(P, count: int) -> list[list[list[bytes]]]:
     videos = [f"bv{i}" for i in range(VIDEOS)]
-    rows = {} if maps or "rows" not in P.publish_body.__code__.co_varnames else {"rows": True}
+    form = {"compact_ack": True, "rows": True} if _asks_for_compact_ack(P) else {}
     out, n = [], 0
     for _ in range(count):
         burst = []
         for r in range(REQUESTS):
-            events = [P.make_event(videos[(n + i) % VIDEOS], P.KIND_LIKE, "bench", None,
-                                   event_id=f"01l{n + i:014x}", ts=0.0) for i in range(BATCH)]
+            events = [P.event_row(P.make_event(videos[(n + i) % VIDEOS], P.KIND_LIKE, "bench", None,
+                                               event_id=f"01l{n + i:014x}", ts=0.0)) for i in range(BATCH)]
             n += BATCH
-            body = P.pack(P.publish_body(events, compact_ack=True, **rows))
+            body = P.pack(P.publish_body(events, **form))
             burst.append([b"peer%d" % (r % 2), P.MAGIC_V1, P.MSG_PUBLISH, b"r%d" % r, body])
         out.append(burst)
     return out
@@ -90,7 +95,7 @@ async def run(args) -> None:
         node.pipeline.ready = True
     for i in range(VIDEOS):
         node.seq._log(f"bv{i}")
-    work = bursts(P, args.bursts, args.maps)
+    work = bursts(P, args.bursts)
     gc.collect()
     gc.freeze()
     gc.set_threshold(50000, 20, 100)  # as mesh.io.node.settle_gc
@@ -109,9 +114,9 @@ async def run(args) -> None:
 
 def instructions(args, count: int) -> int:
     from mesh.wire import protocol as P
-    bursts(P, count, args.maps)  # built and cached outside the count
+    bursts(P, count)  # built and cached outside the count
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-           os.path.abspath(__file__), "--tree", args.tree, "--bursts", str(count)] + (["--maps"] if args.maps else [])
+           os.path.abspath(__file__), "--tree", args.tree, "--bursts", str(count)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "PYTHONHASHSEED": "0"})
     found = re.search(r"Collected : (\d+)", done.stderr)
@@ -124,7 +129,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tree", default=ROOT, help="source tree whose dispatcher runs")
     ap.add_argument("--bursts", type=int, default=100, help="bursts of 2,000 likes (20..500)")
-    ap.add_argument("--maps", action="store_true", help="requests with events as maps")
     ap.add_argument("--callgrind", action="store_true", help="instructions per like, under valgrind")
     args = ap.parse_args()
     if not 20 <= args.bursts <= 500:
@@ -136,7 +140,7 @@ def main() -> None:
         return
     low, high = instructions(args, args.bursts), instructions(args, args.bursts + 40)
     print(f"{(high - low) / (40 * REQUESTS * BATCH):,.0f} instructions per like ({args.tree}, "
-          f"{'maps' if args.maps else 'rows'}; bursts {args.bursts} and {args.bursts + 40} differenced)")
+          f"bursts {args.bursts} and {args.bursts + 40} differenced)")
 
 
 if __name__ == "__main__":

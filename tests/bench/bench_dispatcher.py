@@ -2,7 +2,7 @@
 
     python tests/bench/bench_dispatcher.py [--frontends 2] [--videos 1000] [--hot]
         [--rate 150000] [--duration 5] [--batch 100] [--window 32] [--watched 1.0] [--backup]
-        [--feeder link|light] [--baseline-ref REF | --no-baseline] [--rounds 1] [--maps] [--json]
+        [--feeder link|light] [--baseline-ref REF | --no-baseline] [--rounds 1] [--json]
 
 HTTP cannot offer 100 k likes/s on two cores (Tornado parses ~5 k requests/s per process), so
 the load reaches the dispatcher the way frontends send it: batched ``PUB`` requests over
@@ -23,17 +23,14 @@ them; ``--backup`` starts a second dispatcher, which then is their backup (every
 batch is replicated to it first: the replication cost).
 
 ``--feeder light`` replaces MeshLink by a feeder that costs next to nothing (``emulate_light``:
-requests built and packed before the timed part, asking for the compact ACK (a
-dispatcher without it ignores the ask); ACKs counted, fan-out decoded once, ids into a set): what one dispatcher process can do when its feeders are cheap.
+requests built and packed before the timed part; ACKs counted, fan-out decoded once, ids into
+a set): what one dispatcher process can do when its feeders are cheap.
 
-Events travel as rows (``protocol.event_row``), except to a baseline dispatcher that decodes
-maps only (``decodes_rows``), which is sent maps, and with ``--maps`` (everything in
-maps, this tree's dispatcher with ``node.event_rows = false``).
-
-Side by side in one run: the dispatcher of ``--baseline-ref`` (default
-``BASELINE_REF``; its tree is exported with ``git archive`` to a temporary
-directory and run from there) and the dispatcher of this tree, each against fresh emulated
-frontends of this tree (the wire protocol is the same); ``--rounds N`` alternates them N times
+Side by side in one run: the dispatcher of ``--baseline-ref`` (default: the merge-base of
+``HEAD`` and ``main``; its tree is exported with ``git archive`` to a temporary directory and
+run from there) and the dispatcher of this tree, each against fresh emulated frontends of its
+own tree (this file of that tree with ``--emulate``: feeders speak their dispatcher's wire
+format, whatever it is); ``--rounds N`` alternates them N times
 and shows each one's median run (the machine is shared: load from elsewhere hits both).  Reported per variant: acknowledged
 likes/s, fan-out events/s received, ack latency p50/p99 (per batch), lost / duplicated /
 gaps repaired / resets, dispatcher CPU (cores, from /proc) and the ratio.  Bounded: ``duration``
@@ -61,9 +58,6 @@ from mesh.core.ownership import owner  # noqa: E402
 from mesh.tools.topology import NodeProcess  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
-#: the baseline dispatcher: a tree whose wire carries events as maps only, the reference the
-#: docs/BENCHMARKS.md's dispatcher numbers compare with
-BASELINE_REF = "bd9c952"
 #: seconds to wait, after the last ack, for deliveries to stop arriving (quiet for SETTLE_QUIET)
 SETTLE_MAX = 10.0
 SETTLE_QUIET = 1.0
@@ -123,7 +117,7 @@ def emulate_light(args) -> None:
         events = [P.make_event(videos[n % len(videos)], P.KIND_LIKE, "bench", None,
                                event_id=f"{args.index:02d}l{n:014x}", ts=0.0)
                   for n in range(r * args.batch, min(total, (r + 1) * args.batch))]
-        msg = P.Control(P.MSG_PUBLISH, b"r%d" % r, P.publish_body(events, compact_ack=True, rows=not args.maps))
+        msg = P.Control(P.MSG_PUBLISH, b"r%d" % r, P.publish_body(list(map(P.event_row, events))))
         requests.append((msg.to_frames(), [e["video"] for e in events]))
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
@@ -190,7 +184,7 @@ def emulate_light(args) -> None:
                         t = time.time()
                         latencies.append((t - sent) * 1000.0)
                         reply = P.Control(P.MSG_ACK, request_id, msgpack.unpackb(body))
-                        for video, where in zip(vids, P.ack_positions(reply, len(vids))):  # either form
+                        for video, where in zip(vids, P.ack_positions(reply, len(vids))):
                             if type(where) is dict:
                                 errors[where["code"]] = errors.get(where["code"], 0) + 1
                             else:
@@ -205,7 +199,7 @@ def emulate_light(args) -> None:
                         if msg["k"] != P.FANOUT_EVENTS:
                             continue
                         n = len(seen)
-                        seen.update(map(P.wire_event_id, msg["events"]))  # rows or maps
+                        seen.update(row[P.ROW_ID] for row in msg["events"])
                         fresh = len(seen) - n
                         result["duplicates"] += len(msg["events"]) - fresh
                         video = P.video_from_topic(topic)
@@ -254,7 +248,7 @@ async def emulate(args) -> None:
     ctx = zmq.asyncio.Context()
     kv = EmbeddedKV(args.kv_path)
     link = MeshLink(ctx, kv, f"bench-f{args.index}", FrontendSection(attempt_timeout=1.0, publish_timeout=3.0),
-                    on_events=on_events, rows=not args.maps)
+                    on_events=on_events)
     loop = asyncio.get_running_loop()
     try:
         await kv.open()
@@ -349,21 +343,10 @@ def export_tree(ref: str, into: str) -> str:
     return into
 
 
-def decodes_rows(tree: str) -> bool:
-    """Whether the dispatcher of ``tree`` decodes event rows (it has ``protocol.event_row``;
-    the module is ``mesh/wire/protocol.py`` in a tree laid out by layer, else ``mesh/protocol.py``)."""
-    for parts in (("mesh", "wire", "protocol.py"), ("mesh", "protocol.py")):
-        path = os.path.join(tree, *parts)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                return "def event_row(" in fh.read()
-    raise FileNotFoundError(f"no mesh protocol module in {tree}")
-
-
-def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str, extra: tuple = ()) -> NodeProcess:
+def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str) -> NodeProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMESH_")}
     env.update({"LIVEMESH_KV_BACKEND": "embedded", "LIVEMESH_KV_PATH": kv_path, "PYTHONUNBUFFERED": "1"})
-    args = ["--set", f"node.name={name}", "--set", "dispatcher.host=127.0.0.1", *extra]
+    args = ["--set", f"node.name={name}", "--set", "dispatcher.host=127.0.0.1"]
     node = NodeProcess("dispatcher", name, args, env, os.path.join(log_dir, f"{name}.log"))
     with open(node.log_path, "ab") as log:
         # python -m runs the package found in the working directory: the tree under test
@@ -372,15 +355,15 @@ def start_dispatcher(tree: str, name: str, kv_path: str, log_dir: str, extra: tu
     return node
 
 
-def start_emulator(args, index: int, kv_path: str, log_dir: str, node: NodeProcess, maps: bool) -> subprocess.Popen:
-    cmd = [sys.executable, os.path.abspath(__file__), "--emulate", "--index", str(index), "--feeder", args.feeder,
+def start_emulator(args, tree: str, index: int, kv_path: str, log_dir: str, node: NodeProcess) -> subprocess.Popen:
+    """Emulated frontend ``index``: this file of ``tree``, run from there."""
+    cmd = [sys.executable, os.path.join(tree, "tests", "bench", os.path.basename(__file__)), "--emulate", "--index", str(index), "--feeder", args.feeder,
            "--kv-path", kv_path, "--router", node.info["router"], "--pub", node.info["pub"], "--frontends", str(args.frontends), "--videos", str(args.videos),
            "--rate", str(args.rate / args.frontends), "--duration", str(args.duration),
            "--batch", str(args.batch), "--window", str(args.window), "--watched", str(args.watched),
-           "--dispatchers", str(2 if args.backup else 1)] + (["--hot"] if args.hot else []) \
-        + (["--maps"] if maps else [])
+           "--dispatchers", str(2 if args.backup else 1)] + (["--hot"] if args.hot else [])
     with open(os.path.join(log_dir, f"emulator-{index}.log"), "ab") as log:
-        return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        return subprocess.Popen(cmd, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
 
 
 def health(node: NodeProcess) -> dict:
@@ -389,17 +372,18 @@ def health(node: NodeProcess) -> dict:
 
 
 def read_json_line(proc: subprocess.Popen, timeout: float) -> dict:
+    """The next JSON line a child bench process prints, within ``timeout`` seconds."""
     import selectors
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     try:
         if not sel.select(timeout):
-            raise RuntimeError(f"emulator {proc.pid}: no report within {timeout}s")
+            raise RuntimeError(f"child {proc.pid}: no report within {timeout}s")
         line = proc.stdout.readline()
     finally:
         sel.close()
     if not line:
-        raise RuntimeError(f"emulator {proc.pid} exited with {proc.wait(5)}")
+        raise RuntimeError(f"child {proc.pid} exited with {proc.wait(5)}")
     return json.loads(line)
 
 
@@ -409,17 +393,14 @@ def run_variant(args, label: str, tree: str, tmp: str) -> dict:
     os.makedirs(log_dir, exist_ok=True)
     nodes: list[NodeProcess] = []
     emulators: list[subprocess.Popen] = []
-    # events as maps to a dispatcher that decodes maps only (a baseline's), or when asked to
-    maps = args.maps or not decodes_rows(tree)
-    extra = ("--set", "node.event_rows=false") if args.maps and label != "baseline" else ()
     try:
         for name in DISPATCHERS[: 2 if args.backup else 1]:  # one by one: both create the KV file
-            nodes.append(start_dispatcher(tree, name, kv_path, log_dir, extra))
+            nodes.append(start_dispatcher(tree, name, kv_path, log_dir))
             nodes[-1].wait_ready()
         if args.feeder == "light":  # no MeshLink waits for the dispatcher set: the backup must be known
             asyncio.run(wait_until(lambda: len(health(nodes[0])["dispatchers"]) == len(nodes), 20,
                                    what="the dispatchers to see each other"))
-        emulators = [start_emulator(args, i, kv_path, log_dir, nodes[0], maps) for i in range(args.frontends)]
+        emulators = [start_emulator(args, tree, i, kv_path, log_dir, nodes[0]) for i in range(args.frontends)]
         ready = [read_json_line(p, 40) for p in emulators]
         start_at = time.time() + 0.5
         cpu0 = [cpu_seconds(n.proc.pid) for n in nodes]
@@ -522,14 +503,12 @@ def main() -> None:
     ap.add_argument("--watched", type=float, default=1.0,
                     help="share of the videos the frontends watch (the rest reach no subscriber)")
     ap.add_argument("--backup", action="store_true", help="a second dispatcher: the videos' backup")
-    ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the baseline dispatcher")
+    ap.add_argument("--baseline-ref", default="", help="git ref of the baseline dispatcher (default: merge-base with main)")
     ap.add_argument("--no-baseline", action="store_true", help="only this tree's dispatcher")
     ap.add_argument("--rounds", type=int, default=1, help="runs per variant, alternating; the median is shown")
     ap.add_argument("--feeder", choices=("link", "light"), default="link",
                     help="link: emulated frontends run MeshLink (realistic); light: pre-built requests, "
                          "plain decode of the fan-out (what the dispatcher alone can do)")
-    ap.add_argument("--maps", action="store_true",
-                    help="events as msgpack maps, not rows (this tree's dispatcher too: node.event_rows false)")
     ap.add_argument("--json", action="store_true")
     # child mode
     ap.add_argument("--emulate", action="store_true", help=argparse.SUPPRESS)
@@ -549,6 +528,8 @@ def main() -> None:
             and 1 <= args.batch <= 10000 and 1 <= args.videos <= 100000 and 0 < args.watched <= 1 and 1 <= args.rounds <= 9):
         ap.error("bounds: duration 0..60 s, rate <= 1e6/s, 1..16 frontends, batch 1..10000, "
                  "videos 1..100000, watched 0..1, rounds 1..9")
+    args.baseline_ref = args.baseline_ref or subprocess.run(
+        ["git", "-C", ROOT, "merge-base", "HEAD", "main"], check=True, capture_output=True, text=True).stdout.strip()
     tmp = tempfile.mkdtemp(prefix="livemesh-bench-disp-")
     variants = [] if args.no_baseline else [
         ("baseline", export_tree(args.baseline_ref, os.path.join(tmp, "baseline-tree")))]

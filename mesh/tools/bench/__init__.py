@@ -8,7 +8,7 @@ all on one hot video).  Once all are open, the driver publishes ``rate`` likes/s
 HTTP API for ``duration`` seconds, on keep-alive connections with one request in flight each
 (a new TCP connection per like costs the server more than the like; the pool grows while likes
 wait for a connection, ``PUBLISH_CONNECTIONS``; raw sockets read by ``add_reader`` callbacks,
-``Publisher``: the load generator shares the cores it measures), and counts the acknowledged
+``LikePoster``: the load generator shares the cores it measures), and counts the acknowledged
 ones per video.
 Readers stay cheap so they can keep up: each stream is a plain ``add_reader`` callback on a
 raw socket (no coroutine or StreamReader per read; ``recv`` asks for 64 KiB, below glibc's
@@ -53,8 +53,8 @@ from urllib.parse import urlsplit
 
 from mesh.core.sse import recv_nowait
 from mesh.tools.bench import report
-from mesh.tools.bench.publisher import (PUBLISH_BACKLOG, PUBLISH_CONNECTIONS, PUBLISH_GROW_EVERY,
-                                        PUBLISH_LATENCY_ALLOWED, PUBLISH_TIMEOUT, Publisher)
+from mesh.tools.bench.poster import (PUBLISH_BACKLOG, PUBLISH_CONNECTIONS, PUBLISH_GROW_EVERY,
+                                     PUBLISH_LATENCY_ALLOWED, PUBLISH_TIMEOUT, LikePoster)
 from mesh.tools.probes import health_fields
 
 ID_RE = re.compile(rb"(?:^|\n)id: (\d+):(\d+)\n")
@@ -384,7 +384,7 @@ async def _client(idx: int, plan: Plan, indices: list[int], progress, stop, meas
 async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int, int]:
     """``rate`` likes/s for ``duration`` s through the HTTP API, on keep-alive connections
     (``PUBLISH_CONNECTIONS``; a new TCP connection per like would cost the server and the
-    bench more than the like itself; ``Publisher``).  Likes are offered on schedule until
+    bench more than the like itself; ``LikePoster``).  Likes are offered on schedule until
     ``duration`` + 5 s (the server cannot keep up: the rest is not published); a like unanswered
     within ``PUBLISH_TIMEOUT`` is an error, and what is still waiting or unanswered
     ``PUBLISH_TIMEOUT`` + 5 s after the last one was offered is dropped uncounted (neither
@@ -395,7 +395,7 @@ async def _publish(plan: Plan, echo) -> tuple[dict[str, int], int, int]:
     lo, hi = PUBLISH_CONNECTIONS
     per_url = max(lo, min(hi, math.ceil(plan.rate * PUBLISH_LATENCY_ALLOWED / len(plan.urls))))
     backlog = max(1, plan.rate * PUBLISH_BACKLOG / len(plan.urls))  # likes waiting: one more connection
-    pubs = {u: Publisher(u, plan, acked) for u in plan.urls}
+    pubs = {u: LikePoster(u, plan, acked) for u in plan.urls}
     try:
         for pub in pubs.values():
             for _ in range(per_url):

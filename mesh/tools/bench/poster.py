@@ -1,6 +1,6 @@
-"""The load generator's publishing side: one frontend URL's keep-alive connections, each with
-one request in flight, answers read by ``add_reader`` callbacks (``mesh.tools.bench`` runs the
-schedule that offers likes to them)."""
+"""The load generator's publishing side, ``LikePoster``: one frontend URL's keep-alive
+connections, each with one request in flight, answers read by ``add_reader`` callbacks
+(``mesh.tools.bench`` runs the schedule that offers likes to them)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ PUBLISH_CONNECTIONS = (4, 1024)
 PUBLISH_TIMEOUT = 10.0
 
 
-class Publisher:
+class LikePoster:
     """One frontend URL's publishing connections: raw non-blocking sockets with one request in
     flight each, answers read by an ``add_reader`` callback -- no task, future or stream per
     like, so the load generator's own cost per like stays small (it shares the machine's
