@@ -8,8 +8,8 @@ Why.  A like is a small request, and Tornado spends most of a publish's cost aro
 100 keep-alive connections, alternated); the frontend's own figures, this path against
 Tornado's side by side, are in the README ("HTTP ingest", ``tests/bench/bench_fanout.py``).
 At thousands of likes/s into one frontend, that is CPU the fan-out needs.  Requests read in
-one loop turn are checked one by one and published together (``MeshLink.publish_many``, one
-task per owner, not one per request).
+one loop turn are checked one by one and published together in one ``publish_many`` call,
+which groups them by owner once (``frontend/publisher.py``).
 
 Theory of operation.  Every accepted connection starts here (``adopt``).  Its bytes are
 *peeked* (``MSG_PEEK``), not read, until a whole request is in the kernel's buffer, and framed
@@ -374,16 +374,16 @@ class PublishPath:
 
     def _flush(self) -> None:
         """The loop turn's requests: checked one by one (a refusal is answered at once), the
-        accepted events published together, one task per owner (a slow owner delays only its
+        accepted events published together in one ``publish_many`` call, which groups them by
+        owner and answers each owner's share as soon as it acks (a slow owner delays only its
         own videos' answers)."""
         batch, self._batch = self._batch, []
-        groups: dict[str | None, list] = {}
+        items = []
         for conn, call, video, kind, body in batch:
             try:
                 event = prepare_publish(self.node, call, video, kind, body)
                 if self.node.link is None:  # still starting: no mesh yet
                     raise ClientError(503, "no_dispatcher", "the frontend is starting", retryable=True)
-                owner = self.node.link.owner_of(video)
             except ClientError as err:
                 self._answer_error(conn, call, err)
                 continue
@@ -391,27 +391,32 @@ class PublishPath:
                 log.exception("publish on the fast path failed")
                 self._answer_error(conn, call, _internal())
                 continue
-            groups.setdefault(owner, []).append((conn, call, event))
-        loop = asyncio.get_running_loop()
-        for items in groups.values():
-            loop.create_task(self._publish(items))
+            items.append((conn, call, event))
+        if items:
+            asyncio.get_running_loop().create_task(self._publish(items))
 
     async def _publish(self, items: list) -> None:
+        answered = [False] * len(items)
+
+        def answer(indices: list[int], results: list[dict]) -> None:
+            for i, result in zip(indices, results):
+                answered[i] = True
+                conn, call, event = items[i]
+                try:
+                    body = json_encode(accepted(event, acked(result)))
+                except ClientError as err:
+                    self._answer_error(conn, call, err)
+                    continue
+                call.status = 202
+                self._answer(conn, call, body, "application/json; charset=UTF-8")
+
         try:
-            results = await self.node.publish_many([event for _, _, event in items])
+            await self.node.publish_many([event for _, _, event in items], answer)
         except Exception:  # noqa: BLE001 - as in _flush
             log.exception("publish on the fast path failed")
-            for conn, call, _ in items:
-                self._answer_error(conn, call, _internal())
-            return
-        for (conn, call, event), result in zip(items, results):
-            try:
-                body = json_encode(accepted(event, acked(result)))
-            except ClientError as err:
-                self._answer_error(conn, call, err)
-                continue
-            call.status = 202
-            self._answer(conn, call, body, "application/json; charset=UTF-8")
+            for (conn, call, _), done in zip(items, answered):
+                if not done:
+                    self._answer_error(conn, call, _internal())
 
     def _answer_error(self, conn: Conn, call: Call, err: ClientError) -> None:
         call.status = err.status
