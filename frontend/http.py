@@ -13,90 +13,112 @@ Every error is JSON: ``{"error": {"code": str, "message": str, "retryable": bool
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import logging
-import re
-from typing import TYPE_CHECKING
+import time
+from typing import Any, Callable, NamedTuple
 
 import tornado.web
+from tornado.httputil import format_timestamp
 from tornado.ioloop import IOLoop
 
+from mesh.config import FrontendSection
 from mesh.wire import protocol as P
 from mesh.errors import ClientError
+from mesh.core.checks import PublishRequest, check_user, check_video
 from mesh.core.sse import encode_retry
 
 from .link import acked
 from .page import page_routes
-from .security import check_comment_text, check_json_depth
+from .security import TOKEN_PARAM
 from .stream import ViewerStream
-
-if TYPE_CHECKING:
-    from .node import Frontend
 
 log = logging.getLogger("mesh.app")
 
 _conn_ids = itertools.count(1)
 
 
-class JSONHandler(tornado.web.RequestHandler):
-    """Base: errors as JSON, no HTML error pages."""
+class Api(NamedTuple):
+    """What the HTTP handlers call, each handed in by the node (``frontend/node.py``)."""
 
-    def initialize(self, node: "Frontend") -> None:
-        self.node = node
+    settings: FrontendSection
+    #: ``security.auth = "off"``: a viewer's ``?user=`` names it
+    auth_off: bool
+    #: the CORS fields of an answer, from the request's fields
+    cors_headers: Callable[[Any], list[tuple[str, str]]]
+    #: answers an ``OPTIONS`` (CORS preflight) on the handler
+    preflight: Callable[[tornado.web.RequestHandler], None]
+    #: ``(headers, query_token, ip, video, now)`` -> the verified user (None: anonymous);
+    #: raises ClientError (stream limits, private videos)
+    admit_watcher: Callable[..., str | None]
+    #: ``(conn_id, video, user, ip, catching_up)`` -> a ``ViewerStream`` not yet attached
+    new_viewer: Callable[..., ViewerStream]
+    add_viewer: Callable[[ViewerStream], None]
+    wait_synced: Callable[..., Any]
+    history: Callable[..., Any]
+    presence_page: Callable[..., Any]
+    #: ``(request, video, kind)`` -> the event, after every check (``mesh.core.checks``)
+    publish_event: Callable[[PublishRequest, str, str], dict]
+    #: ``(events, on_result)`` -> one result per event (``Publisher.publish_many``)
+    publish_many: Callable[..., Any]
+    health: Callable[[], dict]
+
+
+class JSONHandler(tornado.web.RequestHandler):
+    """Base: errors as JSON, no HTML error pages; CORS fields on every answer."""
+
+    api: Api | None = None
+
+    def initialize(self, api: Api) -> None:
+        self.api = api
+        self.set_default_headers()
 
     def set_default_headers(self) -> None:
+        """Run when the handler starts and again by ``clear()`` before an error is sent, so
+        every answer has these fields (before ``initialize`` there is no ``api`` yet)."""
         self.clear_header("Server")  # no version advertised
-
-    def flush(self, include_footers: bool = False):
-        if not self._headers_written:  # CORS, Retry-After, WWW-Authenticate: frontend/security.py
-            self.node.security.before_headers(self)
-        return super().flush(include_footers)
+        if self.api is not None:
+            for name, value in self.api.cors_headers(self.request.headers):
+                if name == "Vary":
+                    self.add_header(name, value)
+                else:
+                    self.set_header(name, value)
 
     def options(self, *args) -> None:
-        self.node.security.preflight(self)  # CORS preflight
+        self.api.preflight(self)  # CORS preflight
 
-    def send_client_error(self, err: ClientError) -> None:
-        self.clear()
-        self.set_status(err.status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(err.to_json()))
+    def log_exception(self, typ, value, tb) -> None:
+        """A ClientError is an answer, not a failure: only other exceptions are logged."""
+        if not isinstance(value, ClientError):
+            super().log_exception(typ, value, tb)
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ClientError):
             err = exc
+            self.set_status(err.status)
         elif status_code == 405:
             err = ClientError(405, "method_not_allowed",
                               f"{self.request.method} is not allowed on {self.request.path}")
         elif status_code == 404:
             err = ClientError(404, "not_found", f"no route for {self.request.path}")
         elif status_code < 500:
-            err = ClientError(status_code, "bad_request", self._reason)
+            reason = exc.reason if isinstance(exc, tornado.web.HTTPError) and exc.reason else None
+            err = ClientError(status_code, "bad_request",
+                              reason or http.client.responses.get(status_code, "Bad Request"))
         else:
             err = ClientError(status_code, "internal", "internal error", retryable=True)
+        for name, value in err.headers.items():
+            self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(err.to_json()))
-
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, ClientError):
-            if not self._finished:
-                self.send_client_error(e)
-            return
-        super()._handle_request_exception(e)
 
 
 class NotFoundHandler(JSONHandler):
     def prepare(self) -> None:
         raise ClientError(404, "not_found", f"no route for {self.request.path}")
-
-
-def check_video(video: str) -> str:
-    if not P.valid_video_id(video):
-        raise ClientError(400, "invalid_video",
-                          "video id must be 1-64 characters of A-Z a-z 0-9 . _ -, "
-                          "starting with a letter or digit")
-    return video
 
 
 class HealthHandler(JSONHandler):
@@ -105,9 +127,10 @@ class HealthHandler(JSONHandler):
     rotation while it still serves (``Frontend.shutdown``)."""
 
     def get(self) -> None:
-        if self.node.draining:
+        health = self.api.health()
+        if health["status"] == "draining":
             self.set_status(503)
-        self.write(self.node.health())
+        self.write(health)
 
 
 class EventsHandler(JSONHandler):
@@ -125,16 +148,20 @@ class EventsHandler(JSONHandler):
 
     async def get(self, video: str) -> None:
         check_video(video)
-        node = self.node
-        ip = node.security.admit_viewer(self, video)  # limits, private videos: sets auth_user
-        last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", None)
+        api = self.api
+        request = self.request
+        ip = request.remote_ip or "?"
+        # the query's token is redacted from the URI, kept in the parsed arguments
+        auth_user = api.admit_watcher(request.headers, self.get_query_argument(TOKEN_PARAM, None), ip,
+                                      video, time.monotonic())
+        last_id = request.headers.get("Last-Event-ID") or self.get_query_argument("lastEventId", None)
         after = P.parse_sse_id(last_id) if last_id else None
-        f = node.cfg.frontend
-        viewer = self.viewer = ViewerStream(node, next(_conn_ids), video, viewer_identity(self), ip,
-                                            bool(last_id), f.max_buffer_bytes)
+        f = api.settings
+        viewer = self.viewer = api.new_viewer(next(_conn_ids), video, self.viewer_identity(auth_user),
+                                              ip, bool(last_id))
         viewer.send(encode_retry(f.retry_ms))
-        node.add_viewer(viewer)
-        synced = await node.link.wait_synced(video, f.sync_timeout)
+        api.add_viewer(viewer)
+        synced = await api.wait_synced(video, f.sync_timeout)
         if viewer.closed:
             return
         if not synced:
@@ -143,23 +170,33 @@ class EventsHandler(JSONHandler):
         if viewer.held is not None:
             chain = None
             if after is not None:
-                chain = await node.link.history(video, after, f.gap_timeout)
+                chain = await api.history(video, after, f.gap_timeout)
             if viewer.closed:
                 return
             viewer.catch_up(chain, after)
         self._open(viewer)
 
+    def viewer_identity(self, auth_user: str | None) -> str | None:
+        """Who a viewer is, for presence: the verified ``sub`` of its token when it sent one;
+        with ``security.auth = "off"`` the ``user`` query parameter (anonymous without).  With
+        JWT auth on, a self-declared ``?user=`` is not trusted: such a viewer is anonymous."""
+        if auth_user:
+            return auth_user
+        if not self.api.auth_off:
+            return None
+        user = self.get_query_argument("user", None)
+        return None if user is None or user == "" else check_user(user)
+
     def _open(self, viewer: ViewerStream) -> None:
         """Write the response head ourselves and hand the socket to ``viewer``."""
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
-        self.set_header("Connection", "close")  # the body ends when the connection does
-        self.node.security.before_headers(self)  # CORS
-        head = "".join(f"{k}: {v}\r\n" for k, v in self._headers.get_all())
-        stream = self.detach()
-        self._finished = True  # Tornado must not finish a response it no longer owns
-        self._break_cycles()  # what finish() would do: no cycle left for the collector
+        fields = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
+                  ("X-Accel-Buffering", "no"),
+                  ("Connection", "close"),  # the body ends when the connection does
+                  ("Date", format_timestamp(time.time())),
+                  *self.api.cors_headers(self.request.headers)]
+        head = "".join(f"{k}: {v}\r\n" for k, v in fields)
+        stream = self.detach()  # Tornado finishes no response it no longer owns
+        self.ui = None  # what finish() would do: no cycle left for the collector
         sock, stream.socket = stream.socket, None
         if sock is None:  # closed just now; its close callback has not run yet
             viewer.close()
@@ -178,98 +215,29 @@ class EventsHandler(JSONHandler):
 
 class PublishHandler(JSONHandler):
     """A publish served by Tornado: what the fast path (``frontend/ingest.py``) hands over
-    (chunked or ``Expect`` bodies, HTTP/1.0, ...) and every publish when it is off."""
+    (chunked or ``Expect`` bodies, HTTP/1.0, ...) and every publish when it is off.  The
+    checks are the fast path's (``mesh.core.checks``)."""
 
     kind = ""
 
-    def initialize(self, node: "Frontend", kind: str) -> None:  # type: ignore[override]
-        self.node = node
+    def initialize(self, api: Api, kind: str) -> None:  # type: ignore[override]
         self.kind = kind
+        super().initialize(api)
 
     async def post(self, video: str) -> None:
-        result = await publish(self.node, self, video, self.kind, self.request.body)
+        request = self.request
+        event = self.api.publish_event(PublishRequest(request.method, request.uri, request.headers,
+                                                      request.body, request.remote_ip or "?",
+                                                      time.monotonic()), video, self.kind)
+        (result,) = await self.api.publish_many([event])
         self.set_status(202)
-        self.write(result)
-
-
-async def publish(node: "Frontend", call, video: str, kind: str, raw: bytes) -> dict:
-    """One publish request: checks, the event to its owner, and the 202 body.  ``call`` is the
-    ``RequestHandler`` the guards read the request from (``frontend/security.py``); errors
-    raise ClientError.  The fast path (``frontend/ingest.py``) runs the same two halves,
-    ``prepare_publish`` and ``accepted``, for a loop turn's requests at once."""
-    event = prepare_publish(node, call, video, kind, raw)
-    return accepted(event, acked((await node.publish_many([event]))[0]))
-
-
-def prepare_publish(node: "Frontend", call, video: str, kind: str, raw: bytes) -> dict:
-    """The event a publish request asks for, after every check (raises ClientError)."""
-    check_video(video)
-    auth_user = node.security.check_publish(call, video, kind)  # origin, limits, JWT
-    body = parse_body(node, kind, raw)
-    user = body.get("user") if auth_user is None else auth_user  # the token's sub wins
-    if user is not None:
-        if not isinstance(user, str) or not 0 < len(user) <= P.USER_MAX or has_control(user):
-            raise ClientError(400, "invalid_user",
-                              f"user must be a string of 1-{P.USER_MAX} printable characters")
-    text = None
-    if kind == P.KIND_COMMENT:
-        text = body.get("text")
-        if not isinstance(text, str):
-            raise ClientError(400, "missing_text", "a comment needs a 'text' string")
-        if not text.strip():
-            raise ClientError(400, "empty_comment", "comment text is empty")
-        limit = node.cfg.frontend.max_comment_chars
-        if len(text) > limit:
-            raise ClientError(400, "comment_too_long",
-                              f"comment text has {len(text)} characters; the limit is {limit}")
-        check_comment_text(text)
-    return P.make_event(video, kind, user, text)
+        self.write(accepted(event, acked(result)))
 
 
 def accepted(event: dict, ack: dict) -> dict:
     """The 202 body of a published event, from its owner's ack."""
     return {"id": event["id"], "video": event["video"], "epoch": ack["epoch"], "seq": ack["seq"],
             "sse_id": f"{ack['epoch']}:{ack['seq']}"}
-
-
-def parse_body(node: "Frontend", kind: str, raw: bytes) -> dict:
-    limit = node.cfg.frontend.max_body_bytes
-    if len(raw) > limit:
-        raise ClientError(413, "body_too_large", f"body has {len(raw)} bytes; the limit is {limit}")
-    if not raw.strip():
-        if kind == P.KIND_LIKE:
-            return {}
-        raise ClientError(400, "missing_body", "a comment needs a JSON body")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ClientError(400, "invalid_encoding", f"body is not UTF-8 (byte {exc.start})") from None
-    check_json_depth(text, node.cfg.security.max_json_depth)
-    try:
-        body = json.loads(text)
-    except RecursionError:
-        raise ClientError(400, "invalid_json", "JSON nested too deeply") from None
-    except ValueError as exc:
-        raise ClientError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ClientError(400, "invalid_body", "body must be a JSON object")
-    return body
-
-
-def viewer_identity(handler: "EventsHandler") -> str | None:
-    """Who a viewer is, for presence: the verified ``sub`` of its token when it sent one;
-    with ``security.auth = "off"`` the ``user`` query parameter (anonymous without).  With
-    JWT auth on, a self-declared ``?user=`` is not trusted: such a viewer is anonymous."""
-    if getattr(handler, "auth_user", None):
-        return handler.auth_user
-    if handler.node.cfg.security.auth != "off":
-        return None
-    user = handler.get_query_argument("user", None)
-    if user is None or user == "":
-        return None
-    if len(user) > P.USER_MAX or has_control(user):
-        raise ClientError(400, "invalid_user", f"user must be 1-{P.USER_MAX} printable characters")
-    return user
 
 
 class PresenceHandler(JSONHandler):
@@ -285,28 +253,19 @@ class PresenceHandler(JSONHandler):
             raise ClientError(400, "invalid_paging", "offset and limit must be integers") from None
         if offset < 0 or not 0 < limit <= 1000:
             raise ClientError(400, "invalid_paging", "offset >= 0 and 1 <= limit <= 1000")
-        page = await self.node.link.presence_page(video, offset, limit, self.node.cfg.frontend.gap_timeout)
+        page = await self.api.presence_page(video, offset, limit, self.api.settings.gap_timeout)
         self.write({"video": video, "count": page["count"], "users": page["users"],
                     "total_users": page["total_users"], "offset": offset, "limit": limit,
                     "dcs": page.get("dcs", {})})
 
 
-#: Unicode categories Cc (control characters) and Cs (unpaired surrogates)
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-def has_control(text: str) -> bool:
-    return _CONTROL.search(text) is not None
-
-
-def routes(node: "Frontend") -> list:
+def routes(api: Api, metrics_registry) -> list:
     video = r"/v1/videos/([^/]+)"
     return [
-        (video + r"/events", EventsHandler, {"node": node}),
-        (video + r"/likes", PublishHandler, {"node": node, "kind": P.KIND_LIKE}),
-        (video + r"/comments", PublishHandler, {"node": node, "kind": P.KIND_COMMENT}),
-        (video + r"/presence", PresenceHandler, {"node": node}),
-        (r"/healthz", HealthHandler, {"node": node}),
-        *page_routes(node),  # the page at /, its static files, /metrics
+        (video + r"/events", EventsHandler, {"api": api}),
+        (video + r"/likes", PublishHandler, {"api": api, "kind": P.KIND_LIKE}),
+        (video + r"/comments", PublishHandler, {"api": api, "kind": P.KIND_COMMENT}),
+        (video + r"/presence", PresenceHandler, {"api": api}),
+        (r"/healthz", HealthHandler, {"api": api}),
+        *page_routes(metrics_registry),  # the page at /, its static files, /metrics
     ]
-

@@ -19,9 +19,9 @@ by llhttp (``httptools``, the parser uvicorn and Node.js use; ``parse_publish``)
   a ``Content-Length`` body (or none) no larger than ``frontend.max_body_bytes``, no
   ``Transfer-Encoding``, ``Expect`` or ``Upgrade``, none of the fields it reads repeated, no
   percent-encoding in the path, a head of at most ``MAX_HEAD`` bytes of plain CRLF lines -- is
-  read (exactly its bytes) and answered here by the same code as Tornado's handler
-  (``frontend.http.prepare_publish`` and ``accepted``: origin, rate limits, JWT, body checks;
-  then the mesh publish, CORS and ``Retry-After`` headers, the access log).  The connection stays here for its next request;
+  read (exactly its bytes) and answered here by the same checks as Tornado's handler
+  (``mesh.core.checks``: origin, rate limits, JWT, body), then the mesh publish, the answer
+  with its CORS and ``Retry-After`` fields, the access log.  The connection stays here for its next request;
 * anything else hands the connection as it is, unread bytes included, to Tornado
   (``HTTPServer.handle_stream`` on a new ``IOStream``), which serves it from then on: SSE streams, the page,
   health, metrics, CORS preflights, and every error about HTTP framing itself.  Tornado
@@ -33,8 +33,8 @@ so the loop neither spins on a readable socket nor reads anything it may have to
 One request at a time per connection: the next is not looked at before this one is answered
 (pipelined requests are answered in order).  A connection gets ``security.header_timeout``
 for its next request, as under Tornado (idle keep-alive and slowloris alike); connections
-here count against the connection limits (``FrontendSecurity.stream_attached``), and one whose
-answer waits that long to be written (its client does not read) is cut.
+here count against the connection limits (the ``attached`` / ``detached`` callbacks), and one
+whose answer waits that long to be written (its client does not read) is cut.
 """
 
 from __future__ import annotations
@@ -46,19 +46,17 @@ import json
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import httptools
 from tornado.escape import json_encode
 
+from mesh.core.checks import PublishRequest
 from mesh.wire import protocol as P
 from mesh.errors import ClientError
 
-from .http import accepted, prepare_publish
+from .http import accepted
 from .link import acked
-
-if TYPE_CHECKING:
-    from .node import Frontend
 
 log = logging.getLogger("mesh.app")
 
@@ -75,7 +73,7 @@ _PREFIX = b"POST /v1/videos/"
 _KINDS = {b"likes": P.KIND_LIKE, b"comments": P.KIND_COMMENT}
 #: fields that make a request Tornado's: chunked or ``Expect`` bodies, upgrades
 _HANDOFF_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
-#: the fields this path reads (the guards': ``frontend/security.py``)
+#: the fields this path reads (the checks': ``mesh.core.checks``)
 _READ = frozenset({"content-length", "connection", "host", "origin", "cookie", "authorization"})
 
 
@@ -179,47 +177,6 @@ def parse_publish(data: bytes, max_body: int):
             data[head_len:head_len + length], head_len + length)
 
 
-class Request:
-    """What the guards read of a request (``HTTPServerRequest``'s names)."""
-
-    __slots__ = ("method", "uri", "path", "headers", "remote_ip", "host", "protocol", "_start")
-
-    def __init__(self, uri: str, headers: Headers, remote_ip: str):
-        self.method = "POST"
-        self.uri = uri
-        self.path = uri.split("?", 1)[0]
-        self.headers = headers
-        self.remote_ip = remote_ip
-        self.host = headers.get("host") or "127.0.0.1"
-        self.protocol = "http"
-        self._start = time.monotonic()
-
-    def request_time(self) -> float:
-        return time.monotonic() - self._start
-
-
-class Call:
-    """One publish on this path, with the few ``RequestHandler`` methods the guards use
-    (``frontend/security.py``: ``request``, ``set_header``/``add_header``, ``get_status``)."""
-
-    __slots__ = ("request", "status", "out", "_security_headers")
-
-    def __init__(self, request: Request):
-        self.request = request
-        self.status = 200
-        self.out: list[tuple[str, str]] = []
-
-    def set_header(self, name: str, value: str) -> None:
-        self.out = [(k, v) for k, v in self.out if k != name]
-        self.out.append((name, value))
-
-    def add_header(self, name: str, value: str) -> None:
-        self.out.append((name, value))
-
-    def get_status(self) -> int:
-        return self.status
-
-
 class Conn:
     """One connection while it is served here."""
 
@@ -242,12 +199,33 @@ class Conn:
 
 
 class PublishPath:
-    def __init__(self, node: "Frontend", handoff):
-        self.node = node
-        self.handoff_to = handoff  # ``Frontend.to_tornado``
+    """The fast path's connections, given what it calls:
+
+    * ``handoff(sock, address)``: Tornado serves the connection from here on;
+    * ``publish_event(request, video, kind)``: the event, after every check (``mesh.core.checks``);
+    * ``publish_many(events, on_result)``: the events to their owners (``Publisher.publish_many``);
+    * ``cors_headers(headers)``: the CORS fields of an answer;
+    * ``log_access(status, method, uri, ip, seconds)``: the access log;
+    * ``attached(ip)`` / ``detached(ip)``: a connection from ``ip`` taken / released (the
+      connection limits);
+    * ``stats``: the node's counters."""
+
+    def __init__(self, *, handoff: Callable[[socket.socket, Any], None],
+                 publish_event: Callable[[PublishRequest, str, str], dict],
+                 publish_many: Callable[..., Any], cors_headers: Callable[[Any], list],
+                 log_access: Callable[..., None], attached: Callable[[str], None],
+                 detached: Callable[[str], None], stats: dict, header_timeout: float, max_body: int):
+        self.handoff_to = handoff
+        self.publish_event = publish_event
+        self.publish_many = publish_many
+        self.cors_headers = cors_headers
+        self.log_access = log_access
+        self.attached = attached
+        self.detached = detached
+        self.stats = stats
         self.conns: dict[int, Conn] = {}
-        self.header_timeout = node.cfg.security.header_timeout
-        self.max_body = node.cfg.frontend.max_body_bytes
+        self.header_timeout = header_timeout
+        self.max_body = max_body
         self.stopping = False
         self._sweeping = False
         self._date = (0, "")
@@ -263,7 +241,7 @@ class PublishPath:
         sock.setblocking(False)
         conn = Conn(sock, address)
         self.conns[conn.fd] = conn
-        self.node.security.stream_attached(conn.ip)
+        self.attached(conn.ip)
         asyncio.get_running_loop().add_reader(conn.fd, self._readable, conn)
         if not self._sweeping:
             self._sweeping = True
@@ -282,7 +260,7 @@ class PublishPath:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             except OSError:
                 pass
-        self.node.security.stream_detached(conn.ip)
+        self.detached(conn.ip)
 
     def _close(self, conn: Conn) -> None:
         self._release(conn)
@@ -291,7 +269,7 @@ class PublishPath:
     def _handoff(self, conn: Conn) -> None:
         """Tornado serves the connection from here on, its unread bytes included."""
         self._release(conn)
-        self.node.stats["ingest_handoffs"] += 1
+        self.stats["ingest_handoffs"] += 1
         self.handoff_to(conn.sock, conn.address)
 
     def _sweep(self) -> None:
@@ -299,7 +277,7 @@ class PublishPath:
         for conn in [c for c in self.conns.values()
                      if (c.out or not c.busy) and now - c.since > self.header_timeout]:
             if conn.out:  # a client that does not read its answers (pipelining, say)
-                self.node.stats["connections_cut_unread"] += 1
+                self.stats["connections_cut_unread"] += 1
             self._close(conn)  # idle keep-alive, a request that never completed, an answer not read
         self._sweeping = bool(self.conns)
         if self._sweeping:
@@ -364,11 +342,11 @@ class PublishPath:
         conn.busy = True
         if "close" in (t.strip() for t in dict.get(headers, "connection", "").lower().split(",")):
             conn.closing = True
-        self.node.stats["ingest_fast"] += 1
-        call = Call(Request(path, headers, conn.ip))
+        self.stats["ingest_fast"] += 1
+        request = PublishRequest("POST", path, headers, body, conn.ip, time.monotonic())
         if not self._batch:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._batch.append((conn, call, video, kind, body))
+        self._batch.append((conn, request, video, kind))
 
     # --- answering ----------------------------------------------------------------------------
 
@@ -379,19 +357,17 @@ class PublishPath:
         own videos' answers)."""
         batch, self._batch = self._batch, []
         items = []
-        for conn, call, video, kind, body in batch:
+        for conn, request, video, kind in batch:
             try:
-                event = prepare_publish(self.node, call, video, kind, body)
-                if self.node.link is None:  # still starting: no mesh yet
-                    raise ClientError(503, "no_dispatcher", "the frontend is starting", retryable=True)
+                event = self.publish_event(request, video, kind)
             except ClientError as err:
-                self._answer_error(conn, call, err)
+                self._answer_error(conn, request, err)
                 continue
             except Exception:  # noqa: BLE001 - a bug answers 500, like Tornado, and the node goes on
                 log.exception("publish on the fast path failed")
-                self._answer_error(conn, call, _internal())
+                self._answer_error(conn, request, _internal())
                 continue
-            items.append((conn, call, event))
+            items.append((conn, request, event))
         if items:
             asyncio.get_running_loop().create_task(self._publish(items))
 
@@ -401,41 +377,47 @@ class PublishPath:
         def answer(indices: list[int], results: list[dict]) -> None:
             for i, result in zip(indices, results):
                 answered[i] = True
-                conn, call, event = items[i]
+                conn, request, event = items[i]
                 try:
                     body = json_encode(accepted(event, acked(result)))
                 except ClientError as err:
-                    self._answer_error(conn, call, err)
+                    self._answer_error(conn, request, err)
                     continue
-                call.status = 202
-                self._answer(conn, call, body, "application/json; charset=UTF-8")
+                self._answer(conn, request, 202, [], body, "application/json; charset=UTF-8")
 
         try:
-            await self.node.publish_many([event for _, _, event in items], answer)
+            await self.publish_many([event for _, _, event in items], answer)
+        except ClientError as err:  # no mesh yet (the node is starting)
+            for (conn, request, _), done in zip(items, answered):
+                if not done:
+                    self._answer_error(conn, request, err)
         except Exception:  # noqa: BLE001 - as in _flush
             log.exception("publish on the fast path failed")
-            for (conn, call, _), done in zip(items, answered):
+            for (conn, request, _), done in zip(items, answered):
                 if not done:
-                    self._answer_error(conn, call, _internal())
+                    self._answer_error(conn, request, _internal())
 
-    def _answer_error(self, conn: Conn, call: Call, err: ClientError) -> None:
-        call.status = err.status
-        self._answer(conn, call, json.dumps(err.to_json()), "application/json")
+    def _answer_error(self, conn: Conn, request: PublishRequest, err: ClientError) -> None:
+        self._answer(conn, request, err.status, list(err.headers.items()), json.dumps(err.to_json()),
+                     "application/json")
 
-    def _answer(self, conn: Conn, call: Call, body: str, ctype: str) -> None:
-        self.node.security.before_headers(call)  # CORS, Retry-After, WWW-Authenticate
-        self.node.security.log_request(call)
-        self._write(conn, self._response(call, body.encode(), ctype, conn.closing))
+    def _answer(self, conn: Conn, request: PublishRequest, status: int, fields: list[tuple[str, str]],
+                body: str, ctype: str) -> None:
+        """The answer with its own ``fields`` and the request's CORS fields; logged."""
+        fields = [*self.cors_headers(request.headers), *fields]
+        self.log_access(status, request.method, request.path, request.peer, time.monotonic() - request.now)
+        self._write(conn, self._response(status, fields, body.encode(), ctype, conn.closing))
 
-    def _response(self, call: Call, body: bytes, ctype: str, close: bool) -> bytes:
+    def _response(self, status: int, fields: list[tuple[str, str]], body: bytes, ctype: str,
+                  close: bool) -> bytes:
         now = int(time.time())
         if self._date[0] != now:
             self._date = (now, email.utils.formatdate(now, usegmt=True))
-        lines = [f"HTTP/1.1 {call.status} {http.client.responses.get(call.status, 'Unknown')}",
+        lines = [f"HTTP/1.1 {status} {http.client.responses.get(status, 'Unknown')}",
                  f"Date: {self._date[1]}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}"]
         if close:
             lines.append("Connection: close")
-        lines.extend(f"{k}: {v}" for k, v in call.out)
+        lines.extend(f"{k}: {v}" for k, v in fields)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
     def _write(self, conn: Conn, data: bytes) -> None:
@@ -472,8 +454,8 @@ class PublishPath:
     def _refuse_too_large(self, conn: Conn, request: TooLarge) -> None:
         """A JSON 413 at once, then a lingering close: the body is never read whole."""
         conn.busy = conn.closing = conn.linger = True
-        call = Call(Request(request.path, request.headers, conn.ip))
-        self._answer_error(conn, call, ClientError(
+        self._answer_error(conn, PublishRequest("POST", request.path, request.headers, b"", conn.ip,
+                                                time.monotonic()), ClientError(
             413, "body_too_large", f"body has {request.length} bytes; the limit is {self.max_body}"))
 
     def _linger(self, conn: Conn) -> None:

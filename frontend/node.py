@@ -14,8 +14,9 @@ from tornado.iostream import IOStream
 
 from mesh.config import Config
 from mesh.io.curve import from_config as curve_from_config
-from mesh.errors import KVError
+from mesh.errors import ClientError, KVError
 from mesh.kv import KV, NodeInfo, ROLE_FRONTEND
+from mesh.io.metrics import frontend_registry
 from mesh.io.node import release, rss_kb, serve
 from mesh.core.sse import encode_comment
 from mesh.core.presence import LocalPresence
@@ -24,10 +25,11 @@ from mesh.core.subscriptions import CountSync, SubscriptionTable
 from .admission import CountingHTTPServer
 from .fanout import Fanout
 from .gcpause import CHECK_INTERVAL, GCWatch, freeze_allowance
-from .http import NotFoundHandler, routes
+from .http import Api, NotFoundHandler, routes
 from .ingest import PublishPath
 from .link import MeshLink
 from .security import Application, FrontendSecurity
+from .stream import StreamHooks, ViewerStream
 
 log = logging.getLogger("mesh.app")
 
@@ -53,6 +55,7 @@ class Frontend:
         self.server: CountingHTTPServer | None = None
         self.ingest: PublishPath | None = None
         self.security: FrontendSecurity | None = None
+        self.stream_hooks: StreamHooks | None = None
         self._kv_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.gc = GCWatch()
@@ -61,16 +64,28 @@ class Frontend:
 
     async def start(self) -> None:
         f = self.cfg.frontend
-        app = Application(routes(self), default_handler_class=NotFoundHandler,
-                                      default_handler_args={"node": self}, compress_response=False,
-                                      log_function=lambda handler: self.security.log_request(handler))
+        # auth, limits, CORS, access log, accept loop
+        security = self.security = FrontendSecurity(self.cfg, self.stats, lambda: len(self.table))
+        checks = security.publish_checks()
+        self.stream_hooks = StreamHooks(self.stats, self.fanout.encode, security.stream_attached,
+                                        security.stream_detached, self.remove_viewer)
+        api = Api(settings=f, auth_off=self.cfg.security.auth == "off", cors_headers=security.cors_headers,
+                  preflight=security.preflight, admit_watcher=security.admit_watcher,
+                  new_viewer=self.new_viewer, add_viewer=self.add_viewer,
+                  wait_synced=self._wait_synced, history=self._history, presence_page=self._presence_page,
+                  publish_event=checks.event, publish_many=self.publish_many, health=self.health)
+        app = Application(routes(api, frontend_registry(self)), default_handler_class=NotFoundHandler,
+                          default_handler_args={"api": api}, compress_response=False,
+                          log_function=security.log_request)
         self.server = CountingHTTPServer(
             app, max_body_size=MAX_REQUEST_BYTES, max_buffer_size=MAX_REQUEST_BYTES,
             idle_connection_timeout=30.0, body_timeout=10.0, max_header_size=16384)
-        # auth, limits, CORS, access log, accept loop
-        self.security = FrontendSecurity(self.cfg, self.stats, lambda: len(self.table))
         if f.publish_fast_path:  # likes and comments off Tornado's HTTP stack
-            self.ingest = PublishPath(self, self.to_tornado)
+            self.ingest = PublishPath(
+                handoff=self.to_tornado, publish_event=checks.event, publish_many=self.publish_many,
+                cors_headers=security.cors_headers, log_access=security.log_access,
+                attached=security.stream_attached, detached=security.stream_detached, stats=self.stats,
+                header_timeout=self.cfg.security.header_timeout, max_body=f.max_body_bytes)
         sockets = self.security.listen(self.server, f.port, f.host,
                                        self.ingest.adopt if self.ingest else self.to_tornado)
         port = sockets[0].getsockname()[1]
@@ -140,6 +155,21 @@ class Frontend:
 
     # --- viewers ------------------------------------------------------------------------
 
+    def new_viewer(self, conn_id: int, video: str, user: str | None, ip: str,
+                   catching_up: bool) -> ViewerStream:
+        return ViewerStream(self.stream_hooks, conn_id, video, user, ip, catching_up,
+                            self.cfg.frontend.max_buffer_bytes)
+
+    # the link is made in start(), after the routes: these reach it when a request comes
+    async def _wait_synced(self, video: str, timeout: float) -> bool:
+        return await self.link.wait_synced(video, timeout)
+
+    async def _history(self, video: str, after, timeout: float):
+        return await self.link.history(video, after, timeout)
+
+    async def _presence_page(self, video: str, offset: int, limit: int, timeout: float) -> dict:
+        return await self.link.presence_page(video, offset, limit, timeout)
+
     def add_viewer(self, viewer) -> None:
         if self.table.add(viewer.conn_id, viewer.video, viewer):
             self.link.subscribe(viewer.video)
@@ -168,6 +198,8 @@ class Frontend:
     async def publish_many(self, events: list[dict], on_result=None) -> list[dict]:
         """``events`` to their owners; one ``Publisher.publish_many`` result per event (each
         owner's share also to ``on_result(indices, results)`` as soon as it answers)."""
+        if self.link is None:
+            raise ClientError(503, "no_dispatcher", "the frontend is starting", retryable=True)
         self.stats["publishes"] += len(events)
         return await self.link.publish_many(events, on_result)
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
 
 import tornado.web
+from prometheus_client import CollectorRegistry
 
 from mesh.errors import ClientError
-from mesh.io.metrics import MetricsHandler, frontend_registry
-
-if TYPE_CHECKING:
-    from .node import Frontend
+from mesh.io.metrics import MetricsHandler
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -51,10 +48,10 @@ class PageFileHandler(tornado.web.StaticFileHandler):
         self.finish(json.dumps(err.to_json()))
 
 
-def page_routes(node: "Frontend") -> list:
+def page_routes(metrics_registry: CollectorRegistry) -> list:
     static = {"path": STATIC_DIR}
     return [
         (r"/()", PageFileHandler, {**static, "default_filename": "index.html"}),
         (r"/static/(.+)", PageFileHandler, static),
-        (r"/metrics", MetricsHandler, {"registry": frontend_registry(node)}),
+        (r"/metrics", MetricsHandler, {"registry": metrics_registry}),
     ]

@@ -6,32 +6,30 @@ counters it needs; ``FrontendSecurity`` puts them together for the HTTP handlers
 (``frontend/http.py``) and the publish fast path (``frontend/ingest.py``), which call in at a
 few points.  The decisions are in the sans-IO cores (``mesh.core.auth``, ``mesh.core.ratelimit``):
 
-* ``check_publish`` (every POST): browser origin (``Cors``), per-IP token bucket
-  (``RateLimits``), JWT (``Auth``: ``Authorization: Bearer``), per-user-per-video token bucket;
-  returns the verified user (or None when ``security.auth = off``).  The IP limit comes before
-  the token so a flood of bad tokens costs no signature checks.
-* ``admit_viewer`` (every SSE GET): per-IP and per-frontend stream limits
+* ``authorize_publish`` (every POST, the first of ``publish_checks``, ``mesh.core.checks``):
+  browser origin (``Cors``), per-IP token bucket (``RateLimits``), JWT (``Auth``:
+  ``Authorization: Bearer``), per-user-per-video token bucket; returns the verified user (or
+  None when ``security.auth = off``).  The IP limit comes before the token so a flood of bad
+  tokens costs no signature checks.
+* ``admit_watcher`` (every SSE GET): per-IP and per-frontend stream limits
   (``frontend.admission.ViewerLimits``), then the video's subscribe policy (private videos need
   a token: ``Authorization`` header, or a short-lived subscribe token in ``?access_token=``,
   which ``Application`` redacts from the request URI before any handler runs, so no log line
   can carry it).
-* ``before_headers`` (every response): CORS headers, plus the ``Retry-After`` /
-  ``WWW-Authenticate`` of the error being sent (``ClientError.headers``; ``clear()`` in the
-  error path wipes headers set earlier, so they are stashed on the handler and applied when
-  the headers go out).
-* ``log_request`` (every answer): ``AccessLog``, which sums rate-limited requests up instead
+* ``cors_headers`` (every response): the CORS fields of an answer, from the request's fields;
+  a refusal's own fields (``Retry-After``, ``WWW-Authenticate``) travel with its
+  ``ClientError.headers``.
+* ``log_access`` (every answer): ``AccessLog``, which sums rate-limited requests up instead
   of logging each.
 * ``listen``: the accept loop and connection counting of ``frontend.admission``.
 """
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import math
 import re
-import time
 import urllib.parse
 from typing import Any, Callable
 
@@ -40,6 +38,7 @@ import tornado.web
 from tornado.log import access_log
 
 from mesh.core.auth import ACTION_SUBSCRIBE, Grant, SubscribePolicy, TokenVerifier
+from mesh.core.checks import PublishChecks
 from mesh.core.ratelimit import PublishLimits
 from mesh.errors import ClientError, ConfigError
 
@@ -48,60 +47,11 @@ from .admission import (SHED_LOG_INTERVAL, Acceptor, ConnectionLimits, CountingH
 
 log = logging.getLogger("mesh.app")
 
-# control characters (Unicode Cc) other than \t \n \r, and unpaired surrogates (JSON's \ud800
-# escapes make them; they cannot be encoded as UTF-8 for the wire)
-_BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 #: the query parameter of a subscribe token (``mesh.core.auth``), and what a log reads instead
 TOKEN_PARAM = "access_token"
 REDACTED = "REDACTED"
 #: query-string separators: ``&`` (how Tornado splits), and ``;`` (how some clients do)
 _QUERY_SEPARATORS = re.compile("([&;])")
-#: what the depth check keeps of a body: ``(`` opens a container, ``)`` closes one, ``"``
-#: delimits a string (whose content is kept only where it holds brackets)
-_SHAPE = bytes.maketrans(b"[{]}", b"(())")
-_NOT_SHAPE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
-
-
-@functools.lru_cache(maxsize=8)
-def _nesting_within(limit: int) -> re.Pattern:
-    """A regex that matches, from the start of a body's shape (``_SHAPE``), the longest prefix
-    nested at most ``limit`` deep: strings and closed groups of depth <= k (``closed``), then at
-    most one group left open whose content is nested at most k - 1 deep.  Every alternative
-    starts with its own byte and every quantifier is possessive, so nothing backtracks: one
-    pass, whatever the limit."""
-    string = rb'"[^"]*+"'
-    closed = rb"(?:" + string + rb")*+"
-    opened = closed
-    for _ in range(limit):
-        closed = rb"(?:" + string + rb"|\(" + closed + rb"\))*+"
-        opened = closed + rb"(?:\(" + opened + rb")?"
-    return re.compile(opened)
-
-
-def json_deeper_than(text: str, limit: int) -> bool:
-    """Whether the JSON ``text`` nests arrays/objects more than ``limit`` deep (brackets in
-    strings do not count), without parsing it.  Linear in ``len(text)`` for any ``limit``:
-    C-level counting, replacing, translating and one backtracking-free regex match, so a
-    megabyte body costs milliseconds of loop time, never seconds.  Invalid JSON gets some
-    answer and is refused by the parser after."""
-    if text.count("[") + text.count("{") <= limit:
-        return False  # every ordinary body: a few containers at most
-    # escapes pair up from the left: dropping every \\ and then every \" leaves only the
-    # quotes that delimit strings; two quotes side by side then delimit nothing that counts
-    shape = text.encode("utf-8", "surrogatepass").replace(b"\\\\", b"").replace(b'\\"', b"")
-    shape = shape.translate(_SHAPE, _NOT_SHAPE).replace(b'""', b"")
-    end = _nesting_within(limit).match(shape).end()
-    return shape[end:end + 1] == b"("  # a group opened one level past the limit
-
-
-def check_json_depth(text: str, limit: int) -> None:
-    if json_deeper_than(text, limit):
-        # the code stays invalid_json (the API's contract for "nested too deeply"); the
-        # message names the limit
-        raise ClientError(400, "invalid_json", f"JSON nested too deeply: more than {limit} "
-                          f"levels; the limit is {limit} (security.max_json_depth)")
-
-
 def redact_query(uri: str) -> str:
     """``uri`` with the value of every ``access_token`` query parameter replaced by
     ``REDACTED``, however its name is spelled: percent-encoding of any character (hex digits
@@ -134,9 +84,9 @@ def redact_request(request: tornado.httputil.HTTPServerRequest) -> None:
                 args[name] = [v.decode("utf-8", "replace").encode("utf-8") for v in values]
 
 
-def request_summary(request) -> str:
+def request_summary(method: str, uri: str, remote_ip: str | None) -> str:
     """``METHOD URI (client)`` of a request for a log line, its subscribe tokens redacted."""
-    return f"{request.method} {redact_query(request.uri)} ({request.remote_ip})"
+    return f"{method} {redact_query(uri)} ({remote_ip})"
 
 
 class Application(tornado.web.Application):
@@ -147,15 +97,6 @@ class Application(tornado.web.Application):
     def find_handler(self, request: tornado.httputil.HTTPServerRequest, **kwargs: Any):
         redact_request(request)
         return super().find_handler(request, **kwargs)
-
-
-def check_comment_text(text: str) -> None:
-    bad = _BAD_TEXT.search(text)
-    if bad:
-        ch = bad.group()
-        what = "an unpaired surrogate" if "\ud800" <= ch <= "\udfff" else "control character"
-        raise ClientError(400, "invalid_text", f"comment text contains {what} U+{ord(ch):04X} at "
-                          f"position {bad.start()}; only \\n \\r \\t are allowed")
 
 
 #: the answer to a CORS preflight from an allowed origin
@@ -345,19 +286,19 @@ class AccessLog:
     def __init__(self):
         self.limited = Tally()
 
-    def log(self, status: int, request) -> None:
-        """``request``: what Tornado's ``HTTPServerRequest`` has (``method``, ``uri``,
-        ``remote_ip``, ``request_time()``)."""
+    def log(self, status: int, method: str, uri: str, remote_ip: str | None, seconds: float) -> None:
+        """One answer of ``status`` to ``method uri`` from ``remote_ip``, ``seconds`` after
+        the request arrived."""
         if status == 429:
             count = self.limited.add()
             if count is not None:
                 access_log.warning("429: rate limited %d requests in the last %.0f s, the latest %s",
-                                   count, SHED_LOG_INTERVAL, request_summary(request))
+                                   count, SHED_LOG_INTERVAL, request_summary(method, uri, remote_ip))
             return
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         if access_log.isEnabledFor(level):  # info is off by default: no summary made per request
-            access_log.log(level, "%d %s %.2fms", status, request_summary(request),
-                           1000.0 * request.request_time())
+            access_log.log(level, "%d %s %.2fms", status, request_summary(method, uri, remote_ip),
+                           1000.0 * seconds)
 
 
 class FrontendSecurity:
@@ -365,8 +306,8 @@ class FrontendSecurity:
     ``stats``: the node's counters; ``viewer_count()``: its open SSE streams."""
 
     def __init__(self, cfg, stats, viewer_count: Callable[[], int]):
-        sec = cfg.security
-        _nesting_within(sec.max_json_depth)  # compiled here, not during the first publish
+        sec = self.sec = cfg.security
+        self.frontend_settings = cfg.frontend
         self.header_timeout = sec.header_timeout
         self.stats = stats
         self.auth = Auth(sec, stats)
@@ -381,15 +322,11 @@ class FrontendSecurity:
 
     # --- publishing -------------------------------------------------------------------------
 
-    def check_publish(self, handler: tornado.web.RequestHandler, video: str, kind: str) -> str | None:
-        """``authorize_publish`` for the request ``handler`` serves; the headers of a refusal
-        go out with its answer (``before_headers``)."""
-        request = handler.request
-        try:
-            return self.authorize_publish(request.headers, request.remote_ip or "?", video, kind, time.monotonic())
-        except ClientError as err:
-            handler._security_headers = err.headers
-            raise
+    def publish_checks(self) -> PublishChecks:
+        """Every check of a publish (``mesh.core.checks``), ``authorize_publish`` first."""
+        f = self.frontend_settings
+        return PublishChecks(authorize=self.authorize_publish, max_body_bytes=f.max_body_bytes,
+                             max_json_depth=self.sec.max_json_depth, max_comment_chars=f.max_comment_chars)
 
     def authorize_publish(self, headers, ip: str, video: str, kind: str, now: float) -> str | None:
         """Origin, rate limits and token of one publish from ``ip``; the verified user (None:
@@ -402,26 +339,17 @@ class FrontendSecurity:
         self.rate_limits.check_user(user, video, kind, now)
         return user
 
-    def log_request(self, handler) -> None:
-        """The access log (Tornado's ``log_function``, and the publish fast path's)."""
-        self.access_log.log(handler.get_status(), handler.request)
+    def log_request(self, handler: tornado.web.RequestHandler) -> None:
+        """Tornado's ``log_function``: ``log_access`` of the request ``handler`` answered."""
+        request = handler.request
+        self.access_log.log(handler.get_status(), request.method, request.uri, request.remote_ip,
+                            request.request_time())
+
+    def log_access(self, status: int, method: str, uri: str, remote_ip: str | None, seconds: float) -> None:
+        """The access log of every answer (``AccessLog``): Tornado's and the publish fast path's."""
+        self.access_log.log(status, method, uri, remote_ip, seconds)
 
     # --- viewers ----------------------------------------------------------------------------
-
-    def admit_viewer(self, handler: tornado.web.RequestHandler, video: str) -> str:
-        """``admit_watcher`` for the SSE request ``handler`` serves.  Sets ``handler.auth_user``
-        (the verified user, or None); returns the client IP, which the stream counts against
-        once ``track_viewer`` sees it."""
-        request = handler.request
-        handler.auth_user = None
-        ip = request.remote_ip or "?"
-        try:  # the query's token is redacted from the URI, kept in the parsed arguments
-            handler.auth_user = self.admit_watcher(request.headers, handler.get_query_argument(TOKEN_PARAM, None),
-                                                   ip, video, time.monotonic())
-        except ClientError as err:
-            handler._security_headers = err.headers
-            raise
-        return ip
 
     def admit_watcher(self, headers, query_token: str | None, ip: str, video: str, now: float) -> str | None:
         """Stream limits and subscribe policy of a new stream of ``video`` from ``ip``; its
@@ -449,14 +377,9 @@ class FrontendSecurity:
 
     # --- CORS -------------------------------------------------------------------------------
 
-    def before_headers(self, handler: tornado.web.RequestHandler) -> None:
-        for name, value in getattr(handler, "_security_headers", {}).items():
-            handler.set_header(name, value)
-        for name, value in self.cors.response_headers(handler.request.headers):
-            if name == "Vary":
-                handler.add_header(name, value)
-            else:
-                handler.set_header(name, value)
+    def cors_headers(self, headers) -> list[tuple[str, str]]:
+        """The CORS fields of the answer to a request with ``headers`` (``Cors``)."""
+        return self.cors.response_headers(headers)
 
     def preflight(self, handler: tornado.web.RequestHandler) -> None:
         """``OPTIONS``: the CORS preflight of a browser about to publish."""

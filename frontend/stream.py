@@ -32,8 +32,9 @@ kernel, one user-space buffer only when the kernel's is full.
 * ``end()`` (graceful shutdown) closes after the buffer drained: the browser reconnects
   elsewhere after ``retry``.
 
-No reference cycles: a stream refers to the node (long-lived) and its socket; the node's
-tables refer to the stream; closing removes it from them, and refcounting frees it.
+No reference cycles: a stream refers to its ``StreamHooks`` (one per node, long-lived) and its
+socket; the node's tables refer to the stream; closing removes it from them, and refcounting
+frees it.
 """
 
 from __future__ import annotations
@@ -41,12 +42,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import Callable, NamedTuple
 
 from mesh.core.sse import encode_reset, recv_nowait
-
-if TYPE_CHECKING:
-    from .node import Frontend
 
 log = logging.getLogger("mesh.app")
 
@@ -56,13 +54,26 @@ Position = tuple[int, int]
 RECV_BYTES = 4096
 
 
+class StreamHooks(NamedTuple):
+    """What a stream tells its node, and the one thing it asks of it; one per node, shared."""
+
+    stats: dict
+    #: a batch of events as one SSE write (``Fanout.encode``)
+    encode: Callable[[list[dict]], bytes]
+    #: a socket from the viewer's IP taken over / released (the connection limits count it)
+    attached: Callable[[str], None]
+    detached: Callable[[str], None]
+    #: the stream is gone: it leaves the node's tables
+    closed: Callable[["ViewerStream"], None]
+
+
 class ViewerStream:
-    __slots__ = ("node", "conn_id", "video", "user", "ip", "sock", "fd", "buf", "held",
+    __slots__ = ("hooks", "conn_id", "video", "user", "ip", "sock", "fd", "buf", "held",
                  "closed", "ending", "limit", "given")
 
-    def __init__(self, node: "Frontend", conn_id: int, video: str, user: str | None, ip: str,
+    def __init__(self, hooks: StreamHooks, conn_id: int, video: str, user: str | None, ip: str,
                  catching_up: bool, limit: int):
-        self.node = node
+        self.hooks = hooks
         self.conn_id = conn_id
         self.video = video
         self.user = user
@@ -122,15 +133,15 @@ class ViewerStream:
     def catch_up(self, chain: list[dict] | None, after: tuple[int, int] | None = None) -> None:
         """History after the viewer's Last-Event-ID (``after``) arrived (None: it cannot say):
         it goes first, then the live events held meanwhile, without the ones the viewer has."""
-        node = self.node
+        hooks = self.hooks
         held, self.held = self.held or [], None
         if chain is None:
-            node.stats["resets_sent"] += 1
+            hooks.stats["resets_sent"] += 1
             self.send(encode_reset(self.video, "history"))
         else:
-            node.stats["events_recovered"] += len(chain)
+            hooks.stats["events_recovered"] += len(chain)
             if chain:
-                self.send(node.fanout.encode(chain))
+                self.send(hooks.encode(chain))
             self.given = Given(after, chain)
         for data, events in held:
             self.send(data, events)
@@ -142,14 +153,14 @@ class ViewerStream:
             self.given = None
         if len(fresh) == len(events):
             return data
-        return self.node.fanout.encode(fresh) if fresh else b""
+        return self.hooks.encode(fresh) if fresh else b""
 
     def attach(self, sock: socket.socket, head: bytes) -> None:
         """Take over the connection: write ``head`` and whatever was queued, watch for EOF."""
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
-        self.node.security.stream_attached(self.ip)
+        self.hooks.attached(self.ip)
         pending, self.buf = bytes(self.buf), bytearray()
         asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
         self.send(head + pending)
@@ -177,7 +188,7 @@ class ViewerStream:
             self.close()
 
     def _cut(self) -> None:
-        self.node.stats["slow_viewers_cut"] += 1
+        self.hooks.stats["slow_viewers_cut"] += 1
         log.warning("viewer %s of %s is %d bytes behind; disconnecting it",
                     self.conn_id, self.video, len(self.buf))
         self.close()
@@ -195,10 +206,10 @@ class ViewerStream:
             loop.remove_reader(self.fd)
             if self.buf:
                 loop.remove_writer(self.fd)
-            self.node.security.stream_detached(self.ip)
+            self.hooks.detached(self.ip)
             sock.close()
         self.buf = bytearray()
-        self.node.remove_viewer(self)
+        self.hooks.closed(self)
 
 
 class Given:

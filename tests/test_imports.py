@@ -1,8 +1,10 @@
 """The repository's import graph, read with ``ast`` from the source: no import circle among the
 runtime packages (mesh without mesh.tools, frontend, dispatcher) nor among the tools
 (mesh.tools, which the runtime never imports), and no module importing another module's
-``_``-prefixed (private) name.  Imports under ``if TYPE_CHECKING:`` are left out: Python never
-executes them, so they cannot form a circle at import time.
+``_``-prefixed (private) name.  Imports under ``if TYPE_CHECKING:`` never run, so they cannot
+form a circle at import time; they are still read as the dependencies they are (a type names
+the module that defines it), and the runtime packages have no circle with them counted either:
+a part handed narrow callbacks needs no type of the object that wires it.
 
 Importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first, so such an import also
 depends on those packages, except the ones the importing module is itself inside (they are
@@ -58,9 +60,10 @@ def _type_checking_only(node: ast.If) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def import_statements(module: str, path: str) -> list[tuple[str, str | None]]:
-    """``(base, name)`` for every import Python can execute in ``module``: ``import a.b`` is
-    ``("a.b", None)``, ``from a import b`` is ``("a", "b")`` with relative bases resolved."""
+def import_statements(module: str, path: str, type_checking: bool = False) -> list[tuple[str, str | None]]:
+    """``(base, name)`` for every import Python can execute in ``module`` (and, with
+    ``type_checking``, those under ``if TYPE_CHECKING:``): ``import a.b`` is ``("a.b", None)``,
+    ``from a import b`` is ``("a", "b")`` with relative bases resolved."""
     is_package = path.endswith("__init__.py")
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     out: list[tuple[str, str | None]] = []
@@ -68,6 +71,7 @@ def import_statements(module: str, path: str) -> list[tuple[str, str | None]]:
     def visit(nodes) -> None:
         for node in nodes:
             if isinstance(node, ast.If) and _type_checking_only(node):
+                visit(node.body if type_checking else [])
                 visit(node.orelse)
                 continue
             if isinstance(node, ast.Import):
@@ -88,13 +92,13 @@ def import_statements(module: str, path: str) -> list[tuple[str, str | None]]:
     return out
 
 
-def imports_of(module: str, path: str, known: set[str]) -> set[str]:
+def imports_of(module: str, path: str, known: set[str], type_checking: bool = False) -> set[str]:
     """The modules ``module`` imports (whole names; ``from a import b`` counts ``a.b`` when
     that is a module, else ``a``), with the packages each import runs first that ``module``
     is not inside."""
     out: set[str] = set()
     inside = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
-    for base, name in import_statements(module, path):
+    for base, name in import_statements(module, path, type_checking):
         full = f"{base}.{name}" if name is not None else base
         target = full if name is None or full in known else base
         out.add(target)
@@ -113,9 +117,9 @@ def private_imports(module: str, path: str, known: set[str]) -> list[str]:
                   and name.startswith("_") and not (name.startswith("__") and name.endswith("__")))
 
 
-def graph(modules: dict[str, str]) -> dict[str, set[str]]:
+def graph(modules: dict[str, str], type_checking: bool = False) -> dict[str, set[str]]:
     known = set(modules_under(RUNTIME)) | {TOOLS}
-    return {m: imports_of(m, p, known) for m, p in modules.items()}
+    return {m: imports_of(m, p, known, type_checking) for m, p in modules.items()}
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -175,6 +179,32 @@ def test_an_import_also_runs_the_packages_above_it(tmp_path):
 def test_no_runtime_module_imports_another_in_a_circle():
     edges = graph(runtime_modules())
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_a_type_checking_import_counts_only_when_asked(tmp_path):
+    typed = tmp_path / "typed.py"
+    typed.write_text("from typing import TYPE_CHECKING\nimport typing\nif TYPE_CHECKING:\n"
+                     "    from .node import Node\nelse:\n    from . import other\n"
+                     "if typing.TYPE_CHECKING:\n    import p.q\n")
+    known = {"p", "p.q", "r", "r.node", "r.other", "r.typed"}
+    assert imports_of("r.typed", str(typed), known) == {"typing", "r.other"}
+    assert imports_of("r.typed", str(typed), known, type_checking=True) == \
+        {"typing", "r.other", "r.node", "p", "p.q"}
+    assert find_cycle({"r.typed": imports_of("r.typed", str(typed), known, type_checking=True),
+                       "r.node": {"r.typed"}}) == ["r.node", "r.typed", "r.node"]
+
+
+def test_no_runtime_module_imports_another_in_a_circle_even_for_types():
+    edges = graph(runtime_modules(), type_checking=True)
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_only_the_frontend_entry_points_import_the_frontend_node():
+    """The node wires the frontend's parts; none of them imports it back, even for a type."""
+    entry_points = {"frontend", "frontend.__main__"}
+    importers = {m for m, imps in graph(runtime_modules(), type_checking=True).items()
+                 if "frontend.node" in imps}
+    assert importers == entry_points
 
 
 def test_no_tool_module_imports_another_in_a_circle():

@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 
@@ -23,7 +22,7 @@ from mesh.io.peers import PeerGone
 from mesh.io.tasks import Tasks
 from frontend.fanout import Fanout
 from frontend.publisher import Publisher
-from frontend.stream import Given, ViewerStream
+from frontend.stream import Given, StreamHooks, ViewerStream
 from mesh.core.subscriptions import SubscriptionTable
 
 
@@ -178,8 +177,10 @@ def test_given_tells_an_unknown_epoch_by_its_predecessor():
 
 
 def _stream() -> ViewerStream:
-    node = SimpleNamespace(fanout=Fanout(SubscriptionTable()), stats=defaultdict(int))
-    return ViewerStream(node, 1, "v", None, "127.0.0.1", catching_up=True, limit=1 << 20)
+    fanout = Fanout(SubscriptionTable())
+    hooks = StreamHooks(stats=defaultdict(int), encode=fanout.encode, attached=lambda ip: None,
+                        detached=lambda ip: None, closed=lambda viewer: None)
+    return ViewerStream(hooks, 1, "v", None, "127.0.0.1", catching_up=True, limit=1 << 20)
 
 
 def _ids(data: bytes) -> list[str]:
@@ -192,7 +193,7 @@ async def test_a_viewer_caught_up_by_a_backup_with_a_smaller_epoch_gets_its_live
     v = _stream()
 
     def live(*events):
-        v.send(v.node.fanout.encode(list(events)), list(events))
+        v.send(v.hooks.encode(list(events)), list(events))
 
     live(_event(2000, 5, (2000, 4)))  # live while the history fetch ran: history has it too
     v.catch_up([_event(2000, 4, (2000, 3)), _event(2000, 5, (2000, 4))], (2000, 3))

@@ -22,7 +22,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httputil import HTTPHeaders
 
 from frontend.admission import STALL_SWEEP_EVERY, ConnectionLimits, Tally, per_ip_connection_cap
-from frontend.security import FrontendSecurity, check_comment_text, json_deeper_than, listening_origins
+from frontend.security import FrontendSecurity, listening_origins
+from mesh.core.checks import check_comment_text, json_deeper_than
 from mesh.config import load_config
 from mesh.core.auth import SubscribePolicy, TokenVerifier
 from mesh.errors import ClientError, ConfigError

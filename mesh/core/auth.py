@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import fnmatch
 import time
-import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
@@ -47,7 +46,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from mesh.core.checks import valid_user
 from mesh.errors import ClientError, ConfigError
+from mesh.wire.protocol import USER_MAX
 
 ACTION_LIKE = "like"
 ACTION_COMMENT = "comment"
@@ -58,7 +59,6 @@ ACTIONS = frozenset({ACTION_LIKE, ACTION_COMMENT, ACTION_SUBSCRIBE})
 SUBSCRIBE_AUDIENCE_SUFFIX = "-subscribe"
 MIN_SECRET_BYTES = 32
 CACHE_SIZE = 10000
-USER_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -194,11 +194,6 @@ class TokenVerifier:
                                    f"a publish token may live at most {self.max_lifetime:g} s "
                                    f"({'exp - iat' if iat is not None else 'exp - now'} is {lifetime:.0f} s)")
         return Grant(user, videos, actions, float(exp))
-
-
-def valid_user(user: object) -> bool:
-    return (isinstance(user, str) and 0 < len(user) <= USER_MAX
-            and not any(unicodedata.category(ch) in ("Cc", "Cs") for ch in user))
 
 
 def _algorithms_of(pem: bytes) -> list[str]:
