@@ -38,6 +38,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import tornado.httpserver
+import tornado.netutil
 import tornado.web
 import zmq
 import zmq.asyncio
@@ -87,7 +89,7 @@ class Bridge:
         self.endpoints: dict[str, str] = {}
         self.dispatchers: PeerLinks | None = None
         self.http_server = None
-        self._sockets: list[zmq.asyncio.Socket] = []
+        self.zmq_sockets: list[zmq.asyncio.Socket] = []
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -104,8 +106,10 @@ class Bridge:
         relay_ep = bind(self.relay, b.host, b.relay_port)
         app = tornado.web.Application([(r"/healthz", HealthHandler, {"node": self}),
                                        (r"/metrics", MetricsHandler, {"registry": bridge_registry(self)})])
-        self.http_server = app.listen(b.http_port, address=b.host, xheaders=False)
-        http_port = next(iter(self.http_server._sockets.values())).getsockname()[1]
+        http_sockets = tornado.netutil.bind_sockets(b.http_port, address=b.host)
+        self.http_server = tornado.httpserver.HTTPServer(app, xheaders=False)
+        self.http_server.add_sockets(http_sockets)
+        http_port = http_sockets[0].getsockname()[1]
         self.endpoints = {"export": export_ep, "import": import_ep, "relay": relay_ep,
                           "http": f"http://{b.host}:{http_port}"}
         for dc, endpoint in self.peers.items():
@@ -162,7 +166,7 @@ class Bridge:
 
     def _socket(self, kind: int, hwm: int, server: bool = False) -> zmq.asyncio.Socket:
         sock = make_socket(self.ctx, kind, sndhwm=hwm, rcvhwm=hwm, curve=self.curve, curve_server=server)
-        self._sockets.append(sock)
+        self.zmq_sockets.append(sock)
         return sock
 
     def _dispatcher_up(self, info: NodeInfo) -> None:
@@ -188,7 +192,7 @@ class Bridge:
             await self.dispatchers.stop()
         if self.peer_relays:
             await self.peer_relays.stop()
-        await release(self.kv, http_server=self.http_server, sockets=self._sockets,
+        await release(self.kv, http_server=self.http_server, sockets=self.zmq_sockets,
                       zap=getattr(self, "zap", None))
 
     # --- the proxies ------------------------------------------------------------------------

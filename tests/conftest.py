@@ -25,7 +25,8 @@ pytest_plugins = ["consul_fixtures", "lb_fixtures"]
 def pytest_pyfunc_call(pyfuncitem):
     if inspect.iscoroutinefunction(pyfuncitem.obj):
         funcargs = pyfuncitem.funcargs
-        args = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+        args = {name: funcargs[name] for name in inspect.signature(pyfuncitem.obj).parameters
+                if name in funcargs}
 
         async def main():
             try:

@@ -218,6 +218,47 @@ def test_no_runtime_module_imports_the_tools():
     assert not {m: i for m, i in offenders.items() if i}
 
 
+#: private attributes of Tornado, pyzmq and asyncio objects that code is tempted to reach: any
+#: release may rename them (the supported Tornado range is pinned in pyproject.toml, and the
+#: public API covers every need: ``RequestHandler.detach``, ``log_exception``, ``write_error``,
+#: ``bind_sockets`` + ``add_sockets``, ``HTTPServer.handle_stream``)
+LIBRARY_PRIVATES = frozenset({
+    "_sockets", "_handlers", "_finished", "_headers", "_headers_written", "_break_cycles",
+    "_connections", "_handle_connection", "_request_summary", "_handle_request_exception",
+    "_reason", "_status_code", "_write_buffer", "_transforms", "_selector"})
+
+
+def library_private_uses(path: str) -> list[str]:
+    """``line: .name`` for each attribute read or written, and each method defined in a class
+    (an override), whose name is in ``LIBRARY_PRIVATES``; read from the syntax tree, so comments
+    and strings do not count."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in LIBRARY_PRIVATES:
+            found.append(f"{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ClassDef):
+            found.extend(f"{item.lineno}: def {item.name}" for item in node.body
+                         if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+                         and item.name in LIBRARY_PRIVATES)
+    return sorted(found, key=lambda line: int(line.split(":")[0]))
+
+
+def test_the_private_attribute_scan_sees_reads_writes_and_overrides(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("port = server._sockets\nhandler._finished = True\n# ._headers in a comment\n"
+                      "class H:\n    def _handle_request_exception(self, e):\n        return '._reason'\n"
+                      "def _connections():\n    pass\n")
+    assert library_private_uses(str(sample)) == ["1: ._sockets", "2: ._finished",
+                                                 "5: def _handle_request_exception"]
+
+
+def test_no_code_touches_a_private_attribute_of_a_library_object():
+    found = {m: uses for m, p in modules_under(CHECKED_FOR_PRIVATE_IMPORTS).items()
+             if (uses := library_private_uses(p))}
+    assert not found
+
+
 def test_no_module_imports_a_private_name_of_another():
     known = set(modules_under(RUNTIME))
     found = {m: private_imports(m, p, known)

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+import tornado.httpserver
+import tornado.netutil
 import tornado.web
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -69,8 +71,9 @@ class Health(tornado.web.RequestHandler):
 async def main(port: int) -> None:
     app = tornado.web.Application([(r"/v1/videos/([^/]+)/events", Events), (r"/v1/videos/([^/]+)/likes", Likes),
                                    (r"/healthz", Health)])
-    server = app.listen(port, address="127.0.0.1")
-    real = next(iter(server._sockets.values())).getsockname()[1]
+    sockets = tornado.netutil.bind_sockets(port, address="127.0.0.1")
+    tornado.httpserver.HTTPServer(app).add_sockets(sockets)
+    real = sockets[0].getsockname()[1]
     print(json.dumps({"ready": True, "http": f"http://127.0.0.1:{real}"}), flush=True)
     await asyncio.Event().wait()
 
