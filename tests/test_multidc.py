@@ -85,7 +85,7 @@ async def test_like_reaches_other_dcs_once_in_order_and_only_where_watched(dcs):
     try:
         # every origin's path to every viewer is in effect before the likes that count: a
         # stream opens once its local owner confirmed it, and another DC's events published
-        # before the subscription reached that DC are not owed (README "Subscription
+        # before the subscription reached that DC are not owed (docs/MULTIDC.md "Subscription
         # propagation"), so dc2's path to dc1 and dc3 is warmed up as well as dc1's
         await _warm_up(d1.front, "launch", [launch["dc2"], launch["dc3"]])
         await _warm_up(d2.front, "launch", [launch["dc1"], launch["dc3"]])

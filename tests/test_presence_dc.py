@@ -251,7 +251,7 @@ valid_summaries = st.builds(
 
 def _expected_presence(summaries: list[dict], our_dc: str) -> tuple[list[str], int]:
     """The users and count a board holds after ``summaries`` (each valid), by the rules of
-    README "Presence": a full summary sets a DC's users, a delta applies only when it is the
+    docs/MULTIDC.md "Presence across datacenters": a full summary sets a DC's users, a delta applies only when it is the
     next of the same owner, the count is always the latest; users are a union over DCs and
     the count adds each DC's viewers that are not identified users."""
     dcs: dict[str, dict] = {}
