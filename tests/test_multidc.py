@@ -180,7 +180,12 @@ async def test_prefix_topics_stay_apart_across_the_bridge(dcs, a, b):
             await like(d1.front, a)
             await like(d1.front, b)
         await wait_until(lambda: len(_ids(va)) >= 6 and len(_ids(vb)) >= 6, what="both videos")
-        await asyncio.sleep(0.2)
+        # markers in turn, each awaited at its viewer: dc1's bridge exports in one sequence and
+        # each peer link is FIFO, so a frame of one video leaking towards the other video's DC
+        # would have crossed before that video's next marker
+        for video, c in ((b, vb), (a, va), (b, vb)):
+            marker = (await like(d1.front, video))["id"]
+            await wait_until(lambda: marker in _ids(c), what=f"marker of {video}")
         assert {json.loads(e.data)["video"] for e in va.of_kind("like")} == {a}
         assert {json.loads(e.data)["video"] for e in vb.of_kind("like")} == {b}
         assert set((await _bridge(d2))["frames"]["import"]) == {a}
