@@ -14,7 +14,7 @@ from mesh.kv.consul import ConsulKV
 from mesh.core.ownership import owner
 from mesh.tools.topology import Topology
 
-from helpers import health, like, read_lines_until, viewer, wait_until
+from helpers import SCHEDULING_MARGIN, health, like, read_lines_until, viewer, wait_until
 
 pytestmark = [pytest.mark.consul, pytest.mark.topology]
 
@@ -69,10 +69,10 @@ async def test_sigkilled_frontend_keys_vanish_and_meshctl_agrees(consul_topo, re
     fa.kill()
     bound = 2 * 10.0  # session TTL 10 s: Consul invalidates within 2 x TTL (lock-delay 0)
     t0 = time.monotonic()
-    await wait_until(lambda: _kv_counts(reader, {"show": {"f2": 2}}), timeout=bound + 3,
-                     interval=0.2, what="f1's keys removed by its session")
-    took = time.monotonic() - t0
-    assert took <= bound + 3, took
+    # the deadline is the check: the bound plus the margin for a loaded runner
+    await wait_until(lambda: _kv_counts(reader, {"show": {"f2": 2}}), timeout=bound + SCHEDULING_MARGIN,
+                     interval=0.2, what=f"f1's keys removed by its session within 2 x TTL ({bound}s)")
+    print(f"\nf1's keys removed {time.monotonic() - t0:.1f}s after its SIGKILL (bound {bound}s)")
     data = json.loads(meshctl(consul_topo.agent, "subs", "--json"))
     assert data == {"videos": {"show": {"frontends": {"f2": 2}, "total": 2}}, "total": 2}
     table = meshctl(consul_topo.agent, "subs", "show")

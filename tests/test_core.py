@@ -160,15 +160,39 @@ def test_malformed_fanout_frames(frames):
         P.FanoutMessage.from_frames(frames)
 
 
+def _msgpack_map(blob: bytes) -> dict | None:
+    """The oracle: ``blob`` as msgpack decodes it, when that is a map; None otherwise."""
+    try:
+        decoded = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+    except Exception:  # noqa: BLE001 - any failure means "not a map" here
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
 def test_unpack_garbage_never_raises_other_errors():
+    """Random bytes and damaged good bodies: each is refused with RemoteProtocolError exactly
+    when msgpack cannot decode it to a map, and decoded to that map otherwise."""
     import random
     rnd = random.Random(7)
-    for _ in range(2000):
-        blob = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 40)))
+    good = P.pack({"events": [{"id": "a", "video": "v"}], "ack": "seqs"})
+    outcomes = collections.Counter()
+    for i in range(2000):
+        if i % 2:
+            blob = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 40)))
+        else:  # a good body with one byte changed, or cut short
+            blob = bytearray(good)
+            blob[rnd.randrange(len(blob))] = rnd.randrange(256)
+            blob = bytes(blob[:rnd.randrange(1, len(blob) + 1)] if rnd.random() < 0.3 else blob)
+        expected = _msgpack_map(blob)
         try:
-            P.Control.from_frames([P.MAGIC_V1, P.MSG_PUBLISH, b"r", blob])
+            msg = P.Control.from_frames([P.MAGIC_V1, P.MSG_PUBLISH, b"r", blob])
         except RemoteProtocolError:
-            pass
+            assert expected is None, blob
+            outcomes["refused"] += 1
+        else:
+            assert (msg.msg_type, msg.request_id, msg.body) == (P.MSG_PUBLISH, b"r", expected), blob
+            outcomes["decoded"] += 1
+    assert outcomes["refused"] > 0 and outcomes["decoded"] > 0, outcomes  # both paths ran
 
 
 # --- ownership ------------------------------------------------------------------------------
@@ -542,11 +566,22 @@ def test_config_file_errors(tmp_path):
 
 
 def test_example_configs_load():
+    """Every example file loads, and every key it sets is in effect with the file's value
+    (a key the loader dropped or coerced wrongly fails here, not in a deployment)."""
     import glob
-    files = glob.glob("config/*.toml")
+    import tomllib
+    files = sorted(glob.glob("config/*.toml"))
     assert files
     for f in files:
-        load_config(f, env={})
+        cfg = load_config(f, env={})
+        with open(f, "rb") as fh:
+            data = tomllib.load(fh)
+        assert data, f"{f} sets nothing"
+        for section, values in data.items():
+            for key, value in values.items():
+                loaded = getattr(cfg.sections()[section], key)
+                want = tuple(value) if isinstance(value, list) else value
+                assert loaded == want, (f, f"{section}.{key}", value, loaded)
 
 
 def test_tail_announcement_reveals_a_lost_last_event():

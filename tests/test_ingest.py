@@ -113,17 +113,20 @@ async def test_what_the_fast_path_does_not_serve_goes_to_tornado_with_its_bytes(
     writer.write(post("fast-3"))  # a like after the hand-over: Tornado's handler answers it
     assert (await answer(reader))[0] == 202
     writer.close()
-    statuses = []
-    for request in (post("fast-3", chunked=True),  # chunked body
-                    post("fast-3").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
-                    post("fast-3").replace(b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\n folded\r\n", 1)):
+    # each is Tornado's to answer: a chunked body and HTTP/1.0 are valid publishes; a folded
+    # header line (obs-fold) is refused, as RFC 9112 (5.2) allows and Tornado >= 6.6 does,
+    # since a proxy in front may unfold it differently (request smuggling)
+    cases = [("chunked", post("fast-3", chunked=True), 202),
+             ("HTTP/1.0", post("fast-3").replace(b"HTTP/1.1", b"HTTP/1.0", 1), 202),
+             ("obs-fold", post("fast-3").replace(b"Host: 127.0.0.1\r\n", b"Host: 127.0.0.1\r\n folded\r\n", 1),
+              400)]
+    for name, request, expected in cases:
         reader, writer = await connect(f.url)
         writer.write(request)
         status, _, body = await answer(reader)
-        assert status in (202, 400), (request, status, body)  # whatever Tornado makes of it
-        statuses.append(status)
+        assert status == expected, (name, status, body)
         writer.close()
-    liked = 2 + statuses.count(202)
+    liked = 2 + sum(1 for _, _, expected in cases if expected == 202)
     assert len(await v.events(liked)) == liked
     v.close()
     text = open(f"{topology.log_dir}/f1.log", encoding="utf-8", errors="replace").read()

@@ -130,7 +130,12 @@ def test_nodes_and_blocking_watch(consul_agent):
             index_all, _ = await kv_fe.watch_nodes(None, 0, wait=20.0)
             watch_one = asyncio.ensure_future(kv_fe.watch_nodes(ROLE_DISPATCHER, same_index, 20.0))
             watch_all = asyncio.ensure_future(kv_fe.watch_nodes(None, index_all, 20.0))
-            await asyncio.sleep(0.3)  # let both queries reach Consul; the wait is the assertion
+            # the marker: a third watch, started after them, that Consul holds for its whole
+            # 0.5 s wait and answers unchanged; by then the two watches started before it
+            # are pending at Consul too, and neither answered early
+            started = time.monotonic()
+            probe = await kv_fe.watch_nodes(ROLE_DISPATCHER, same_index, wait=0.5)
+            assert probe == (same_index, []) and time.monotonic() - started >= 0.5 - 0.01
             assert not watch_one.done() and not watch_all.done()
             started = time.monotonic()
             await kv_disp.register(dispatcher("disp-1"))

@@ -226,7 +226,7 @@ def test_relayed_history_is_checked_and_relay_requests_need_an_origin():
 
 # --- fuzzing the new decoders: only RemoteProtocolError, and what passes merges cleanly ------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -239,29 +239,89 @@ summaries = st.one_of(junk, st.fixed_dictionaries({}, optional={
     "full": st.one_of(st.booleans(), junk), "users": users, "joined": users, "left": users}))
 
 
+#: summaries a peer DC's owner could send: full ones and deltas of two owners, so in-sequence,
+#: out-of-sequence and other-owner deltas all occur
+names = st.sampled_from(["amy", "bob", "cy"])
+valid_summaries = st.builds(
+    lambda dc, origin, n, count, full, a, b: {"dc": dc, "from": origin, "n": n, "count": count, "full": full,
+                                              **({"users": a} if full else {"joined": a, "left": b})},
+    st.sampled_from(["dc1", "dc2", "dc3"]), st.sampled_from(["d1", "d2"]), st.integers(0, 3),
+    st.integers(0, 5), st.booleans(), st.lists(names, max_size=3), st.lists(names, max_size=2))
+
+
+def _expected_presence(summaries: list[dict], our_dc: str) -> tuple[list[str], int]:
+    """The users and count a board holds after ``summaries`` (each valid), by the rules of
+    docs/MULTIDC.md "Presence across datacenters": a full summary sets a DC's users, a delta applies only when it is the
+    next of the same owner, the count is always the latest; users are a union over DCs and
+    the count adds each DC's viewers that are not identified users."""
+    dcs: dict[str, dict] = {}
+    for s in summaries:
+        if s["dc"] == our_dc:
+            continue
+        m = dcs.setdefault(s["dc"], {"from": "", "n": -1, "users": set()})
+        if s["full"]:
+            m.update({"from": s["from"], "n": s["n"], "users": set(s["users"])})
+        elif s["from"] == m["from"] and s["n"] == m["n"] + 1:
+            m.update({"n": s["n"], "users": (m["users"] | set(s["joined"])) - set(s["left"])})
+        else:
+            m["n"] = -1
+        m["count"] = s["count"]
+    users = set().union(*(m["users"] for m in dcs.values()))
+    return sorted(users), len(users) + sum(max(0, m["count"] - len(m["users"])) for m in dcs.values())
+
+
 @FUZZ
-@given(st.lists(summaries, min_size=1, max_size=5))
-def test_fuzz_dc_summaries_only_remote_errors_and_boards_stay_consistent(items):
+@given(st.lists(st.tuples(valid_summaries, summaries), min_size=1, max_size=8))
+def test_fuzz_dc_summaries_only_remote_errors_and_boards_stay_consistent(pairs):
     board = PresenceBoard(dc="dc1", grace=0.0, count_interval=0.0)
-    for now, item in enumerate(items):
+    accepted = []
+    for now, item in enumerate(item for pair in pairs for item in pair):  # a valid one, then junk
         frames = [P.topic_for("v"), P.pack({"v": 1, "k": "D", "from": "d", "summary": item})]
         try:
             msg = P.FanoutMessage.from_frames(frames)
         except RemoteProtocolError:
             continue
+        accepted.append(msg.summary)
         board.update_dc("v", msg.summary, float(now))
         board.tick(float(now))
-        assert board.count("v") >= len(board.users("v")) >= 0
+        assert (board.users("v"), board.count("v")) == _expected_presence(accepted, "dc1"), accepted
+
+
+relay_bodies = st.dictionaries(st.sampled_from(["video", "after", "dc", "events", "reset", "summary"]),
+                               st.one_of(junk, st.lists(junk, max_size=2), summaries, valid_summaries),
+                               max_size=6)
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["video", "after", "dc", "events", "reset"]),
-                       st.one_of(junk, st.lists(junk, max_size=2)), max_size=5))
+@given(relay_bodies)
+@example({"video": "v", "after": [1, 2], "dc": "dc2"})
+@example({"video": "v", "after": None, "dc": "dc2", "events": []})
+@example({"reset": True})
+@example({"video": "v", "summary": {"dc": "dc2", "from": "d1", "n": 0, "count": 1, "full": True, "users": ["amy"]}})
 def test_fuzz_relay_requests_and_replies_only_remote_errors(body):
-    for fn in (lambda: P.relay_history_request(P.Control(P.MSG_HISTORY, b"1", body)),
-               lambda: relayed_history(P.Control(P.MSG_ACK, b"1", body), "v", "dc2"),
-               lambda: P.presence_dc_update(P.Control(P.MSG_PRESENCE_DC, b"1", body))):
-        try:
-            fn()
-        except RemoteProtocolError:
-            pass
+    """Each decoder refuses with RemoteProtocolError only, and what it accepts is what was
+    sent, well-formed (the examples make every decoder accept at least once)."""
+    try:
+        video, after, dc = P.relay_history_request(P.Control(P.MSG_HISTORY, b"1", body))
+    except RemoteProtocolError:
+        pass
+    else:
+        assert (video, after, dc) == (body["video"], tuple(body["after"]) if body["after"] else None, body["dc"])
+        assert P.valid_video_id(video) and P.valid_dc(dc) and P.valid_position(after, allow_none=True)
+    try:
+        relayed = relayed_history(P.Control(P.MSG_ACK, b"1", body), "v", "dc2")
+    except RemoteProtocolError:
+        pass
+    else:
+        if body.get("reset"):
+            assert relayed == {"reset": True}
+        else:
+            assert relayed == {"events": body["events"]}
+            assert all(e["video"] == "v" and P.origin_dc(e, "dc2") == "dc2" for e in relayed["events"])
+    try:
+        video, summary = P.presence_dc_update(P.Control(P.MSG_PRESENCE_DC, b"1", body))
+    except RemoteProtocolError:
+        pass
+    else:
+        assert (video, summary) == (body["video"], body["summary"]) and P.valid_video_id(video)
+        assert P.check_dc_summary(summary) is summary
