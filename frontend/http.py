@@ -3,8 +3,12 @@
 Routes:
 
 * ``GET  /v1/videos/{video}/events``    Server-Sent Events stream of the video
-* ``POST /v1/videos/{video}/likes``     optional JSON body ``{"user": str}``
-* ``POST /v1/videos/{video}/comments``  JSON body ``{"user": str, "text": str}``
+* ``POST /v1/videos/{video}/likes``     optional JSON body ``{"user": str[, "id": key]}``
+* ``POST /v1/videos/{video}/comments``  JSON body ``{"user": str, "text": str[, "id": key]}``
+
+A publish may name an idempotency key, in the ``Idempotency-Key`` field or as the body's
+``id`` (``idempotency_key``): its retries, on any frontend, are answered with the first
+placement and delivered once.
 * ``GET  /healthz``
 * ``GET  /``, ``/static/{file}``, ``/metrics``: the page and metrics (``frontend/page.py``)
 
@@ -24,6 +28,7 @@ from tornado.ioloop import IOLoop
 
 from mesh.wire import protocol as P
 from mesh.errors import ClientError
+from mesh.core.sequencing import IDEMPOTENCY_KEY_MAX, event_id_for_key, parse_idempotency_key
 from mesh.core.sse import encode_retry
 
 from .link import acked
@@ -217,7 +222,31 @@ def prepare_publish(node: "Frontend", call, video: str, kind: str, raw: bytes) -
             raise ClientError(400, "comment_too_long",
                               f"comment text has {len(text)} characters; the limit is {limit}")
         check_comment_text(text)
-    return P.make_event(video, kind, user, text)
+    key = idempotency_key(call.request.headers.get("Idempotency-Key"), body.get("id"))
+    return P.make_event(video, kind, user, text, None if key is None else event_id_for_key(video, user, key))
+
+
+def idempotency_key(header: str | None, body_id: object) -> str | None:
+    """The publish's idempotency key: the ``Idempotency-Key`` field (``parse_idempotency_key``)
+    or the body's ``id`` (a JSON string, the key as it is); both given, they must agree.  The
+    key, the user and the video make the event id (``event_id_for_key``), so a retry on any
+    frontend is the same event."""
+    key = None
+    if header is not None:
+        try:
+            key = parse_idempotency_key(header)
+        except ValueError as exc:
+            raise ClientError(400, "invalid_idempotency_key", f"Idempotency-Key: {exc}") from None
+    if body_id is not None:
+        if not isinstance(body_id, str) or not 0 < len(body_id) <= IDEMPOTENCY_KEY_MAX \
+                or not all(" " <= c <= "~" for c in body_id):
+            raise ClientError(400, "invalid_idempotency_key",
+                              f"id must be a string of 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters")
+        if key is not None and key != body_id:
+            raise ClientError(400, "idempotency_key_mismatch",
+                              "the Idempotency-Key field and the body's id name different keys")
+        key = body_id
+    return key
 
 
 def accepted(event: dict, ack: dict) -> dict:

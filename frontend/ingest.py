@@ -74,8 +74,9 @@ _PREFIX = b"POST /v1/videos/"
 _KINDS = {b"likes": P.KIND_LIKE, b"comments": P.KIND_COMMENT}
 #: fields that make a request Tornado's: chunked or ``Expect`` bodies, upgrades
 _HANDOFF_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
-#: the fields this path reads (the guards': ``frontend/security.py``)
-_READ = frozenset({"content-length", "connection", "host", "origin", "cookie", "authorization"})
+#: the fields this path reads: the guards' (``frontend/security.py``) and the idempotency key
+_READ = frozenset({"content-length", "connection", "host", "origin", "cookie", "authorization",
+                   "idempotency-key"})
 
 
 class Headers(dict):

@@ -12,7 +12,7 @@ import pytest
 
 from mesh.core.ownership import rank
 from mesh.core.pipeline import Broadcast, FetchChain, Forward, Pipeline, Replicate, Reply
-from mesh.core.sequencing import Sequencer, event_id_for_key
+from mesh.core.sequencing import IDEMPOTENCY_KEY_MAX, Sequencer, event_id_for_key, parse_idempotency_key
 from mesh.wire import protocol as P
 
 
@@ -531,3 +531,17 @@ def test_an_idempotency_key_gives_one_event_id_per_video_user_and_key():
     for bad in ("", "x" * 256, "caf\u00e9", "tab\there"):
         with pytest.raises(ValueError):
             event_id_for_key("v1", "amy", bad)
+
+
+def test_an_idempotency_key_field_is_a_bare_key_or_an_rfc8941_string():
+    for value, key in [("order-17", "order-17"), ('"order-17"', "order-17"), ('"a b"', "a b"),
+                       ('"say \\"hi\\""', 'say "hi"'), ('"back\\\\slash"', "back\\slash"),
+                       ("8e03978e-40d5-43e8-bc93-6894a57f9324", "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+                       ("x" * IDEMPOTENCY_KEY_MAX, "x" * IDEMPOTENCY_KEY_MAX),
+                       ('"' + "\\\"" * IDEMPOTENCY_KEY_MAX + '"', '"' * IDEMPOTENCY_KEY_MAX)]:
+        assert parse_idempotency_key(value) == key, value
+    for bad in ("", '""', '"unclosed', '"a"b', '"a";p=1', '"a", "b"', "a,b", "a;p=1", "a b", 'a"b',
+                '"bad \\x escape"', '"tab\there"', '"caf\u00e9"', "caf\u00e9", "x" * (IDEMPOTENCY_KEY_MAX + 1),
+                '"' + "x" * (IDEMPOTENCY_KEY_MAX + 1) + '"', "x" * 100000):
+        with pytest.raises(ValueError):
+            parse_idempotency_key(bad)
