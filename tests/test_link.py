@@ -22,7 +22,7 @@ from mesh.io.history import HistoryUnavailable, fetch_history
 from mesh.io.peers import PeerGone
 from mesh.io.tasks import Tasks
 from frontend.fanout import Fanout
-from frontend.publisher import Publisher
+from frontend.publisher import EXPIRY_MARGIN, Publisher
 from frontend.stream import Given, ViewerStream
 from mesh.core.subscriptions import SubscriptionTable
 
@@ -276,6 +276,7 @@ class FakeDispatchers:
         self.requests: list[tuple[str, int]] = []
         self.seq = defaultdict(int)
         self.refuse: list[dict] = []  # error bodies the next requests are answered with (ERR)
+        self.sent: list[tuple[float, float | None]] = []  # per request: wall-clock ms, its expires
 
     def set(self, names):
         self.peers = {n: None for n in names}
@@ -289,6 +290,7 @@ class FakeDispatchers:
         wire = P.Control.from_frames(P.Control(msg_type, b"1", body).to_frames())  # as a dispatcher reads it
         events = P.publish_events(wire, P.check_row)
         self.requests.append((name, len(events)))
+        self.sent.append((time.time() * 1000.0, P.publish_expiry(wire)))
         await asyncio.wait_for(asyncio.sleep(self.delay.get(name, 0)), timeout)
         if self.refuse:
             return P.Control(P.MSG_ERROR, b"1", self.refuse.pop(0))
@@ -375,3 +377,20 @@ async def test_an_event_refused_as_retryable_is_sent_again_until_placed_and_a_fi
         (res,) = await short.publish_many([_like("v", 2)], on_result)
         assert res["error"]["code"] == P.ERR_NOT_READY and res["error"]["retryable"] is True
         assert short.stats["publish_failures"] == 1
+
+
+async def test_every_attempt_expires_a_margin_before_the_deadline_and_the_503_waits_for_the_deadline():
+    """A publish no dispatcher answers: each attempt's PUB carries ``expires``, the deadline
+    less EXPIRY_MARGIN, and is sent before it; the 503 comes at the deadline, not when the
+    last attempt expires, so no dispatcher clock within the margin places it after the 503."""
+    deadline = 0.6
+    links = FakeDispatchers(["d1"], delay={"d1": 30.0})
+    pub = _publisher(links, attempt=0.1, deadline=deadline)
+    start = time.time() * 1000.0
+    (res,) = await pub.publish_many([_like("v", 0)])
+    answered = time.time() * 1000.0
+    assert res["error"]["code"] == "no_dispatcher"
+    assert len(links.sent) >= 2, links.sent  # attempt_timeout 0.1 s within 0.5 s
+    for at, expires in links.sent:
+        assert at < expires <= start + (deadline - EXPIRY_MARGIN) * 1000.0 + 5.0, (at, expires, start)
+    assert answered >= start + deadline * 1000.0 - 5.0, (answered - start)  # 5 ms: the two clock reads
