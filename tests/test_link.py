@@ -201,6 +201,19 @@ async def test_a_viewer_caught_up_by_a_backup_with_a_smaller_epoch_gets_its_live
     assert _ids(bytes(v.buf)) == ["2000:4", "2000:5", "1000:1", "1000:2"]
 
 
+def test_a_new_owners_first_events_in_one_write_after_a_catch_up_all_reach_the_viewer():
+    """A viewer reconnected while the owner was down and history ended at 2000:7; the owner,
+    restarted with epoch 3000, publishes 3000:1 and 3000:2, which reach the viewer in one
+    write: both are past history's end (the second follows the first, whose epoch the
+    viewer did not hold before the write)."""
+    v = _stream()
+    v.catch_up([], (2000, 7))
+    events = [_event(3000, 1, (2000, 7)), _event(3000, 2, (3000, 1)), _event(3000, 3, (3000, 2))]
+    v.send(v.node.fanout.encode(events), events)
+    v.send(v.node.fanout.encode([_event(3000, 4, (3000, 3))]), [_event(3000, 4, (3000, 3))])
+    assert _ids(bytes(v.buf)) == ["3000:1", "3000:2", "3000:3", "3000:4"]
+
+
 # --- the publish path's core --------------------------------------------------------------------
 
 
