@@ -222,7 +222,11 @@ def check(run: Run) -> tuple[dict, list[str]]:
             problems.append(f"a viewer of {r.video} lost " + ", ".join(
                 f"{run.answers[i]['sse_id']}" for i in sorted(lost, key=run.acked[r.video].index)[:5])
                 + f"; got {_around(r, run.answers[next(iter(lost))]['sse_id'])}")
-        totals["resets"] += sum(1 for kind, _, _ in r.events if kind == "reset")
+        resets = [k for k, (kind, _, _) in enumerate(r.events) if kind == "reset"]
+        totals["resets"] += len(resets)
+        if resets:
+            k = resets[0]
+            problems.append(f"a viewer of {r.video} got reset: {r.events[max(0, k - 4):k + 4]}")
         unknown = [i for i in set(got) - want if i not in run.given_up and i not in run.markers]
         totals["unknown"] += len(unknown)
         delivered = [i for i in got if i in want]
