@@ -71,7 +71,8 @@ class Dispatcher:
         self.leaving = False
         # not ready (publishes and history answered "not_ready") until the first discovery
         # round: before it, live() is ourselves alone and every video would look like ours
-        self.pipeline = Pipeline(self.name, self.seq, self.stats, self.live, time.monotonic, ready=False)
+        self.pipeline = Pipeline(self.name, self.seq, self.stats, self.live, time.monotonic,
+                                 ready=False, wall=time.time)
         self._tasks: list[asyncio.Task] = []
         self.tasks = Tasks(log)
         pr = cfg.presence

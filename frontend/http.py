@@ -3,8 +3,12 @@
 Routes:
 
 * ``GET  /v1/videos/{video}/events``    Server-Sent Events stream of the video
-* ``POST /v1/videos/{video}/likes``     optional JSON body ``{"user": str}``
-* ``POST /v1/videos/{video}/comments``  JSON body ``{"user": str, "text": str}``
+* ``POST /v1/videos/{video}/likes``     optional JSON body ``{"user": str[, "id": key]}``
+* ``POST /v1/videos/{video}/comments``  JSON body ``{"user": str, "text": str[, "id": key]}``
+
+A publish may name an idempotency key, in the ``Idempotency-Key`` field or as the body's
+``id`` (``mesh.core.checks.idempotency_key``): its retries, on any frontend, are answered with the first
+placement and delivered once.
 * ``GET  /healthz``
 * ``GET  /``, ``/static/{file}``, ``/metrics``: the page and metrics (``frontend/page.py``)
 

@@ -73,8 +73,9 @@ _PREFIX = b"POST /v1/videos/"
 _KINDS = {b"likes": P.KIND_LIKE, b"comments": P.KIND_COMMENT}
 #: fields that make a request Tornado's: chunked or ``Expect`` bodies, upgrades
 _HANDOFF_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
-#: the fields this path reads (the checks': ``mesh.core.checks``)
-_READ = frozenset({"content-length", "connection", "host", "origin", "cookie", "authorization"})
+#: the fields this path reads (the checks': ``mesh.core.checks``, the idempotency key included)
+_READ = frozenset({"content-length", "connection", "host", "origin", "cookie", "authorization",
+                   "idempotency-key"})
 
 
 class Headers(dict):

@@ -13,12 +13,20 @@ owner, the chain's tail could not be fetched) means the event was not placed: it
 after ``RETRYABLE_PAUSE``, so a dispatcher restart costs a publisher some milliseconds, not an
 error; only at ``publish_timeout`` does the last such error become the result.  One future per
 owner request and one per group attempt, never one per event.
+
+Expiry.  Every PUB carries ``expires`` (``protocol.publish_body``): the wall-clock time, in ms,
+after which a dispatcher must not place its events -- the earliest deadline of the events in
+it, less ``EXPIRY_MARGIN``.  No attempt is sent after that, and the 503 goes out only at the
+deadline itself, so a publish answered 503 is never placed afterwards, even from a request
+that sat in a dead owner's queue until it restarted (``mesh.core.pipeline``: the rule, and
+the clocks it assumes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable, Iterable
 
 from mesh.wire import protocol as P
@@ -35,6 +43,10 @@ OnResult = Callable[[list[int], list[dict]], None]
 LINK_BROKE_PAUSE = 0.05
 #: seconds before an event refused with a retryable error is sent again
 RETRYABLE_PAUSE = 0.05
+#: seconds a PUB expires before its events' deadline: the largest clock difference between a
+#: frontend and a dispatcher the stale-503 rule tolerates (NTP keeps one DC's hosts within a
+#: few ms, one host's processes share a clock; 100 ms is more than ten times that)
+EXPIRY_MARGIN = 0.1
 
 
 def _consume(fut: asyncio.Future) -> None:
@@ -80,6 +92,7 @@ class Publisher:
         self.attempt_timeout = attempt_timeout
         self.publish_timeout = publish_timeout
         self.outbox = Outbox()
+        self._expires: dict[str, float] = {}  # target -> the ``expires`` of its queued request
 
     async def publish_many(self, events: list[dict], on_result: OnResult | None = None) -> list[dict]:
         """Send ``events`` to their owners; one result per event, in order: the ack
@@ -88,12 +101,14 @@ class Publisher:
         ``on_result`` gets each owner's share as soon as it is known."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
+        expires = (time.time() + self.publish_timeout - EXPIRY_MARGIN) * 1000.0
         results: list[dict | None] = [None] * len(events)
         refused: dict[int, dict] = {}  # index -> its latest retryable error
         pending: list[int] = list(range(len(events)))
         while pending:
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= EXPIRY_MARGIN:  # a request sent now would expire: the answer waits for the deadline
+                await asyncio.sleep(max(0.0, left))
                 break
             links = self.links
             groups = group_by_owner(events, pending, self.owners, links.changed, links.peers)
@@ -103,7 +118,7 @@ class Publisher:
                 except asyncio.TimeoutError:
                     break
                 continue
-            sent = {self._enqueue(target, [events[i] for i in idx]): idx for target, idx in groups.items()}
+            sent = {self._enqueue(target, [events[i] for i in idx], expires): idx for target, idx in groups.items()}
             refused_before = len(refused)
             refused.clear()
             if on_result is None:  # one wait for all: the cheapest for a caller that awaits the lot
@@ -153,27 +168,34 @@ class Publisher:
         _abandon(late)
         return failed
 
-    def _enqueue(self, target: str, events: list[dict]) -> asyncio.Future:
-        """Queue ``events`` for ``target``'s next request; the future gets one result per
-        event (None for an event the ack did not cover)."""
+    def _enqueue(self, target: str, events: list[dict], expires: float) -> asyncio.Future:
+        """Queue ``events`` (to be placed before ``expires``, wall-clock ms) for ``target``'s
+        next request; the future gets one result per event (None for an event the ack did
+        not cover).  The request expires with its earliest event: one that expires earlier
+        than its own deadline is refused ``expired`` (retryable) and sent again."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if self.outbox.add(target, events, fut):
+            self._expires[target] = expires
             loop.call_soon(self._flush, target)
+        elif expires < self._expires[target]:
+            self._expires[target] = expires
         return fut
 
     def _flush(self, target: str) -> None:
         batch = self.outbox.take(target)
+        expires = self._expires.pop(target, None)
         if batch:
             self.stats["publish_requests"] += 1
-            self.tasks.spawn(self._send(target, batch))
+            self.tasks.spawn(self._send(target, batch, expires))
 
-    async def _send(self, target: str, batch: list[tuple[list[dict], asyncio.Future]]) -> None:
+    async def _send(self, target: str, batch: list[tuple[list[dict], asyncio.Future]], expires: float | None) -> None:
         chunks = joined(batch)
         results: dict[str, dict] = {}
         try:
             replies = await asyncio.gather(*(self.links.request(
-                target, P.MSG_PUBLISH, P.publish_body(c), self.publish_timeout) for c in chunks))
+                target, P.MSG_PUBLISH, P.publish_body(c, expires=expires),
+                self.publish_timeout) for c in chunks))
             for rows, reply in zip(chunks, replies):
                 ack_results(rows, reply, results)
         except asyncio.TimeoutError:

@@ -224,7 +224,9 @@ class Given:
     came from, across an owner change): its ``prev`` tells, since the live path delivers in
     chain order.  It is fresh when it starts a chain, when its predecessor is in an epoch the
     viewer holds, or once the live path has brought an event of an epoch the viewer holds
-    (everything of older epochs precedes those)."""
+    (everything of older epochs precedes those).  A fresh event joins what the viewer holds:
+    the events after it in the same write follow it (a new owner's ``e:1`` and ``e:2`` in one
+    write, both past history's end)."""
 
     __slots__ = ("ids", "last_seq", "past_older")
 
@@ -242,9 +244,14 @@ class Given:
     def is_fresh(self, event: dict) -> bool:
         if event["id"] in self.ids:
             return False
-        last = self.last_seq.get(event["epoch"])
+        epoch, seq = event["epoch"], event["seq"]
+        last = self.last_seq.get(epoch)
         if last is not None:
             self.past_older = True
-            return event["seq"] > last
-        prev = event.get("prev")
-        return not prev or prev[0] in self.last_seq or self.past_older
+            fresh = seq > last
+        else:
+            prev = event.get("prev")
+            fresh = not prev or prev[0] in self.last_seq or self.past_older
+        if fresh:
+            self.last_seq[epoch] = seq
+        return fresh

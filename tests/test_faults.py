@@ -438,3 +438,37 @@ async def test_a_bridge_relays_its_dcs_chain_from_the_backup_while_the_owner_is_
     finally:
         dealer.close(linger=0)
         ctx.term()
+
+
+async def test_a_keyed_publish_sent_to_both_frontends_and_retried_past_its_owners_death_is_one_event(topology):
+    """The same Idempotency-Key sent to two frontends at once, then again to both after the
+    video's owner is SIGKILLed (the backup, which holds the replica, answers): the four answers
+    agree on the id and the placement, and every viewer gets the event once (proven by a
+    marker published after the retries, which arrives right after it)."""
+    names = ("d1", "d2", "d3")
+    for name in names:
+        topology.dispatcher(name)
+    video = _ranked("d1", "d2", names, "keyed-")
+    fronts = [topology.frontend(name, **PATIENT) for name in ("f1", "f2")]
+    cols = [Collector(await viewer(f.url, video)) for f in fronts]
+
+    async def keyed(url: str, key: str) -> tuple[int, dict]:
+        return await http("POST", f"{url}/v1/videos/{video}/likes", {"user": "amy"},
+                          headers={"Idempotency-Key": f'"{key}"'}, timeout=15)
+
+    first = await asyncio.gather(*(keyed(f.url, "like-1") for f in fronts))
+    assert [status for status, _ in first] == [202, 202] and first[0][1] == first[1][1], first
+    placed = first[0][1]
+    d1 = next(n for n in topology.nodes if n.name == "d1")
+    d1.kill()
+    retried = await asyncio.gather(*(keyed(f.url, "like-1") for f in fronts))
+    assert [status for status, _ in retried] == [202, 202], retried
+    assert all(body == placed for _, body in retried), (placed, retried)
+    status, marker = await keyed(fronts[0].url, "marker")
+    assert status == 202 and marker["id"] != placed["id"]
+    for c in cols:
+        await wait_until(lambda c=c: marker["id"] in c.ids(), timeout=15, what="the marker at a viewer")
+        assert c.ids() == [placed["id"], marker["id"]], c.ids()
+        assert [e.id for e in c.of_kind("like")][0] == placed["sse_id"]
+        assert not c.of_kind("reset")
+        await c.close()

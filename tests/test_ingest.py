@@ -145,6 +145,9 @@ CASES = [
     ("likes", b"{}", (("Origin", "https://evil.example"),)),             # origin_not_allowed
     ("likes", b"{}", (("Origin", "https://app.example"),)),              # CORS headers
     ("comments", b'{"text":"' + b"x" * 100 + b'"}', ()),                  # body_too_large (64)
+    ("likes", b"{}", (("Idempotency-Key", '"unclosed'),)),               # invalid_idempotency_key
+    ("likes", b'{"id":5}', ()),                                           # invalid_idempotency_key
+    ("likes", b'{"id":"a"}', (("Idempotency-Key", "b"),)),               # idempotency_key_mismatch
 ]
 COMPARED = ("content-type", "access-control-allow-origin", "vary", "access-control-expose-headers",
             "retry-after", "www-authenticate")
@@ -279,3 +282,33 @@ def test_what_the_fast_path_parses_tornado_parses_the_same(data):
         assert headers.get(name) == value, (name, value, headers.get(name))
     assert sum(1 for k, _ in headers.get_all() if k.lower() in ("transfer-encoding", "expect", "upgrade")) == 0
     assert int(headers.get("Content-Length", "0")) == len(body) and length == len(data[:end + 4]) + len(body)
+
+
+async def test_an_idempotency_key_names_one_event_on_both_paths_and_in_either_place(topology):
+    """The same key -- as a bare or a quoted ``Idempotency-Key``, or as the body's ``id`` -- on
+    the fast path and on Tornado's is one event: one placement, delivered once."""
+    topology.dispatcher("d1")
+    f = topology.frontend("f1")
+    v = await viewer(f.url, "keyed-1")
+    reader, writer = await connect(f.url)
+    try:
+        answers = []
+        for body, headers, chunked in [(b"{}", (("Idempotency-Key", "order-17"),), False),
+                                       (b"{}", (("Idempotency-Key", '"order-17"'),), True),
+                                       (b'{"id":"order-17"}', (), False),
+                                       (b'{"id":"order-17"}', (("Idempotency-Key", '"order-17"'),), False)]:
+            writer.write(post("keyed-1", "likes", body, headers, chunked))
+            answers.append(await answer(reader))
+        writer.write(post("keyed-1", "likes", b"{}", (("Idempotency-Key", "marker"),)))
+        marker = await answer(reader)
+        writer.write(post("keyed-1", "likes", b"{}", (("Idempotency-Key", "a"), ("Idempotency-Key", "b"))))
+        repeated = await answer(reader)  # the fast path hands it to Tornado, which joins the two
+    finally:
+        writer.close()
+    first = answers[0][2]
+    assert [a[0] for a in answers] == [202] * 4 and all(a[2] == first for a in answers), answers
+    assert first["id"].startswith("k") and marker[0] == 202 and marker[2]["id"] != first["id"]
+    assert repeated[0] == 400 and repeated[2]["error"]["code"] == "invalid_idempotency_key", repeated
+    got = await v.events(2, kinds={"like"})
+    assert [json.loads(e.data)["id"] for e in got] == [first["id"], marker[2]["id"]]
+    assert got[0].id == first["sse_id"]

@@ -21,7 +21,7 @@ from mesh.io.history import HistoryUnavailable, fetch_history
 from mesh.io.peers import PeerGone
 from mesh.io.tasks import Tasks
 from frontend.fanout import Fanout
-from frontend.publisher import Publisher
+from frontend.publisher import EXPIRY_MARGIN, Publisher
 from frontend.stream import Given, StreamHooks, ViewerStream
 from mesh.core.subscriptions import SubscriptionTable
 
@@ -202,6 +202,19 @@ async def test_a_viewer_caught_up_by_a_backup_with_a_smaller_epoch_gets_its_live
     assert _ids(bytes(v.buf)) == ["2000:4", "2000:5", "1000:1", "1000:2"]
 
 
+def test_a_new_owners_first_events_in_one_write_after_a_catch_up_all_reach_the_viewer():
+    """A viewer reconnected while the owner was down and history ended at 2000:7; the owner,
+    restarted with epoch 3000, publishes 3000:1 and 3000:2, which reach the viewer in one
+    write: both are past history's end (the second follows the first, whose epoch the
+    viewer did not hold before the write)."""
+    v = _stream()
+    v.catch_up([], (2000, 7))
+    events = [_event(3000, 1, (2000, 7)), _event(3000, 2, (3000, 1)), _event(3000, 3, (3000, 2))]
+    v.send(v.node.fanout.encode(events), events)
+    v.send(v.node.fanout.encode([_event(3000, 4, (3000, 3))]), [_event(3000, 4, (3000, 3))])
+    assert _ids(bytes(v.buf)) == ["3000:1", "3000:2", "3000:3", "3000:4"]
+
+
 # --- the publish path's core --------------------------------------------------------------------
 
 
@@ -277,6 +290,7 @@ class FakeDispatchers:
         self.requests: list[tuple[str, int]] = []
         self.seq = defaultdict(int)
         self.refuse: list[dict] = []  # error bodies the next requests are answered with (ERR)
+        self.sent: list[tuple[float, float | None]] = []  # per request: wall-clock ms, its expires
 
     def set(self, names):
         self.peers = {n: None for n in names}
@@ -290,6 +304,7 @@ class FakeDispatchers:
         wire = P.Control.from_frames(P.Control(msg_type, b"1", body).to_frames())  # as a dispatcher reads it
         events = P.publish_events(wire)
         self.requests.append((name, len(events)))
+        self.sent.append((time.time() * 1000.0, P.publish_expiry(wire)))
         await asyncio.wait_for(asyncio.sleep(self.delay.get(name, 0)), timeout)
         if self.refuse:
             return P.Control(P.MSG_ERROR, b"1", self.refuse.pop(0))
@@ -376,3 +391,20 @@ async def test_an_event_refused_as_retryable_is_sent_again_until_placed_and_a_fi
         (res,) = await short.publish_many([_like("v", 2)], on_result)
         assert res["error"]["code"] == P.ERR_NOT_READY and res["error"]["retryable"] is True
         assert short.stats["publish_failures"] == 1
+
+
+async def test_every_attempt_expires_a_margin_before_the_deadline_and_the_503_waits_for_the_deadline():
+    """A publish no dispatcher answers: each attempt's PUB carries ``expires``, the deadline
+    less EXPIRY_MARGIN, and is sent before it; the 503 comes at the deadline, not when the
+    last attempt expires, so no dispatcher clock within the margin places it after the 503."""
+    deadline = 0.6
+    links = FakeDispatchers(["d1"], delay={"d1": 30.0})
+    pub = _publisher(links, attempt=0.1, deadline=deadline)
+    start = time.time() * 1000.0
+    (res,) = await pub.publish_many([_like("v", 0)])
+    answered = time.time() * 1000.0
+    assert res["error"]["code"] == "no_dispatcher"
+    assert len(links.sent) >= 2, links.sent  # attempt_timeout 0.1 s within 0.5 s
+    for at, expires in links.sent:
+        assert at < expires <= start + (deadline - EXPIRY_MARGIN) * 1000.0 + 5.0, (at, expires, start)
+    assert answered >= start + deadline * 1000.0 - 5.0, (answered - start)  # 5 ms: the two clock reads

@@ -12,7 +12,7 @@ import pytest
 
 from mesh.core.ownership import rank
 from mesh.core.pipeline import Broadcast, FetchChain, Forward, Pipeline, Replicate, Reply
-from mesh.core.sequencing import Sequencer, event_id_for_key
+from mesh.core.sequencing import IDEMPOTENCY_KEY_MAX, Sequencer, event_id_for_key, parse_idempotency_key
 from mesh.wire import protocol as P
 
 
@@ -27,7 +27,8 @@ class Node:
         self.live = list(mesh.names)  # this node's view of the dispatcher set
         self.seq = Sequencer(epoch=epoch, history_size=100)
         self.stats: dict = defaultdict(int)
-        self.pipeline = Pipeline(name, self.seq, self.stats, lambda: self.live, mesh.clock)
+        self.pipeline = Pipeline(name, self.seq, self.stats, lambda: self.live, mesh.clock,
+                                 wall=lambda: mesh.wall)
         self.replies: dict[bytes, P.Control] = {}   # client request id -> reply
         self.broadcast: list[P.FanoutMessage] = []  # XPUB messages, in order
         self.pending: list = []                     # peer requests not carried out yet
@@ -47,6 +48,7 @@ class Mesh:
     def __init__(self, *names: str):
         self.names = names
         self.now = 100.0
+        self.wall = 1.7e9  # the wall clock (seconds), which a PUB's expires is read against
         self.nodes = {n: Node(self, n, epoch) for epoch, n in enumerate(names, 1)}
         self._ids = itertools.count(1)
         self._waiting: dict[bytes, tuple[str, object]] = {}
@@ -57,8 +59,9 @@ class Mesh:
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
 
-    def publish(self, name: str, events: list[dict], request_id: bytes) -> None:
-        msg = _wire(P.Control(P.MSG_PUBLISH, request_id, P.publish_body(list(map(P.event_row, events)))))
+    def publish(self, name: str, events: list[dict], request_id: bytes, expires: float | None = None) -> None:
+        msg = _wire(P.Control(P.MSG_PUBLISH, request_id,
+                              P.publish_body(list(map(P.event_row, events)), expires=expires)))
         self.apply(name, self.nodes[name].pipeline.publish([(b"client", msg)]))
 
     def history(self, name: str, video: str, after, request_id: bytes) -> None:
@@ -532,3 +535,60 @@ def test_an_idempotency_key_gives_one_event_id_per_video_user_and_key():
     for bad in ("", "x" * 256, "caf\u00e9", "tab\there"):
         with pytest.raises(ValueError):
             event_id_for_key("v1", "amy", bad)
+
+
+def test_an_idempotency_key_field_is_a_bare_key_or_an_rfc8941_string():
+    for value, key in [("order-17", "order-17"), ('"order-17"', "order-17"), ('"a b"', "a b"),
+                       ('"say \\"hi\\""', 'say "hi"'), ('"back\\\\slash"', "back\\slash"),
+                       ("8e03978e-40d5-43e8-bc93-6894a57f9324", "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+                       ("x" * IDEMPOTENCY_KEY_MAX, "x" * IDEMPOTENCY_KEY_MAX),
+                       ('"' + "\\\"" * IDEMPOTENCY_KEY_MAX + '"', '"' * IDEMPOTENCY_KEY_MAX)]:
+        assert parse_idempotency_key(value) == key, value
+    for bad in ("", '""', '"unclosed', '"a"b', '"a";p=1', '"a", "b"', "a,b", "a;p=1", "a b", 'a"b',
+                '"bad \\x escape"', '"tab\there"', '"caf\u00e9"', "caf\u00e9", "x" * (IDEMPOTENCY_KEY_MAX + 1),
+                '"' + "x" * (IDEMPOTENCY_KEY_MAX + 1) + '"', "x" * 100000):
+        with pytest.raises(ValueError):
+            parse_idempotency_key(bad)
+
+
+def test_an_expired_publish_is_never_placed_on_the_fast_or_the_slow_path(mesh):
+    """A PUB whose ``expires`` has passed when it is taken, or when its slow-path batch (a
+    chain fetch, a forward) resumes, is answered ``expired`` (retryable) and never placed: the
+    next event of the video takes the place it would have had."""
+    video = video_owned_by("d1", "d2", mesh.names)
+    in_ms = lambda seconds: (mesh.wall + seconds) * 1000.0  # noqa: E731
+
+    def result(name: str, rid: bytes):
+        [where] = placements(mesh[name].replies[rid], 1)
+        return where
+
+    # the owner's first publish of the video fetches the chain; the wall clock passes expires meanwhile
+    mesh.publish("d1", likes(video, 1), b"slow", expires=in_ms(1.0))
+    assert mesh["d1"].held(FetchChain)
+    mesh.wall += 1.0
+    mesh.settle()
+    assert result("d1", b"slow")["code"] == P.ERR_EXPIRED and result("d1", b"slow")["retryable"] is True
+    mesh.publish("d1", likes(video, 1, start=1), b"live", expires=in_ms(1.0))
+    mesh.settle()
+    assert result("d1", b"live") == (1, 1)
+    # the fast path: taken after it expired
+    mesh.publish("d1", likes(video, 1, start=2), b"stale", expires=in_ms(-0.001))
+    mesh.settle()
+    assert result("d1", b"stale")["code"] == P.ERR_EXPIRED
+    # a forward carries the expiry, and the owner reads it when the forward arrives
+    mesh.publish("d2", likes(video, 1, start=3), b"fwd", expires=in_ms(0.5))
+    [forward] = mesh["d2"].held(Forward)
+    assert forward.body["expires"] == in_ms(0.5)
+    mesh.wall += 0.5
+    mesh.settle()
+    assert result("d2", b"fwd")["code"] == P.ERR_EXPIRED
+    mesh.publish("d2", likes(video, 1, start=4), b"marker")
+    mesh.settle()
+    assert result("d2", b"marker") == (1, 2)
+    assert _ids(mesh["d1"].events(video)) == [f"{video}-1", f"{video}-4"]
+    assert mesh["d1"].stats["publish_expired"] == 3
+    for bad in ("soon", float("nan"), [1]):
+        msg = _wire(P.Control(P.MSG_PUBLISH, b"bad", {**P.publish_body(likes(video, 1, start=5), rows=True),
+                                                      "expires": bad}))
+        [reply] = mesh["d1"].pipeline.publish([(b"client", msg)])
+        assert reply.msg.msg_type == P.MSG_ERROR and "expires" in reply.msg.body["message"]

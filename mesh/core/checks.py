@@ -8,7 +8,10 @@ Theory of operation.  A publish is checked in this order (``PublishChecks.event`
    that order (the frontend's ``FrontendSecurity.authorize_publish``, handed in: its
    policies hold state, the token buckets and the verified-token cache);
 3. the body: size, UTF-8, nesting depth, JSON object;
-4. the user (the token's ``sub`` wins over the body's) and the comment text.
+4. the user (the token's ``sub`` wins over the body's) and the comment text;
+5. the idempotency key (the ``Idempotency-Key`` field or the body's ``id``), which with the
+   video and the user makes the event id (``mesh.core.sequencing.event_id_for_key``), so a
+   retry on any frontend is the same event.
 
 Each check reads a ``PublishRequest`` (method, path, header fields, body, peer address and the
 time) and nothing else: no handler, socket or loop.  The same functions serve every path that
@@ -29,6 +32,7 @@ import json
 import re
 from typing import Any, Callable, NamedTuple
 
+from mesh.core.sequencing import IDEMPOTENCY_KEY_MAX, event_id_for_key, parse_idempotency_key
 from mesh.errors import ClientError
 from mesh.wire import protocol as P
 
@@ -172,6 +176,27 @@ def parse_body(raw: bytes, kind: str, max_bytes: int, max_depth: int) -> dict:
     return body
 
 
+def idempotency_key(header: str | None, body_id: object) -> str | None:
+    """The publish's idempotency key: the ``Idempotency-Key`` field (``parse_idempotency_key``)
+    or the body's ``id`` (a JSON string, the key as it is); both given, they must agree."""
+    key = None
+    if header is not None:
+        try:
+            key = parse_idempotency_key(header)
+        except ValueError as exc:
+            raise ClientError(400, "invalid_idempotency_key", f"Idempotency-Key: {exc}") from None
+    if body_id is not None:
+        if not isinstance(body_id, str) or not 0 < len(body_id) <= IDEMPOTENCY_KEY_MAX \
+                or not all(" " <= c <= "~" for c in body_id):
+            raise ClientError(400, "invalid_idempotency_key",
+                              f"id must be a string of 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters")
+        if key is not None and key != body_id:
+            raise ClientError(400, "idempotency_key_mismatch",
+                              "the Idempotency-Key field and the body's id name different keys")
+        key = body_id
+    return key
+
+
 # --- all of them -----------------------------------------------------------------------------
 
 class PublishChecks:
@@ -201,4 +226,5 @@ class PublishChecks:
         if user is not None:
             check_user(user)
         text = check_comment(body.get("text"), self.max_comment_chars) if kind == P.KIND_COMMENT else None
-        return P.make_event(video, kind, user, text)
+        key = idempotency_key(req.headers.get("Idempotency-Key"), body.get("id"))
+        return P.make_event(video, kind, user, text, None if key is None else event_id_for_key(video, user, key))

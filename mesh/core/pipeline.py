@@ -64,11 +64,28 @@ the writer whatever the order of deaths and restarts:
 * Two copies.  A backup that does not answer a ``REPL`` (or is suspect) is replaced by the
   next dispatcher in the video's rendezvous order, so an acknowledged event is held by two
   dispatchers while two are alive, and a new owner finds the tail where its sync looks.
+
+Expiry: no stale 503.  A PUB carries ``expires`` (``protocol.publish_expiry``), the wall-clock
+time after which its events must not be placed: the frontend's deadline for them less
+``frontend.publisher.EXPIRY_MARGIN``.  The frontend answers 503 only at that deadline.  An
+event is placed only if ``wall()`` reads before ``expires`` when it is sequenced -- checked
+as a request is taken (the fast path sequences in the same call), and again when a slow-path
+batch forwards or sequences, since a forward or a chain fetch can take long; a forward
+carries the earliest ``expires`` of its events, so the owner checks too.  An expired event
+gets the retryable result ``expired`` and is not placed.  So when the dispatcher's clock is at
+most EXPIRY_MARGIN behind the frontend's (one host: one clock; one DC: NTP, milliseconds),
+every placement happens before the 503 is sent: a request that waited in a dead owner's
+socket queue until the owner restarted is dropped, not placed seconds later behind newer
+acknowledged events.  What the rule cannot exclude is a placement just before the deadline
+whose ACK arrives after it: that event is delivered once, and a retry with the same
+Idempotency-Key is answered with its placement.  A clock ahead of the frontend's only expires
+events early (they are sent again while the deadline allows).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Callable
 
@@ -190,7 +207,7 @@ class PendingAck:
     results to their own commit (``fill``): two of them, for two videos of one request, may be
     in flight at once."""
 
-    __slots__ = ("out", "peer", "request_id", "results", "sent", "epoch")
+    __slots__ = ("out", "peer", "request_id", "results", "sent", "epoch", "expires")
 
     def __init__(self, out: list, peer: bytes, request_id: bytes, size: int, epoch: int):
         self.out = out  # the pipeline's effects: the ACK goes there
@@ -199,6 +216,7 @@ class PendingAck:
         self.results: list[int | tuple[int, int] | dict | None] = [None] * size
         self.sent = False
         self.epoch = epoch
+        self.expires: float | None = None  # the request's ``expires``: wall-clock ms
 
     def fill(self, i: int, result: int | tuple[int, int] | dict) -> None:
         """Event ``i``'s result, unless it has one; the ACK leaves once all have one."""
@@ -302,12 +320,14 @@ class Pipeline:
 
     ``live()`` is the dispatcher set ownership is computed over (ours included unless we are
     leaving), ``clock()`` a monotonic clock in seconds; ``stats`` is the node's counters;
-    ``ready``: whether ``live()`` is known (the shell sets it after its first discovery)."""
+    ``ready``: whether ``live()`` is known (the shell sets it after its first discovery);
+    ``wall()`` the wall clock in seconds, which a PUB's ``expires`` is read against."""
 
     def __init__(self, name: str, seq: Sequencer, stats: dict, live: Callable[[], list[str]],
                  clock: Callable[[], float], ready: bool = True,
-                 handoff_hold: float = HANDOFF_HOLD):
+                 handoff_hold: float = HANDOFF_HOLD, wall: Callable[[], float] = time.time):
         self.ready = ready
+        self.wall = wall
         self.handoff_hold = handoff_hold
         #: videos we write now: owned in our view since the last change of the set, tail synced
         self.writing: set[str] = set()
@@ -515,6 +535,7 @@ class Pipeline:
             events, rejected = P.publish_items(msg)
             if not events:  # nothing usable: the whole request is rejected
                 raise RemoteProtocolError(rejected[0][1]["message"])
+            expires = P.publish_expiry(msg)
         except RemoteProtocolError as exc:
             self.out.append(rejection(self.stats, peer, msg, "malformed", exc))
             return
@@ -527,6 +548,11 @@ class Pipeline:
                              len(events) + len(rejected), peer[:16], rejected[0][1]["message"])
             for i, result in rejected:
                 ack.fill(i, result)
+        if expires is not None:
+            ack.expires = expires
+            if self.wall() * 1000.0 >= expires:
+                self._expired([(ack, i, event) for i, event in events])
+                return
         fwd = bool(msg.body.get("fwd"))
         if fwd and msg.body.get("leaving") is True:
             self._depart(msg.body.get("from"))
@@ -735,6 +761,8 @@ class Pipeline:
             if self.seq.has_log(video) or owner(video, self._owners()) != self.name:
                 return self._resume(video, op)
             return self._fetch(video, op)
+        if not self._drop_expired(op):
+            return True
         writer = self._writer(video)
         if writer != self.name:
             if op.fwd or writer is None:  # never forwarded twice: views of the set differ
@@ -746,6 +774,9 @@ class Pipeline:
                     "fwd": True, "from": self.name}
             if self.name not in self.live():  # we are leaving: the writer-to-be may not know yet
                 body["leaving"] = True
+            expiring = [ack.expires for ack, _, _ in op.items if ack.expires is not None]
+            if expiring:
+                body["expires"] = min(expiring)
             self.out.append(Forward(writer, video, body, len(op.items), op))
             return False
         if video in self.writing:
@@ -807,6 +838,8 @@ class Pipeline:
         return self._run(video, op)
 
     def _run(self, video: str, op: SlowBatch) -> bool:
+        if not self._drop_expired(op):
+            return True
         burst = Burst([], deferred=[], slow=video)  # other slow publishes may settle these requests
         self._sequence(video, op.items, rank(video, self._owners()), burst, self.clock())
         self._replicate(burst)
@@ -815,6 +848,22 @@ class Pipeline:
             return False
         self._finish(burst)
         return True
+
+    def _drop_expired(self, op: SlowBatch) -> bool:
+        """Answer ``expired`` for the items of ``op`` past their request's ``expires`` and
+        keep the rest; False when none is left."""
+        now = self.wall() * 1000.0
+        late = [item for item in op.items if item[0].expires is not None and now >= item[0].expires]
+        if late:
+            self._expired(late)
+            op.items = [item for item in op.items if item[0].expires is None or now < item[0].expires]
+        return bool(op.items)
+
+    def _expired(self, items: list[Item]) -> None:
+        self.stats["publish_expired"] += len(items)
+        result = P.error_body(P.ERR_EXPIRED, "the publish expired before it could be placed", retryable=True)
+        for ack, i, _ in items:
+            ack.fill(i, result)
 
     def _refuse(self, op: SlowBatch | HistoryWait, code: str, message: str) -> None:
         """``op`` answered with a retryable error: nothing of it was placed."""

@@ -76,6 +76,51 @@ def event_id_for_key(video: str, user: str | None, key: str) -> str:
     return KEYED_ID_PREFIX + hashlib.blake2b(scope, digest_size=16).hexdigest()
 
 
+#: the characters of a bare (unquoted) ``Idempotency-Key``: visible ASCII without DQUOTE,
+#: backslash, comma or semicolon, so a list or a parameter is refused, never read as a key
+_BARE_KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - set('"\\,;')
+
+
+def parse_idempotency_key(value: str) -> str:
+    """The key an ``Idempotency-Key`` field value names (IETF httpapi draft: an RFC 8941
+    String item).  Accepted: a quoted String -- ``"..."`` of printable ASCII (0x20-0x7E),
+    with ``\\"`` and ``\\\\`` the only escapes, nothing after the closing quote -- or the
+    key bare, of ``_BARE_KEY_CHARS``.  Either way the key is 1..IDEMPOTENCY_KEY_MAX
+    characters.  One pass over the value; raises ValueError with the reason."""
+    if len(value) > 2 * IDEMPOTENCY_KEY_MAX + 2:  # longer than any escaped key: refused unread
+        raise ValueError(f"an idempotency key is at most {IDEMPOTENCY_KEY_MAX} characters")
+    if not value.startswith('"'):
+        if value and not all(c in _BARE_KEY_CHARS for c in value):
+            raise ValueError('a bare idempotency key is visible ASCII without " \\ , or ; '
+                             '(quote it as an RFC 8941 string for other characters)')
+        key = value
+    else:
+        chars: list[str] = []
+        i, n = 1, len(value)
+        while True:
+            if i >= n:
+                raise ValueError("the quoted idempotency key has no closing quote")
+            c = value[i]
+            if c == "\\":
+                if i + 1 >= n or value[i + 1] not in '"\\':
+                    raise ValueError('in a quoted idempotency key only \\" and \\\\ are escapes')
+                chars.append(value[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                break
+            if not " " <= c <= "~":
+                raise ValueError("a quoted idempotency key is printable ASCII")
+            chars.append(c)
+            i += 1
+        if i != n - 1:
+            raise ValueError("nothing may follow the quoted idempotency key (no list, no parameters)")
+        key = "".join(chars)
+    if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise ValueError(f"an idempotency key is 1..{IDEMPOTENCY_KEY_MAX} characters")
+    return key
+
+
 @dataclass
 class VideoLog:
     seq: int = 0                   # last seq this dispatcher assigned in its own epoch

@@ -359,9 +359,24 @@ class Control:
         return cls(msg_type, request_id, decoded)
 
 
-def publish_body(events: list[list]) -> dict:
-    """A PUB body: ``events`` as rows (``event_row``, or a dispatcher's ``check_row`` rows)."""
-    return {"events": events}
+def publish_body(events: list[list], expires: float | None = None) -> dict:
+    """A PUB body: ``events`` as rows (``event_row``, or a dispatcher's ``check_row`` rows);
+    ``expires``: the wall-clock time (ms since the Unix epoch) after which no dispatcher places
+    these events (``publish_expiry``)."""
+    body = {"events": events}
+    if expires is not None:
+        body["expires"] = expires
+    return body
+
+
+def publish_expiry(msg: Control) -> float | None:
+    """A PUB's ``expires`` (ms since the Unix epoch), None when it has none."""
+    expires = msg.body.get("expires")
+    if expires is None:
+        return None
+    if type(expires) not in (int, float) or expires != expires:  # NaN compares false with every clock
+        raise RemoteProtocolError(f"publish 'expires' must be a number of ms, not {str(expires)[:40]!r}")
+    return float(expires)
 
 
 def _body_events(msg: Control) -> list:
@@ -571,6 +586,8 @@ def chain_reply(msg: Control, video: str, dc: str) -> list[list] | None:
 #: the error code of a dispatcher that serves no publish or history yet: it has just started
 #: and does not know the dispatcher set, so it cannot tell which videos it owns (retry later)
 ERR_NOT_READY = "not_ready"
+#: an event result: the PUB's ``expires`` had passed, the event was not placed (retryable)
+ERR_EXPIRED = "expired"
 
 
 def error_body(code: str, message: str, retryable: bool = False) -> dict:
