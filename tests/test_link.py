@@ -210,8 +210,8 @@ def test_a_new_owners_first_events_in_one_write_after_a_catch_up_all_reach_the_v
     v = _stream()
     v.catch_up([], (2000, 7))
     events = [_event(3000, 1, (2000, 7)), _event(3000, 2, (3000, 1)), _event(3000, 3, (3000, 2))]
-    v.send(v.node.fanout.encode(events), events)
-    v.send(v.node.fanout.encode([_event(3000, 4, (3000, 3))]), [_event(3000, 4, (3000, 3))])
+    v.send(v.hooks.encode(events), events)
+    v.send(v.hooks.encode([_event(3000, 4, (3000, 3))]), [_event(3000, 4, (3000, 3))])
     assert _ids(bytes(v.buf)) == ["3000:1", "3000:2", "3000:3", "3000:4"]
 
 

@@ -588,7 +588,7 @@ def test_an_expired_publish_is_never_placed_on_the_fast_or_the_slow_path(mesh):
     assert _ids(mesh["d1"].events(video)) == [f"{video}-1", f"{video}-4"]
     assert mesh["d1"].stats["publish_expired"] == 3
     for bad in ("soon", float("nan"), [1]):
-        msg = _wire(P.Control(P.MSG_PUBLISH, b"bad", {**P.publish_body(likes(video, 1, start=5), rows=True),
+        msg = _wire(P.Control(P.MSG_PUBLISH, b"bad", {**P.publish_body(list(map(P.event_row, likes(video, 1, start=5)))),
                                                       "expires": bad}))
         [reply] = mesh["d1"].pipeline.publish([(b"client", msg)])
         assert reply.msg.msg_type == P.MSG_ERROR and "expires" in reply.msg.body["message"]
